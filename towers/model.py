@@ -1,0 +1,332 @@
+"""Tower = transformers AutoModel + pooling + optional projection + L2 norm; TwoTower = query + result tower.
+
+Style follows Tevatron's ``EncoderModel`` / DPR's ``BiEncoder``: one thin ``nn.Module`` per tower, shared
+vs separate weights is a flag. Each tower is saved as a plain Hugging Face dir (safetensors) that also
+carries sentence-transformers module files, so ``AutoModel.from_pretrained`` and
+``SentenceTransformer(dir)`` both load it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from towers.atomic import atomic_dir
+from towers.encoder import encode_batched
+
+POOLINGS = ("mean", "cls", "last", "max")
+TOWERS_FORMAT_VERSION = 1
+# sentence-transformers Pooling config key for each of our pooling modes.
+_ST_POOLING_KEYS = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last": "pooling_mode_lasttoken",
+    "max": "pooling_mode_max_tokens",
+}
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling '{pooling}': choose {', '.join(POOLINGS)}")
+    return pooling
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool token states (B, T, H) with attention mask (B, T) into (B, H).
+
+    ``last`` takes the last non-pad token and works with left or right padding.
+    """
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        # Position of the last 1 in each row: T-1 minus the first 1 of the reversed mask.
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "max":
+        return hidden.masked_fill(~mask.bool().unsqueeze(-1), -1e9).max(1).values
+    raise ValueError(f"unknown pooling '{pooling}': choose {', '.join(POOLINGS)}")
+
+
+class Tower(nn.Module):
+    """One encoder tower. ``forward(input_ids, attention_mask) -> (B, dim)``."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        max_length: int = 256,
+        proj_dim: int | None = None,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.pooling = check_pooling(pooling)
+        self.max_length = max_length
+        self.normalize = normalize
+        hidden = encoder.config.hidden_size
+        self.proj = nn.Linear(hidden, proj_dim) if proj_dim else None
+        self.dim = proj_dim or hidden
+        if tokenizer.pad_token is None:  # decoder LLMs ship without one; last-token pooling ignores pads
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_base(
+        cls, base: str | Path, pooling: str = "mean", max_length: int = 256, proj_dim: int | None = None,
+        normalize: bool = True,
+    ) -> Tower:
+        """A fresh tower on a base model dir (see ``towers.bases.resolve_base``)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        check_pooling(pooling)
+        encoder = AutoModel.from_pretrained(base, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        return cls(encoder, tokenizer, pooling, max_length, proj_dim, normalize)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,T,H)
+        emb = pool(hidden, attention_mask, self.pooling)  # (B, H)
+        if self.proj is not None:
+            emb = self.proj(emb)  # (B, dim)
+        if self.normalize:
+            emb = nn.functional.normalize(emb, dim=-1)
+        return emb
+
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False,
+        amp_dtype: torch.dtype | None = None,
+    ) -> np.ndarray:
+        """Encoder protocol: texts -> float32 (n, dim), length-sorted batches, input order kept.
+
+        Args:
+            amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for full precision.
+        """
+        was_training = self.training
+        self.eval()
+        device = self.device
+
+        def run(batch: list[str]) -> np.ndarray:
+            feats = {k: v.to(device) for k, v in self.tokenize(batch).items()}
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                return self(**feats).float().cpu().numpy()
+
+        try:
+            with torch.inference_mode():
+                return encode_batched(texts, run, self.dim, batch_size, show_progress)
+        finally:
+            self.train(was_training)
+
+    # ---- persistence: plain HF dir + sentence-transformers module files -----------------------------
+    def save(self, path: str | Path) -> None:
+        """Write this tower as an HF model dir loadable by AutoModel and SentenceTransformer."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        hidden = self.encoder.config.hidden_size
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+        pooling_cfg = {"word_embedding_dimension": hidden, "pooling_mode_mean_sqrt_len_tokens": False,
+                       "pooling_mode_weightedmean_tokens": False, "include_prompt": True}
+        pooling_cfg.update({key: mode == self.pooling for mode, key in _ST_POOLING_KEYS.items()})
+        _write_json(path / "1_Pooling" / "config.json", pooling_cfg)
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+        if self.proj is not None:
+            _write_json(path / "2_Dense" / "config.json", {
+                "in_features": hidden, "out_features": self.dim, "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity"})
+            save_file({"linear.weight": self.proj.weight.detach().cpu().contiguous(),
+                       "linear.bias": self.proj.bias.detach().cpu().contiguous()},
+                      path / "2_Dense" / "model.safetensors")
+            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        if self.normalize:
+            (path / "3_Normalize").mkdir(exist_ok=True)
+            modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+        _write_json(path / "modules.json", modules)
+        _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tower:
+        """Load a tower saved by :meth:`save` (pooling, projection, max length read from its files)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        for required in ("config.json", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
+            if not (path / required).exists():
+                raise FileNotFoundError(f"tower dir '{path}' is missing {required} (expected a twotower tower dir)")
+        if not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"tower dir '{path}' has no .safetensors weights")
+        pooling_cfg = json.loads((path / "1_Pooling" / "config.json").read_text())
+        pooling = next((m for m, key in _ST_POOLING_KEYS.items() if pooling_cfg.get(key)), None)
+        if pooling is None:
+            raise ValueError(f"{path / '1_Pooling' / 'config.json'}: no supported pooling mode set "
+                             f"(choose one of {', '.join(_ST_POOLING_KEYS.values())})")
+        modules = json.loads((path / "modules.json").read_text())
+        paths = {m["path"] for m in modules}
+        max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+        encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        proj_dim = None
+        dense = None
+        if "2_Dense" in paths:
+            dense = load_file(path / "2_Dense" / "model.safetensors")
+            proj_dim = dense["linear.weight"].shape[0]
+        tower = cls(encoder, tokenizer, pooling, max_length, proj_dim, normalize="3_Normalize" in paths)
+        if dense is not None:
+            tower.proj.load_state_dict({"weight": dense["linear.weight"], "bias": dense["linear.bias"]})
+        return tower
+
+    def fingerprint(self) -> str:
+        """sha256 over this tower's weights (sorted names, raw bytes): identifies the vector space."""
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+class TwoTower(nn.Module):
+    """A query tower and a result tower; ``shared=True`` makes them one module (tied weights)."""
+
+    def __init__(self, query_tower: Tower, result_tower: Tower | None = None, base: str = "",
+                 train_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.query_tower = query_tower
+        self.result_tower = result_tower if result_tower is not None else query_tower
+        self.base = base
+        self.train_config = train_config or {}
+
+    @property
+    def shared(self) -> bool:
+        return self.query_tower is self.result_tower
+
+    @classmethod
+    def from_base(cls, base: str, shared: bool = False, pooling: str | None = None, query_max_length: int = 64,
+                  result_max_length: int = 256, proj_dim: int | None = None, normalize: bool = True) -> TwoTower:
+        """Two towers on one base (``minilm``, ``smollm2``, ``gemma3`` or a local HF dir).
+
+        ``pooling=None`` picks ``last`` for decoder LLM bases and ``mean`` otherwise.
+        """
+        from towers.bases import resolve_base
+
+        path = resolve_base(base)
+        if pooling is None:
+            pooling = _default_pooling(path)
+        query = Tower.from_base(path, pooling, query_max_length, proj_dim, normalize)
+        result = None
+        if not shared:
+            result = Tower.from_base(path, pooling, result_max_length, proj_dim, normalize)
+            if proj_dim:  # both towers start from the same projection, like they start from the same encoder
+                result.proj.load_state_dict(query.proj.state_dict())
+        return cls(query, result, base=str(base))
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 64, **kw: Any) -> np.ndarray:
+        return self.query_tower.encode(texts, batch_size, **kw)
+
+    def encode_results(self, texts: Sequence[str], batch_size: int = 64, **kw: Any) -> np.ndarray:
+        if self.shared:  # same weights, but results get their own (longer) max length
+            saved = self.query_tower.max_length
+            self.query_tower.max_length = self.result_max_length
+            try:
+                return self.query_tower.encode(texts, batch_size, **kw)
+            finally:
+                self.query_tower.max_length = saved
+        return self.result_tower.encode(texts, batch_size, **kw)
+
+    @property
+    def result_max_length(self) -> int:
+        return self.train_config.get("result_max_length", self.result_tower.max_length)
+
+    def fingerprint(self) -> str:
+        return self.result_tower.fingerprint()
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": TOWERS_FORMAT_VERSION,
+            "base": self.base,
+            "shared": self.shared,
+            "pooling": self.query_tower.pooling,
+            "normalize": self.query_tower.normalize,
+            "query_max_length": self.query_tower.max_length,
+            "result_max_length": self.result_max_length,
+            "dim": self.result_tower.dim,
+            "metric": "ip" if self.result_tower.normalize else "ip_unnormalized",
+            "train_config": self.train_config,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the TOWERS dir (query_tower/, result_tower/, twotower.json) atomically: temp dir + rename."""
+        with atomic_dir(path) as tmp:
+            self.query_tower.save(tmp / "query_tower")
+            if self.shared:
+                saved = self.query_tower.max_length
+                self.query_tower.max_length = self.result_max_length
+                try:
+                    self.query_tower.save(tmp / "result_tower")
+                finally:
+                    self.query_tower.max_length = saved
+            else:
+                self.result_tower.save(tmp / "result_tower")
+            _write_json(tmp / "twotower.json", self.metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> TwoTower:
+        path = Path(path)
+        meta_path = path / "twotower.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"towers dir '{path}' has no twotower.json (expected the output of `twotower train`)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version", 0) > TOWERS_FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this twotower "
+                             f"supports ({TOWERS_FORMAT_VERSION}); upgrade twotower")
+        query = Tower.load(path / "query_tower")
+        result = None if meta.get("shared") else Tower.load(path / "result_tower")
+        train_config = dict(meta.get("train_config") or {})
+        train_config.setdefault("result_max_length", meta.get("result_max_length", query.max_length))
+        model = cls(query, result, base=meta.get("base", ""), train_config=train_config)
+        expected = meta.get("fingerprint")
+        if expected and model.fingerprint() != expected:
+            raise ValueError(f"{path}: result tower weights do not match the fingerprint in twotower.json "
+                             f"({model.fingerprint()} != {expected}); the towers dir is corrupt or was edited")
+        return model
+
+
+def read_towers_meta(path: str | Path) -> dict[str, Any]:
+    """The ``twotower.json`` of a TOWERS dir (fingerprint, dims, ...), without loading weights."""
+    meta_path = Path(path) / "twotower.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"towers dir '{path}' has no twotower.json (expected the output of `twotower train`)")
+    return json.loads(meta_path.read_text())
+
+
+def _default_pooling(model_dir: Path) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return "last" if config.get("is_decoder") or any("CausalLM" in a for a in config.get("architectures") or []) \
+        or config.get("model_type") in ("llama", "gpt2", "gemma3_text", "gemma3", "qwen2", "mistral") else "mean"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
