@@ -12,7 +12,7 @@ import sys
 
 # verb -> "module:function" that registers the verb's subparser (and sets ``func``) on a subparsers object.
 VERBS: dict[str, str] = {
-    "data": "eval.cli:add_data_parser",
+    "data": "eval.suites.cli:add_data_parser",
     "train": "towers.cli:add_train_parser",
     "index": "index.cli:add_index_parser",
     "mine": "index.cli:add_mine_parser",
