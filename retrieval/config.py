@@ -1,0 +1,45 @@
+"""Config dataclasses of the query-time verbs (light module: imported by the CLI before any heavy package).
+
+The ``twotower search`` / ``twotower serve`` options are generated from these fields
+(``towers.cliargs.add_dataclass_args``), so names, defaults and help live in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from towers.cliargs import field
+
+DEFAULT_MAX_K = 1000  # the cap on k: beyond it a request is an export, not a search
+
+
+@dataclass
+class SearchConfig:
+    """``twotower search`` options."""
+
+    index: str = field("", "INDEX dir (output of `twotower index build`)")
+    towers: str | None = field(None, "TOWERS dir; default: the one recorded in the index manifest")
+    k: int = field(10, "hits per query", flag="-k")
+    nprobe: int | None = field(None, "IVF lists to visit (default: the index's)")
+    json: bool = field(False, "print one JSON line per query instead of the readable listing")
+    queries_file: str | None = field(None, "read queries from FILE, one per line ('-' = stdin)")
+    device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
+    batch_size: int = field(64, "queries encoded per forward pass")
+
+
+@dataclass
+class ServeConfig:
+    """``twotower serve`` options: where to listen, the micro-batcher, and the request limits."""
+
+    index: str = field("", "INDEX dir (output of `twotower index build`)")
+    towers: str | None = field(None, "TOWERS dir; default: the one recorded in the index manifest")
+    host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
+    port: int = field(8000, "TCP port")
+    device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
+    max_batch: int = field(64, "most queries merged into one encode + search")
+    max_wait_ms: float = field(2.0, "longest a request waits for others to join its batch (ms)")
+    max_queue: int = field(1024, "most requests waiting for the batcher; beyond it: 503")
+    max_queries: int = field(64, "most queries in one request")
+    max_query_chars: int = field(2048, "longest query in characters (the tower truncates tokens anyway)")
+    max_k: int = field(DEFAULT_MAX_K, "the cap on k")
+    access_log: bool = field(False, "log every request (costs throughput)")
+    log_level: str = field("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])

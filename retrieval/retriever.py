@@ -1,0 +1,218 @@
+"""Query time: the query tower encodes, the INDEX searches, hits come back with their doc rows.
+
+``Retriever`` is the facade applications call (ColBERT's ``Searcher``): load once, then
+``search(queries, k)`` from any number of threads. Many queries cost one encode and one faiss search;
+doc rows for all hits come from one batched Arrow take (see ``retrieval.doctable``).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.config import DEFAULT_MAX_K
+from retrieval.doctable import DocTable
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Hit:
+    """One ranked result. ``rank`` starts at 1; ``score`` is the inner product (cosine for unit vectors)."""
+
+    id: str
+    score: float
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (``dataclasses.asdict`` deep-copies; this does not)."""
+        return {"id": self.id, "score": self.score, "text": self.text, "title": self.title,
+                "metadata": self.metadata, "rank": self.rank}
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` pass through."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ValueError(f"unknown device '{device}': choose {', '.join(DEVICES)} or cuda:N")
+
+
+def check_k(k: Any, max_k: int) -> int:
+    """``k`` as an int in [1, max_k], else ValueError naming the value and the cap."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer between 1 and {max_k}, got {k!r}")
+    if not 1 <= k <= max_k:
+        raise ValueError(f"k must be between 1 and {max_k} (the cap), got {k}")
+    return int(k)
+
+
+def check_nprobe(nprobe: Any) -> int | None:
+    if nprobe is None:
+        return None
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
+        raise ValueError(f"nprobe must be a positive integer or None, got {nprobe!r}")
+    return int(nprobe)
+
+
+def check_queries(queries: str | Sequence[str]) -> list[str]:
+    """A str becomes a one-element list; every query must be a non-blank str."""
+    if isinstance(queries, str):
+        queries = [queries]
+    if not isinstance(queries, Sequence):
+        raise ValueError(f"queries must be a str or a list of str, got {type(queries).__name__}")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise ValueError(f"query {i} must be a str, got {type(q).__name__}")
+        if not q.strip():
+            raise ValueError(f"query {i} is empty")
+    return list(queries)
+
+
+class Retriever:
+    """Query tower + loaded INDEX. Thread-safe: call ``search`` from as many threads as you like.
+
+    Args:
+        index: a ``index.load.LoadedIndex``.
+        tower: the query ``towers.model.Tower`` (already on its device).
+        towers_meta: the TOWERS dir's ``twotower.json`` (reported by ``info``).
+        max_k: the cap on ``k``.
+        batch_size: encode batch size for long query lists.
+    """
+
+    def __init__(self, index: Any, tower: Any, towers_meta: dict[str, Any] | None = None,
+                 max_k: int = DEFAULT_MAX_K, batch_size: int = 64) -> None:
+        if tower.dim != index.dim:
+            raise ValueError(f"query tower dim {tower.dim} != index dim {index.dim}: "
+                             "the towers and the index belong to different models")
+        self.index = index
+        self.tower = tower.eval()
+        self.towers_meta = towers_meta or {}
+        self.max_k = max_k
+        self.batch_size = batch_size
+        self.docs = DocTable(index.docs)
+        # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
+        # shared mutable state is the fast tokenizer's Rust-side truncation setting, which a concurrent
+        # change could hit ("Already borrowed"); this tower's tokenizer is private to the retriever and
+        # always called with the same settings, and this warm-up call sets them before any thread runs.
+        self.tower.encode(["warm-up"], batch_size=1)
+
+    @classmethod
+    def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
+             max_k: int = DEFAULT_MAX_K, batch_size: int = 64) -> Retriever:
+        """Load an INDEX dir and the query tower of its TOWERS dir.
+
+        Args:
+            index_dir: output of ``twotower index build``.
+            towers_dir: TOWERS dir; default: the one recorded in the index manifest.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (query tower and, where supported, the index).
+            max_k: the cap on ``k``.
+            batch_size: encode batch size.
+
+        Raises:
+            ValueError: the towers' fingerprint differs from the index's (vectors from another model),
+                or the index records no towers dir and none was given.
+        """
+        from index.load import load_index
+        from towers.model import Tower, read_towers_meta
+
+        device = resolve_device(device)
+        index = load_index(index_dir, device=device)
+        if towers_dir is None:
+            towers_dir = index.towers_dir
+            if towers_dir is None:
+                raise ValueError(f"index '{index_dir}' records no towers dir: pass the TOWERS dir (--towers)")
+        towers_dir = Path(towers_dir)
+        meta = read_towers_meta(towers_dir)
+        fingerprint = meta.get("fingerprint")
+        if not fingerprint:
+            raise ValueError(f"{towers_dir / 'twotower.json'} has no fingerprint: cannot check it matches "
+                             f"index '{index_dir}'")
+        index.check_fingerprint(fingerprint)
+        # Only the query tower: the result tower is what built the index and is not needed here.
+        tower = Tower.load(towers_dir / "query_tower").to(device)
+        return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
+                   batch_size=batch_size)
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.index.dim)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def info(self) -> dict[str, Any]:
+        """Index manifest + towers meta (no weights): what ``GET /info`` returns."""
+        return {"index": self.index.manifest, "towers": self.towers_meta, "max_k": self.max_k,
+                "device": str(self.tower.device), "ntotal": self.ntotal, "dim": self.dim}
+
+    # ---- query time -------------------------------------------------------------------------------
+    def encode(self, queries: str | Sequence[str]) -> np.ndarray:
+        """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
+        return self.tower.encode(check_queries(queries), batch_size=self.batch_size)
+
+    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits per query (one encode + one faiss search for all of them).
+
+        Args:
+            queries: one query or a list; a str gives a one-element result list.
+            k: hits per query, 1..``max_k``.
+            nprobe: IVF lists to visit (None: the index default).
+
+        Returns:
+            One list of ``Hit`` per query, best first (fewer than k when the index holds fewer docs).
+        """
+        k = check_k(k, self.max_k)
+        nprobe = check_nprobe(nprobe)
+        queries = check_queries(queries)
+        if not queries:
+            return []
+        return self.search_vectors(self.encode(queries), k, nprobe)
+
+    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+        """Hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query)."""
+        k = check_k(k, self.max_k)
+        nprobe = check_nprobe(nprobe)
+        xq = np.asarray(xq, dtype=np.float32)
+        if xq.ndim == 1:
+            xq = xq[None, :]
+        if xq.ndim != 2 or xq.shape[1] != self.dim:
+            raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
+        if xq.shape[0] == 0:
+            return []
+        D, I = self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe)  # (nq, k) each
+        return self.hits_from(D, I)
+
+    def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
+        """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""
+        valid = I >= 0
+        cols = self.docs.take(I[valid])  # one batched take for every hit of every query
+        ids, texts, titles, metas = cols["id"], cols["text"], cols["title"], cols["metadata"]
+        scores = D[valid].tolist()
+        out: list[list[Hit]] = []
+        j = 0
+        for row_valid in valid.tolist():
+            hits = []
+            for rank in range(1, sum(row_valid) + 1):
+                hits.append(Hit(ids[j], scores[j], texts[j], titles[j] or "", _parse_metadata(metas[j]), rank))
+                j += 1
+            out.append(hits)
+        return out
+
+
+def _parse_metadata(raw: str | None) -> dict[str, Any]:
+    if not raw or raw == "{}":  # the common case costs no JSON parse
+        return {}
+    return json.loads(raw)
