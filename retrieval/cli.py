@@ -1,0 +1,103 @@
+"""``twotower search`` (ranked hits in the terminal or as JSON lines) and ``twotower serve`` (HTTP).
+
+Heavy imports (torch, faiss, fastapi) stay inside the run functions so ``twotower --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from retrieval.config import DEFAULT_MAX_K, SearchConfig, ServeConfig
+from towers.cliargs import add_dataclass_args, dataclass_from_args
+
+TEXT_WIDTH = 100  # characters of a hit's first text line shown in the readable listing
+
+
+def add_search_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "search", help="search an index with query texts",
+        description="Encode queries with the query tower and print the top-k hits of the INDEX: rank, score, "
+                    "id and the first line of text (or JSON lines with --json). Queries come from the "
+                    "command line, or one per line from --queries-file FILE|-.")
+    p.add_argument("--index", required=True, help="INDEX dir (output of `twotower index build`)")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="query texts")
+    add_dataclass_args(p, SearchConfig, skip=("index",))
+    p.set_defaults(func=run_search)
+    return p
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve an index over HTTP (FastAPI + uvicorn)",
+        description="Load the INDEX and its query tower once and answer POST /search {\"queries\": [...], "
+                    "\"k\": 10}, GET /health and GET /info; OpenAPI docs at /docs. Concurrent requests are "
+                    "micro-batched into one encode + search.")
+    p.add_argument("--index", required=True, help="INDEX dir (output of `twotower index build`)")
+    add_dataclass_args(p, ServeConfig, skip=("index",))
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def read_queries(path: str, stdin: TextIO | None = None) -> list[str]:
+    """Non-blank lines of ``path`` (``-`` = stdin), stripped of their line ends."""
+    if path == "-":
+        lines: Iterable[str] = stdin or sys.stdin
+        return [line.rstrip("\r\n") for line in lines if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f if line.strip()]
+
+
+def first_line(text: str, width: int = TEXT_WIDTH) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def format_hits(query: str, hits: Sequence[Any]) -> str:
+    """Readable aligned listing: a ``query:`` header, then ``rank  score  id  first line of text``."""
+    lines = [f"query: {query}"]
+    if not hits:
+        return "\n".join(lines + ["  (no hits)"])
+    id_width = max(len(h.id) for h in hits)
+    rank_width = len(str(hits[-1].rank))
+    for h in hits:
+        lines.append(f"  {h.rank:>{rank_width}}  {h.score:7.4f}  {h.id:<{id_width}}  {first_line(h.text)}")
+    return "\n".join(lines)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(SearchConfig, args)
+    queries = list(args.queries)
+    if config.queries_file is not None:
+        queries += read_queries(config.queries_file)
+    if not queries:
+        raise ValueError("no queries: give them as arguments or with --queries-file FILE|-")
+    from retrieval.retriever import Retriever, check_k, check_nprobe
+
+    check_k(config.k, DEFAULT_MAX_K)  # fail before the (slow) load
+    check_nprobe(config.nprobe)
+    retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size)
+    results = retriever.search(queries, k=config.k, nprobe=config.nprobe)
+    out = sys.stdout
+    for i, (query, hits) in enumerate(zip(queries, results)):
+        if config.json:
+            out.write(json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False) + "\n")
+        else:
+            out.write(("\n" if i else "") + format_hits(query, hits) + "\n")
+    out.flush()
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(ServeConfig, args)
+    from retrieval.retriever import Retriever
+    from retrieval.server import serve
+
+    # Loaded here, before uvicorn starts, so a bad index or a fingerprint mismatch is one clean error line.
+    retriever = Retriever.load(config.index, config.towers, config.device, max_k=config.max_k)
+    print(f"twotower serve: {retriever.ntotal} docs, dim {retriever.dim}, on http://{config.host}:{config.port} "
+          f"(docs at /docs)", file=sys.stderr)
+    serve(config, retriever)
+    return 0

@@ -1,0 +1,145 @@
+"""HTTP service: FastAPI app with POST /search, GET /health, GET /info (OpenAPI docs at /docs).
+
+The index and query tower are loaded once (before ``uvicorn`` starts, or in the app's lifespan);
+concurrent requests are merged by ``retrieval.batcher.MicroBatcher`` into one encode + search in a worker
+thread, so the event loop never blocks. Every input limit answers 422 with ``detail`` (FastAPI's list of
+``{loc, msg, type}``) and ``error`` (one readable line naming the field); a full queue answers 503.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from retrieval.batcher import MicroBatcher, Overloaded
+from retrieval.config import ServeConfig
+from retrieval.retriever import Hit, Retriever
+
+
+class SearchRequest(BaseModel):
+    """Body of ``POST /search``. Strict types: ``"k": "10"`` or ``"queries": [1]`` are errors, not coerced."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[StrictStr] = Field(description="query texts (one result list per query)",
+                                     examples=[["how do I sort a list", "open a file"]])
+    k: StrictInt = Field(10, description="hits per query (1..max_k)")
+    nprobe: StrictInt | None = Field(None, description="IVF lists to visit (default: the index's)")
+
+
+class HitModel(BaseModel):
+    id: str
+    score: float
+    text: str
+    title: str
+    metadata: dict[str, Any]
+    rank: int
+
+
+class SearchResponse(BaseModel):
+    results: list[list[HitModel]] = Field(description="one ranked hit list per query, best first")
+    took_ms: float = Field(description="server time for this request, queueing included")
+
+
+def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]]:
+    """Errors (FastAPI-style ``{loc, msg, type}``) for a request that breaks a limit; [] when valid."""
+    def err(loc: tuple[Any, ...], msg: str) -> list[dict[str, Any]]:
+        return [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
+
+    if not req.queries:
+        return err(("queries",), "queries is empty: give at least one query")
+    if len(req.queries) > config.max_queries:
+        return err(("queries",), f"too many queries: {len(req.queries)} > max_queries {config.max_queries}")
+    for i, q in enumerate(req.queries):
+        if not q.strip():
+            return err(("queries", i), f"query {i} is empty")
+        if len(q) > config.max_query_chars:
+            return err(("queries", i), f"query {i} is too long: {len(q)} chars > max_query_chars "
+                                       f"{config.max_query_chars}")
+    if not 1 <= req.k <= config.max_k:
+        return err(("k",), f"k must be between 1 and {config.max_k} (the cap), got {req.k}")
+    if req.nprobe is not None and req.nprobe < 1:
+        return err(("nprobe",), f"nprobe must be >= 1, got {req.nprobe}")
+    return []
+
+
+def _error_response(status: int, detail: list[dict[str, Any]]) -> JSONResponse:
+    line = "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in detail)
+    return JSONResponse({"detail": detail, "error": line}, status_code=status)
+
+
+def _hits_json(hits: list[list[Hit]]) -> bytes:
+    """One request's results as JSON bytes (runs in the batcher's worker thread)."""
+    return json.dumps([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
+
+
+def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastAPI:
+    """The FastAPI app. ``retriever=None`` loads ``config.index`` in the lifespan (once, at start)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        r = retriever or Retriever.load(config.index, config.towers, config.device, max_k=config.max_k)
+        r.max_k = config.max_k
+        batcher = MicroBatcher(r, config.max_batch, config.max_wait_ms, config.max_queue, finish=_hits_json)
+        app.state.retriever, app.state.batcher = r, batcher.start()
+        try:
+            yield
+        finally:
+            batcher.close()
+
+    app = FastAPI(title="twotower", summary="Two-tower dense retrieval: query tower + FAISS index.",
+                  lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Keep loc/msg/type only: ``input`` would echo a (possibly huge) body back, ``ctx`` holds objects.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return _error_response(422, detail)
+
+    @app.post("/search", response_model=SearchResponse,
+              responses={422: {"description": "a limit or type error; `error` names the field"},
+                         503: {"description": "queue full; retry later"}})
+    async def search(req: SearchRequest) -> Response:
+        """Top-k hits for each query (requests arriving together share one encode + search)."""
+        t0 = time.perf_counter()
+        errors = check_limits(req, config)
+        if errors:
+            return _error_response(422, errors)
+        try:
+            body = await app.state.batcher.search(req.queries, req.k, req.nprobe)
+        except Overloaded as exc:
+            return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
+        except ValueError as exc:  # anything the retriever still rejects is the client's input
+            return _error_response(422, [{"loc": ["body"], "msg": str(exc), "type": "value_error"}])
+        took_ms = (time.perf_counter() - t0) * 1000.0
+        return Response(b'{"results":' + body + b',"took_ms":' + f"{took_ms:.3f}".encode() + b"}",
+                        media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness: the index is loaded and the batcher runs."""
+        return {"status": "ok", "ntotal": app.state.retriever.ntotal, **app.state.batcher.stats()}
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        """Index manifest, towers meta (twotower.json) and the serve limits."""
+        limits = {k: v for k, v in asdict(config).items() if k not in ("host", "port")}
+        return {**app.state.retriever.info(), "serve": limits}
+
+    return app
+
+
+def serve(config: ServeConfig, retriever: Retriever | None = None) -> None:
+    """Run the app under uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(config, retriever), host=config.host, port=config.port, log_level=config.log_level,
+                access_log=config.access_log)
