@@ -1,0 +1,146 @@
+"""Training checkpoints that a crash (or SIGKILL) at any moment can never leave looking complete.
+
+Layout of ``<out>/checkpoints/step-N/``::
+
+    model.safetensors   trainable weights (towers + temperature)
+    trainer.pt          optimizer, LR scheduler, GradScaler and torch RNG states (tensors and numbers only;
+                        read back with ``torch.load(weights_only=True)``)
+    state.json          step, sampler position, numpy / python RNG states, config, data fingerprint
+    COMPLETE.json       written last: sha256 of every file above
+
+The directory is built under a temp name and renamed into place (``towers.atomic.atomic_dir``); on top of
+that, a checkpoint only counts when ``COMPLETE.json`` exists and every checksum matches, so a half-copied
+or truncated one is skipped rather than resumed from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from towers.atomic import atomic_dir
+
+MARKER = "COMPLETE.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor], trainer: dict[str, Any],
+                    state: dict[str, Any]) -> Path:
+    """Write ``root/step-<step>`` atomically, completion marker last. Returns its path."""
+    dest = Path(root) / f"step-{step}"
+    with atomic_dir(dest) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+        torch.save(trainer, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n")
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": files}, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def check_complete(path: Path) -> str | None:
+    """None when ``path`` is a complete checkpoint, else why it is not."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER}"
+    try:
+        files = json.loads(marker.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"unreadable {MARKER} ({exc})"
+    for name in ("model.safetensors", "trainer.pt", "state.json"):
+        if name not in files:
+            return f"{MARKER} does not list {name}"
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sha256_file(path / name) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``step-N`` dir under ``root`` (complete or not), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones are reported and skipped, never resumed from."""
+    for step, path in reversed(list_checkpoints(root)):
+        reason = check_complete(path)
+        if reason is None:
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path}: {reason}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any],
+                                                                              dict[str, Any]]:
+    """(weights, trainer state, state.json) of a complete checkpoint."""
+    reason = check_complete(path)
+    if reason is not None:
+        raise ValueError(f"checkpoint {path} is incomplete: {reason}")
+    weights = load_file(path / "model.safetensors", device=str(device))
+    trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    return weights, trainer, state
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (and leftovers of interrupted writes or deletes)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():  # temp dirs of a write or a delete that a crash interrupted
+        if p.name.startswith((".step-",)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(root)[:-keep]:
+        # Rename first: a kill during rmtree leaves a dot-dir that is cleaned next time, never a
+        # half-deleted step-N that looks like a checkpoint.
+        trash = path.with_name(f".{path.name}.deleting")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---- RNG states ---------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor part for trainer.pt, JSON part for state.json) of the torch / CUDA / numpy / python RNGs."""
+    tensors: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    plain = {"numpy": [name, keys.tolist(), pos, has_gauss, cached], "python": [version, list(internal), gauss]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"].cpu())
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in tensors["cuda"]])
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))

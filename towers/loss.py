@@ -1,0 +1,68 @@
+"""InfoNCE with in-batch negatives, and a fixed or learnable temperature.
+
+The loss of sentence-transformers' ``MultipleNegativesRankingLoss`` (Henderson et al. 2017, "Efficient
+Natural Language Response Suggestion for Smart Reply"), i.e. InfoNCE (van den Oord et al. 2018,
+"Representation Learning with Contrastive Predictive Coding", arXiv:1807.03748): each query must pick its
+own positive out of every positive in the batch plus every hard negative.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def info_nce(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    negs: torch.Tensor | None = None,
+    temperature: float | torch.Tensor = 0.05,
+    symmetric: bool = False,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of each query over [all positives; all hard negatives].
+
+    Args:
+        q: query embeddings (B, d).
+        p: positive embeddings (P, d); row ``labels[i]`` is query i's positive (P = B on one process; under
+            data parallelism P is the all-gathered positives and ``labels`` points at this rank's rows).
+        negs: hard-negative embeddings (M, d) appended as extra columns, shared by all queries, or None.
+        temperature: scalar (float or 0-d tensor, e.g. :class:`Temperature`'s output); scores are cos / t.
+        symmetric: also score each positive against all queries (result -> query) and average both terms;
+            needs ``q`` and ``p`` aligned row for row.
+        labels: (B,) column of each query's positive; defaults to ``arange(B)``.
+
+    Returns:
+        0-d loss tensor.
+    """
+    labels = torch.arange(len(q), device=q.device) if labels is None else labels
+    candidates = p if negs is None or len(negs) == 0 else torch.cat([p, negs])  # (P + M, d)
+    scores = q @ candidates.T / temperature  # (B, P + M)
+    loss = F.cross_entropy(scores, labels)
+    if symmetric:
+        assert len(q) == len(p), f"symmetric InfoNCE needs aligned q and p, got {len(q)} and {len(p)} rows"
+        loss = (loss + F.cross_entropy(scores[:, : len(p)].T, labels)) / 2  # (P, B): positive -> its query
+    return loss
+
+
+class Temperature(nn.Module):
+    """Softmax temperature, learnable as ``log t`` (CLIP) and clamped so it cannot collapse or explode.
+
+    Fixed (``learnable=False``) it is a buffer, so it is saved with the state but never trained.
+    """
+
+    def __init__(self, init: float = 0.05, learnable: bool = False, min_t: float = 0.01, max_t: float = 1.0) -> None:
+        super().__init__()
+        if not min_t <= init <= max_t:
+            raise ValueError(f"temperature {init} is outside [{min_t}, {max_t}]")
+        log_t = torch.tensor(math.log(init))
+        if learnable:
+            self.log_t = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_t", log_t)
+        self.min_t, self.max_t = min_t, max_t
+
+    def forward(self) -> torch.Tensor:
+        return self.log_t.exp().clamp(self.min_t, self.max_t)
