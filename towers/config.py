@@ -1,0 +1,107 @@
+"""``TrainConfig``: every knob of ``twotower train``, one field each (the CLI is generated from it).
+
+Kept free of torch/datasets imports so ``twotower train --help`` stays fast; ``towers.train`` re-exports it.
+Fields marked ``resume_ok`` may change between a run and its ``--resume`` (they do not change the maths);
+any other difference is refused, because the resumed run would silently not be the run it claims to continue.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from towers.cliargs import field
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one contrastive training run (see ``twotower train --help``)."""
+
+    pairs: str = field("", "training pairs: .jsonl/.csv/.parquet file or a datasets hub name", resume_ok=True)
+    out: str = field("", "output TOWERS dir (also holds checkpoints/ and train_log.jsonl)", resume_ok=True)
+    base: str = field("minilm", "base model: minilm, smollm2, gemma3 or a local Hugging Face model dir")
+    dev: str | None = field(None, "dev pairs file: dev recall@10 is measured every --eval-every steps",
+                            resume_ok=True)
+    query_column: str = field("query", "column holding the query text", resume_ok=True)
+    positive_column: str = field("positive", "column holding the positive (relevant result) text", resume_ok=True)
+    negatives_column: str = field("negatives", "column holding a list of hard-negative texts (optional)",
+                                  resume_ok=True)
+    negatives_per_query: int = field(1, "hard negatives used per query per step (cycled through each row's list "
+                                        "epoch by epoch); 0 ignores the column")
+    # Model
+    shared: bool = field(False, "tie the query and result towers (one set of weights)")
+    pooling: str | None = field(None, "pooling: mean, cls, last or max; unset = last for decoder LLMs, mean otherwise",
+                                choices=("mean", "cls", "last", "max"))
+    proj_dim: int | None = field(None, "add a trained linear projection to this many dims; unset = none")
+    query_max_length: int = field(64, "max query tokens (queries are short; shorter is faster)")
+    result_max_length: int = field(256, "max result tokens")
+    # Optimisation
+    max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
+    epochs: int = field(1, "passes over the pairs when --max-steps is 0")
+    batch_size: int = field(32, "pairs per step; every other pair's positive is an in-batch negative, so "
+                                "bigger batches give a harder task")
+    lr: float = field(2e-5, "peak AdamW learning rate (2e-5 is the sentence-transformers fine-tuning default)")
+    warmup_ratio: float = field(0.1, "fraction of steps with linear LR warm-up (then linear decay to 0)")
+    weight_decay: float = field(0.01, "AdamW weight decay (not applied to biases, norms or the temperature)")
+    max_grad_norm: float = field(1.0, "clip the gradient norm to this (0 = no clipping)")
+    temperature: float = field(0.05, "softmax temperature of the InfoNCE scores (0.05 = sbert's scale 20)")
+    learn_temperature: bool = field(False, "learn the temperature (as log t, clamped to [0.01, 1])")
+    temperature_lr: float = field(1e-3, "learning rate of the log-temperature with --learn-temperature (the "
+                                        "encoder's LR would barely move it)")
+    symmetric: bool = field(False, "add the result->query InfoNCE term (each positive picks its query)")
+    seed: int = field(42, "seed of the data order, dropout and initialisation")
+    # Machine
+    device: str = field("auto", "auto (cuda when available), cpu, cuda or cuda:N", resume_ok=True)
+    amp: str = field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, none",
+                     choices=AMP_CHOICES)
+    gradient_checkpointing: bool = field(False, "recompute activations in backward: less memory, ~30%% slower",
+                                         resume_ok=True)
+    # Monitoring and checkpoints
+    log_every: int = field(10, "write loss, LR and pairs/s to train_log.jsonl every N steps", resume_ok=True)
+    eval_every: int = field(100, "measure dev recall@10 every N steps with --dev (also before and after "
+                                 "training); 0 = only before and after", resume_ok=True)
+    eval_batch_size: int = field(64, "encoding batch size for the dev evaluation", resume_ok=True)
+    checkpoint_every: int = field(100, "write a resumable checkpoint every N steps (0 = never)", resume_ok=True)
+    keep_checkpoints: int = field(2, "keep only the newest N checkpoints (0 = keep all)", resume_ok=True)
+    resume: bool = field(False, "continue from the newest complete checkpoint in --out", resume_ok=True)
+    overwrite: bool = field(False, "start over in an --out that already holds a run (deletes its checkpoints)",
+                            resume_ok=True)
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        positive = ("batch_size", "lr", "temperature", "query_max_length", "result_max_length", "log_every",
+                    "eval_batch_size", "temperature_lr")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "epochs", "negatives_per_query", "weight_decay", "max_grad_norm", "eval_every",
+                     "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"--batch-size must be >= 2 (in-batch negatives need other rows), got {self.batch_size}")
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ValueError("give --max-steps or --epochs (both are 0)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"unknown amp '{self.amp}': choose {', '.join(AMP_CHOICES)}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pick one")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
+        """Human-readable differences from a checkpoint's config in fields that change the training maths."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.metadata.get("resume_ok") or f.name not in saved:
+                continue
+            if saved[f.name] != getattr(self, f.name):
+                out.append(f"{f.name}: checkpoint has {saved[f.name]!r}, this run has {getattr(self, f.name)!r}")
+        return out
