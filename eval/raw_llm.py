@@ -9,7 +9,8 @@ Poolings (all from one forward pass, so the bench gets the three rows for the pr
 
 Every vector is L2-normalised (cosine = inner product). Texts are wrapped in the PromptEOL prompt
 (Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models"), which asks the model to
-compress the text into its next word. The text (not the prompt) is truncated so the prompt always survives.
+compress the text into its next word. ``max_length`` counts the text's tokens (the prompt and special
+tokens come on top), so the prompt always survives and every pooling sees the same text as other systems.
 Embeddings are cached on disk (``towers.bases.cache_dir()/emb/``), keyed by model weights + pooling + prompt +
 max length + dtype, and per text by its sha256, so a rerun only encodes texts it has not seen.
 """
@@ -124,7 +125,7 @@ class RawLLMEncoder:
         model_dir_or_name: ``smollm2`` (default), ``gemma3`` or a local causal-LM dir.
         pooling: ``last`` | ``mean`` | ``logits``: what :meth:`encode` returns.
         prompt: ``promptEOL``, None (raw text) or a template containing ``{text}``.
-        max_length: tokens per text including the prompt (the text is truncated, never the prompt).
+        max_length: tokens kept of each text; the prompt and special tokens are added on top.
         batch_size: texts per forward pass.
         cache: keep embeddings on disk under ``towers.bases.cache_dir()/emb/``.
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``. fp32 on CPU, bf16 on GPU.
@@ -139,8 +140,8 @@ class RawLLMEncoder:
         self.model_dir = resolve_base(self.name)
         self.prompt_name = prompt
         self.template = resolve_prompt(prompt)
-        if max_length < 8:
-            raise ValueError(f"max_length must be >= 8 tokens, got {max_length}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1 token, got {max_length}")
         self.max_length = max_length
         self.batch_size = batch_size
         self.use_cache = cache
@@ -248,7 +249,7 @@ class RawLLMEncoder:
         assert out_features == self.vocab_size, f"lm head has {out_features} outputs, config says {self.vocab_size}"
 
     def _prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of special-prefix + prompt-head + text (truncated) + prompt-tail, <= max_length."""
+        """Token ids of special-prefix + prompt-head + text (first max_length tokens) + prompt-tail."""
         tok = self._tokenizer
         # Special tokens the tokenizer adds around a text (e.g. BOS for Llama/Gemma, none for SmolLM2).
         with_special = tok("x")["input_ids"]
@@ -258,12 +259,7 @@ class RawLLMEncoder:
         head, tail = (self.template.split("{text}", 1) if self.template else ("", ""))
         head_ids = tok(head, add_special_tokens=False)["input_ids"] if head else []
         tail_ids = tok(tail, add_special_tokens=False)["input_ids"] if tail else []
-        fixed = len(special_head) + len(head_ids) + len(tail_ids) + len(special_tail)
-        budget = self.max_length - fixed
-        if budget < 1:
-            raise ValueError(f"max_length {self.max_length} leaves no room for text after the prompt "
-                             f"({fixed} tokens): raise --max-length")
-        body = tok(list(texts), add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+        body = tok(list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
         return [special_head + head_ids + b + tail_ids + special_tail for b in body]
 
     def _forward(self, ids: list[list[int]], poolings: Sequence[str]) -> dict[str, np.ndarray]:

@@ -57,10 +57,12 @@ def test_prompt_survives_truncation(tiny_llama_dir, cache_env) -> None:
     enc = RawLLMEncoder(str(tiny_llama_dir), max_length=24, cache=False)
     enc._load_model()
     (ids,) = enc._prompt_ids(["word " * 200])
-    tail = enc._tokenizer('" means in one word:"', add_special_tokens=False)["input_ids"]
-    # The tiny model borrows a BERT tokenizer, which appends [SEP] after everything (tokenizer convention).
-    end = len(ids) - (ids[-1] == enc._tokenizer.sep_token_id)
-    assert len(ids) == 24 and ids[end - len(tail):end] == tail
+    tok = enc._tokenizer
+    head = tok('This sentence : "', add_special_tokens=False)["input_ids"]
+    tail = tok('" means in one word:"', add_special_tokens=False)["input_ids"]
+    word = tok("word", add_special_tokens=False)["input_ids"]
+    # The tiny model borrows a BERT tokenizer: [CLS] first, [SEP] last (the tokenizer's own convention).
+    assert ids == [tok.cls_token_id, *head, *(word * 24), *tail, tok.sep_token_id]
 
 
 def test_cache_returns_identical_arrays_without_the_model(tiny_llama_dir, cache_env) -> None:
