@@ -117,7 +117,10 @@ class Tower(nn.Module):
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False,
         amp_dtype: torch.dtype | None = None,
     ) -> np.ndarray:
-        """Encoder protocol: texts -> float32 (n, dim), length-sorted batches, input order kept.
+        """Encoder protocol: texts -> float32 (n, dim), input order kept.
+
+        All texts are tokenised in one fast-tokenizer call, then batched by *token* count (longest first),
+        so each batch is padded only to its own longest sequence.
 
         Args:
             amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for full precision.
@@ -125,17 +128,37 @@ class Tower(nn.Module):
         was_training = self.training
         self.eval()
         device = self.device
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        pad_id = self.tokenizer.pad_token_id
 
-        def run(batch: list[str]) -> np.ndarray:
-            feats = {k: v.to(device) for k, v in self.tokenize(batch).items()}
+        def run(batch: list[list[int]]) -> np.ndarray:
+            width = max(len(x) for x in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):  # right padding
+                input_ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                return self(**feats).float().cpu().numpy()
+                return self(input_ids.to(device), mask.to(device)).float().cpu().numpy()
 
         try:
             with torch.inference_mode():
-                return encode_batched(texts, run, self.dim, batch_size, show_progress)
+                return encode_batched(ids, run, self.dim, batch_size, show_progress, lengths=[len(x) for x in ids])
         finally:
             self.train(was_training)
+
+    def quantized_int8(self) -> Tower:
+        """A CPU copy with int8 dynamic quantisation of every Linear layer (inference only).
+
+        Weights are stored int8 and activations quantised on the fly; see BENCHMARKS.md for the speed-up and
+        the cosine error it costs on this machine.
+        """
+        import copy
+
+        from torch.ao.quantization import quantize_dynamic
+
+        clone = copy.deepcopy(self).cpu().eval()
+        return quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
 
     # ---- persistence: plain HF dir + sentence-transformers module files -----------------------------
     def save(self, path: str | Path) -> None:
