@@ -1,0 +1,91 @@
+"""``twotower data build {codesearch-py,nq} --out DIR`` and ``twotower data info DIR``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from towers.cliargs import add_dataclass_args, dataclass_from_args, field
+
+SUITE_NAMES = ("codesearch-py", "nq")  # kept in sync with eval.suites.build.SUITES (checked in tests)
+
+
+@dataclasses.dataclass
+class DataBuildConfig:
+    """Options of ``twotower data build``."""
+
+    out: str = field("", "output folder (train.jsonl, dev.jsonl, BEIR test suite, checksums.json)")
+    max_queries: int | None = field(None, "keep at most this many test queries (small CPU runs)")
+    max_corpus: int | None = field(None, "keep at most this many test docs: all relevant ones + random distractors")
+    seed: int = field(0, "seed of the test subsample and of the dev sample")
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``data`` with its ``build`` and ``info`` actions."""
+    parser = subparsers.add_parser(
+        "data", help="build or inspect benchmark suites",
+        description="Build the offline benchmark suites (from pinned PyPI files) or inspect any BEIR folder.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = actions.add_parser(
+        "build", help="build a suite into a folder",
+        description=(
+            "Build a suite: codesearch-py (docstring summary -> function code from pinned PyPI wheels, split "
+            "by package) or nq (Natural Questions -> passage from the bigbench sdist, split by near-copy "
+            "group). Downloads are cached in <cache>/downloads ($TWOTOWER_CACHE, default ~/.cache/twotower); "
+            "a complete build with the same options is not rebuilt."
+        ),
+    )
+    build.add_argument("name", choices=SUITE_NAMES, help="which suite to build")
+    add_dataclass_args(build, DataBuildConfig)
+    build.set_defaults(func=run_data_build)
+    info = actions.add_parser(
+        "info", help="counts and checksum of a suite folder",
+        description="Print counts and the checksum of a suite folder (any BEIR folder works); verifies "
+        "checksums.json when the folder was built by `twotower data build`.",
+    )
+    info.add_argument("dir", help="suite folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    info.add_argument("--split", default="test", help="qrels split to load (default: %(default)s)")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    info.set_defaults(func=run_data_info)
+    return parser
+
+
+def run_data_build(args: argparse.Namespace) -> int:
+    """Build the named suite; prints the output folder."""
+    from eval.suites.build import build_suite
+
+    config = dataclass_from_args(DataBuildConfig, args)
+    if not config.out:
+        raise ValueError("--out is required: the folder to build the suite into")
+    out = build_suite(args.name, config.out, config.max_queries, config.max_corpus, seed=config.seed)
+    print(out)
+    return 0
+
+
+def _count_lines(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def run_data_info(args: argparse.Namespace) -> int:
+    """Print counts + checksum of a suite folder (verifying checksums.json when present)."""
+    from eval.suites.beir import load_beir
+    from eval.suites.build import read_checksums, verify_suite
+
+    root = Path(args.dir)
+    info = load_beir(root, args.split).summary()
+    info.update(train_pairs=_count_lines(root / "train.jsonl"), dev_pairs=_count_lines(root / "dev.jsonl"))
+    if read_checksums(root) is not None:
+        record = verify_suite(root)
+        info.update(files_verified=len(record["files"]), build=record["params"], stats=record.get("stats", {}))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        for key, value in info.items():
+            if value is not None:
+                print(f"{key:20s} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
