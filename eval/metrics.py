@@ -81,6 +81,24 @@ def map_at_k(I: np.ndarray, relevant: Qrels, k: int = 100) -> float:
     return float(ap.mean()) if valid.any() else 0.0
 
 
+def recall_curve(I: np.ndarray, relevant: Qrels, k_max: int = 100) -> np.ndarray:
+    """recall@k for every k = 1..k_max in one pass (for recall@k plots).
+
+    Returns:
+        float64 (k_max,), entry k-1 = ``recall_at_k(I, relevant, k)``; flat beyond ``I.shape[1]``.
+    """
+    _check(I, relevant)
+    hits = _hits(I, relevant, k_max) > 0  # (nq, min(k_max, k))
+    n_rel = np.array([sum(1 for v in rel.values() if v > 0) for rel in relevant], dtype=np.float64)
+    valid = n_rel > 0
+    curve = np.zeros(k_max)
+    if valid.any():
+        found = np.cumsum(hits, 1)[valid] / n_rel[valid, None]  # (nv, k)
+        curve[: found.shape[1]] = found.mean(0)
+        curve[found.shape[1]:] = curve[found.shape[1] - 1] if found.shape[1] else 0.0
+    return curve
+
+
 RECALL_KS = (1, 5, 10, 20, 100)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.metrics import evaluate, map_at_k, mrr_at_k, ndcg_at_k, recall_at_k
+from eval.metrics import evaluate, map_at_k, mrr_at_k, ndcg_at_k, recall_at_k, recall_curve
 
 ranx = pytest.importorskip("ranx")
 
@@ -76,3 +76,12 @@ def test_bad_shapes_raise() -> None:
         recall_at_k(np.zeros((2, 3), dtype=np.int64), [{0: 1}], 3)
     with pytest.raises(ValueError, match="must be"):
         recall_at_k(np.zeros(3, dtype=np.int64), [{0: 1}], 3)
+
+
+def test_recall_curve_is_recall_at_every_k() -> None:
+    I, relevant = _random_case(3, k=30)
+    curve = recall_curve(I, relevant, 40)
+    assert curve.shape == (40,)
+    for k in (1, 2, 7, 30):
+        assert curve[k - 1] == pytest.approx(recall_at_k(I, relevant, k))
+    assert np.all(np.diff(curve) >= 0) and curve[39] == curve[29]
