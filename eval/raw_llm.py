@@ -150,6 +150,7 @@ class RawLLMEncoder:
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
         self._caches: dict[str, EmbeddingCache] = {}
+        self.last_stats: dict[str, int] = {}  # texts taken from the cache vs run through the model last call
         config = json.loads((self.model_dir / "config.json").read_text())
         text_config = config.get("text_config", config)
         self.hidden_size = int(text_config["hidden_size"])
@@ -212,6 +213,7 @@ class RawLLMEncoder:
                 for i, row in enumerate(hits[p]):
                     if row is not None:
                         out[p][i] = row
+        self.last_stats = {"cached": len(texts) - len(todo), "encoded": len(todo)}
         if not todo:
             return out
         self._load_model()

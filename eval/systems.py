@@ -1,0 +1,244 @@
+"""The systems a bench compares, parsed from ``--systems`` and loaded lazily.
+
+Grammar (comma-separated, ``--systems`` may also repeat)::
+
+    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs)
+    raw-llm[=MODEL[:POOL+POOL...]]        a decoder LLM used as is; MODEL = smollm2 (default), gemma3 or a
+                                          causal-LM dir; POOL in last, mean, logits (default: all three)
+    minilm                                the untrained sentence encoder the towers start from
+    bm25                                  lexical baseline (bm25s)
+
+Each system may carry a label (``NAME:LABEL[=VALUE]``); labels must be unique. A dense system returns
+``{row: (n, d) float32}`` from ``encode_queries``/``encode_docs`` (raw-llm has one row per pooling);
+every row then goes through the same faiss Flat index -> search -> metrics path.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval.raw_llm import LLM_POOLINGS, check_llm_poolings
+
+SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25")
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One parsed ``--systems`` item."""
+
+    kind: str
+    label: str
+    value: str | None = None
+    poolings: tuple[str, ...] = field(default=())
+
+
+def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
+    """Parse ``towers=DIR,raw-llm=smollm2:last+mean,minilm,bm25`` (or a list of such strings).
+
+    Raises:
+        ValueError: unknown system name, missing/extra value, bad pooling, duplicate label.
+    """
+    items = [specs] if isinstance(specs, str) else list(specs)
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"no systems given: choose from {', '.join(SYSTEM_NAMES)}")
+    out: list[SystemSpec] = []
+    for part in parts:
+        head, eq, value = part.partition("=")
+        kind, colon, label = head.partition(":")
+        if kind not in SYSTEM_NAMES:
+            raise ValueError(f"unknown system '{kind}' in '{part}': choose {', '.join(SYSTEM_NAMES)}")
+        if colon and not label:
+            raise ValueError(f"empty label in '{part}': write {kind}:LABEL{'=...' if eq else ''}")
+        value = value.strip() if eq else None
+        if eq and not value:
+            raise ValueError(f"empty value in '{part}'")
+        poolings: tuple[str, ...] = ()
+        if kind == "towers":
+            if value is None:
+                raise ValueError(f"'{part}': towers needs a directory, e.g. towers=runs/demo/towers")
+            default_label = "towers"
+        elif kind == "raw-llm":
+            value = value or "smollm2"
+            model, sep, pools = value.rpartition(":")
+            if sep and "/" not in pools:  # MODEL:last+mean (a path's own colons stay in MODEL)
+                value, poolings = model, check_llm_poolings(pools.split("+"))
+            else:
+                poolings = LLM_POOLINGS
+            default_label = f"raw-llm-{Path(value).name}"
+        else:
+            if value is not None:
+                raise ValueError(f"'{part}': {kind} takes no value (write just '{kind}')")
+            default_label = kind
+        out.append(SystemSpec(kind, label or default_label, value, poolings))
+    labels = [s.label for s in out]
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dupes:
+        raise ValueError(f"duplicate system label(s) {', '.join(dupes)}: name them, e.g. towers:a=DIR1,towers:b=DIR2")
+    return out
+
+
+class TowersSystem:
+    """Trained towers: query tower encodes queries, result tower encodes docs."""
+
+    dense = True
+
+    def __init__(self, spec: SystemSpec, device: str = "cpu") -> None:
+        from towers.model import read_towers_meta
+
+        self.label = spec.label
+        self.path = Path(spec.value or "")
+        self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
+        self.device = device
+        self._model: Any = None
+
+    @property
+    def rows(self) -> list[str]:
+        return [self.label]
+
+    def _load(self) -> Any:
+        if self._model is None:
+            from towers.model import TwoTower
+
+            self._model = TwoTower.load(self.path).to(self.device)
+        return self._model
+
+    def _amp(self) -> Any:
+        import torch
+
+        return torch.bfloat16 if self.device == "cuda" else None
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return {self.label: self._load().encode_queries(texts, batch_size, show_progress=show_progress,
+                                                        amp_dtype=self._amp())}
+
+    def encode_docs(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return {self.label: self._load().encode_results(texts, batch_size, show_progress=show_progress,
+                                                        amp_dtype=self._amp())}
+
+    def config(self) -> dict[str, dict[str, Any]]:
+        m = self.meta
+        return {self.label: {"kind": "towers", "path": str(self.path), "base": m.get("base"),
+                             "pooling": m.get("pooling"), "shared": m.get("shared"), "dim": m.get("dim"),
+                             "query_max_length": m.get("query_max_length"),
+                             "result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
+                             "train_config": m.get("train_config")}}
+
+
+class MiniLMSystem:
+    """The untrained all-MiniLM-L6-v2 (mean pooling + L2 norm = sentence-transformers), one tower for both sides."""
+
+    dense = True
+
+    def __init__(self, spec: SystemSpec, device: str = "cpu", query_max_length: int = 64,
+                 doc_max_length: int = 256) -> None:
+        self.label = spec.label
+        self.device = device
+        self.query_max_length = query_max_length
+        self.doc_max_length = doc_max_length
+        self._tower: Any = None
+
+    @property
+    def rows(self) -> list[str]:
+        return [self.label]
+
+    def _encode(self, texts: Sequence[str], max_length: int, batch_size: int, show_progress: bool) -> np.ndarray:
+        import torch
+
+        from towers.bases import resolve_base
+        from towers.model import Tower
+
+        if self._tower is None:
+            self._tower = Tower.from_base(resolve_base("minilm"), pooling="mean").to(self.device)
+        self._tower.max_length = max_length
+        amp = torch.bfloat16 if self.device == "cuda" else None
+        return self._tower.encode(texts, batch_size, show_progress=show_progress, amp_dtype=amp)
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return {self.label: self._encode(texts, self.query_max_length, batch_size, show_progress)}
+
+    def encode_docs(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return {self.label: self._encode(texts, self.doc_max_length, batch_size, show_progress)}
+
+    def config(self) -> dict[str, dict[str, Any]]:
+        return {self.label: {"kind": "minilm", "base": "minilm (all-MiniLM-L6-v2, untrained)", "pooling": "mean",
+                             "normalize": True, "query_max_length": self.query_max_length,
+                             "result_max_length": self.doc_max_length}}
+
+
+class RawLLMSystem:
+    """A decoder LLM used as is; one report row per pooling, all computed in one forward pass."""
+
+    dense = True
+
+    def __init__(self, spec: SystemSpec, device: str = "cpu", max_length: int = 256, prompt: str | None = "promptEOL",
+                 llm_batch_size: int = 16) -> None:
+        from eval.raw_llm import RawLLMEncoder
+
+        self.label = spec.label
+        self.poolings = spec.poolings or LLM_POOLINGS
+        self.encoder = RawLLMEncoder(spec.value or "smollm2", pooling=self.poolings[0], prompt=prompt,
+                                     max_length=max_length, batch_size=llm_batch_size, device=device)
+
+    @property
+    def rows(self) -> list[str]:
+        return [f"{self.label}-{p}" for p in self.poolings]
+
+    def _encode(self, texts: Sequence[str], show_progress: bool) -> dict[str, np.ndarray]:
+        # The LLM keeps its own (smaller) batch size: its activations are much larger than a MiniLM's.
+        out = self.encoder.encode_all_poolings(texts, self.poolings, show_progress=show_progress)
+        return {f"{self.label}-{p}": v for p, v in out.items()}
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return self._encode(texts, show_progress)
+
+    def encode_docs(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return self._encode(texts, show_progress)
+
+    def config(self) -> dict[str, dict[str, Any]]:
+        base = self.encoder.config()
+        return {f"{self.label}-{p}": {"kind": "raw-llm", **base, "pooling": p} for p in self.poolings}
+
+
+class BM25System:
+    """Lexical baseline: not dense, searched by :class:`eval.bm25.BM25Retriever` directly."""
+
+    dense = False
+
+    def __init__(self, spec: SystemSpec) -> None:
+        from eval.bm25 import BM25Retriever
+
+        self.label = spec.label
+        self.retriever = BM25Retriever()
+
+    @property
+    def rows(self) -> list[str]:
+        return [self.label]
+
+    def config(self) -> dict[str, dict[str, Any]]:
+        return {self.label: {"kind": "bm25", **self.retriever.config()}}
+
+
+System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System
+
+
+def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
+                  doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16) -> list[System]:
+    """Instantiate parsed specs (cheap: models load on first encode)."""
+    systems: list[System] = []
+    for spec in specs:
+        if spec.kind == "towers":
+            systems.append(TowersSystem(spec, device))
+        elif spec.kind == "minilm":
+            systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
+        elif spec.kind == "raw-llm":
+            systems.append(RawLLMSystem(spec, device, doc_max_length, prompt, llm_batch_size))
+        elif spec.kind == "bm25":
+            systems.append(BM25System(spec))
+        else:
+            raise AssertionError(f"parse_systems let through unknown kind {spec.kind!r}")
+    return systems

@@ -1,0 +1,93 @@
+"""run_bench end to end on a tiny BEIR suite: every system through the same path, every report file written."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eval.report import format_table, similarity_summary
+
+TOPICS = ["cat", "dog", "fish", "bird", "tree", "rock", "boat", "car"]
+
+
+@pytest.fixture
+def tiny_suite(tmp_path):
+    from eval.suites.beir import write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"the {t} number {i} is about {t}s and more {t}"}
+              for i, t in enumerate(TOPICS * 3)]
+    queries = [{"_id": f"q{i}", "text": f"what about the {t}"} for i, t in enumerate(TOPICS)]
+    # Several relevant docs per query, graded.
+    qrels = {f"q{i}": {f"d{i}": 2, f"d{i + len(TOPICS)}": 1} for i in range(len(TOPICS))}
+    return write_beir(tmp_path / "tiny-suite", corpus, queries, qrels)
+
+
+@pytest.fixture
+def tiny_towers(tiny_bert_dir, tmp_path):
+    from towers.model import TwoTower
+
+    path = tmp_path / "towers"
+    TwoTower.from_base(str(tiny_bert_dir), query_max_length=16, result_max_length=32).save(path)
+    return path
+
+
+def test_run_bench_writes_every_file(tiny_suite, tiny_towers, tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    from eval.bench import run_bench
+
+    monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "REPORT"
+    systems = f"towers={tiny_towers},raw-llm:llm={tiny_llama_dir}:last+logits,bm25"
+    results = run_bench(tiny_suite, systems, out, k_max=10, batch_size=8, device="cpu", show_progress=False,
+                        doc_max_length=32, n_random=5)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "recall_at_k.png", "report.md", "results.json", "similarity.npz", "similarity.png"]
+    for png in ("recall_at_k.png", "similarity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert list(saved["systems"]) == ["towers", "llm-last", "llm-logits", "bm25"]
+    for name, row in saved["systems"].items():
+        assert set(row["metrics"]) == {"recall@1", "recall@5", "recall@10", "recall@20", "recall@100",
+                                       "mrr@10", "ndcg@10", "map@100"}
+        assert len(row["recall_curve"]) == 10 and row["config"]["kind"] in ("towers", "raw-llm", "bm25")
+    # BM25 matches the topic word: 3 docs per topic, so both relevant docs are in every top 10.
+    assert saved["systems"]["bm25"]["metrics"]["recall@10"] == 1.0
+    vocab = json.loads((tiny_llama_dir / "config.json").read_text())["vocab_size"]
+    assert saved["systems"]["llm-logits"]["dim"] == vocab
+    assert saved["systems"]["llm-last"]["dim"] == 32
+    assert saved["systems"]["towers"]["config"]["fingerprint"]
+    assert saved["suite"]["corpus"] == 24 and saved["suite"]["queries"] == 8 and len(saved["suite"]["checksum"]) == 64
+    env = saved["environment"]
+    assert env["device"] == "cpu" and env["packages"]["torch"] and env["packages"]["bm25s"]
+    md = (out / "report.md").read_text()
+    assert "| system | recall@1 |" in md and "**1.000**" in md and "bm25" in md and saved["suite"]["checksum"][:16] in md
+    npz = np.load(out / "similarity.npz", allow_pickle=False)
+    assert set(npz.files) == {f"{r}/{k}" for r in ("towers", "llm-last", "llm-logits") for k in ("relevant", "random")}
+    assert len(npz["towers/relevant"]) == 16  # 8 queries x 2 relevant docs
+
+
+def test_rerun_replaces_the_report_atomically(tiny_suite, tmp_path) -> None:
+    from eval.bench import run_bench
+
+    out = tmp_path / "R"
+    run_bench(tiny_suite, "bm25", out, k_max=5, device="cpu", show_progress=False)
+    (out / "stale.txt").write_text("from an older run")
+    run_bench(tiny_suite, "bm25", out, k_max=5, device="cpu", show_progress=False, max_queries=3)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "results.json").read_text())["suite"]["queries"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".R")]  # no temp dirs left behind
+
+
+def test_similarity_auc() -> None:
+    assert similarity_summary({"relevant": np.array([0.9, 0.8]), "random": np.array([0.1, 0.2])})["auc"] == 1.0
+    assert similarity_summary({"relevant": np.array([0.5]), "random": np.array([0.5])})["auc"] == 0.5
+    assert similarity_summary({"relevant": np.array([0.1]), "random": np.array([0.2, 0.0])})["auc"] == 0.5
+
+
+def test_table_bolds_best_per_column() -> None:
+    cols = ("recall@10", "mrr@10")
+    results = {"systems": {"a": {"metrics": {"recall@10": 0.5, "mrr@10": 0.9}},
+                           "b": {"metrics": {"recall@10": 0.7, "mrr@10": 0.1}}}}
+    table = format_table(results, cols).splitlines()
+    assert table[2] == "| a | 0.500 | **0.900** |" and table[3] == "| b | **0.700** | 0.100 |"
