@@ -27,7 +27,7 @@ class BenchConfig:
     """Options of ``twotower bench`` (the CLI is generated from these fields)."""
 
     suite: str = field("", "BEIR suite dir (corpus.jsonl, queries.jsonl, qrels/test.tsv)", flag="--suite")
-    systems: str = field("towers=runs/demo/towers,raw-llm=smollm2,minilm,bm25",
+    systems: str = field("raw-llm=smollm2,minilm,bm25",
                          "comma list: towers[:LABEL]=DIR, raw-llm[=MODEL[:last+mean+logits]], minilm, bm25")
     out: str = field("REPORT", "report dir to write (report.md, results.json, recall_at_k.png, similarity.png)")
     k_max: int = field(100, "results retrieved per query (recall@k is reported up to this k)")
