@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eval.suites import codesearch
-from eval.suites.beir import load_beir
+from eval.suites.beir import file_sha256, load_beir
 from eval.suites.build import build_suite, verify_suite
 from eval.suites.codesearch import CodeFunction, WheelPin, docstring_query, extract_functions
 
@@ -215,13 +215,14 @@ def test_build_suite_refuses_unrelated_folder(wheels: list[Path], tmp_path: Path
 
 def test_fetch_checks_pinned_sha256(tmp_path: Path) -> None:
     wheel = make_wheel(tmp_path, "fakepkg", {"fakepkg/__init__.py": ""})
-    pin = WheelPin("fakepkg", "1.0", wheel.name, "0" * 64)  # file present: no download attempted
-    with pytest.raises(ValueError, match="does not match the pin"):
-        codesearch.fetch(tmp_path, pins=[pin])
+    pin = WheelPin("fakepkg", "1.0", "0" * 64)  # file present: no download attempted
+    with pytest.raises(ValueError, match=f"fakepkg==1.0: {wheel.name} sha256 [0-9a-f]{{64}} in .*expected sha256 0000"):
+        codesearch.fetch(tmp_path, wheels=[pin])
+    assert codesearch.fetch(tmp_path, wheels=[WheelPin("fakepkg", "1.0", file_sha256(wheel))]) == [wheel]
 
 
 def test_pins_are_exact_and_cover_split() -> None:
     names = {p.name for p in codesearch.PINNED_WHEELS}
     assert set(codesearch.TEST_PACKAGES) <= names and codesearch.DEV_PACKAGE in names
-    assert all(len(p.sha256) == 64 and p.version in p.filename for p in codesearch.PINNED_WHEELS)
-    assert all(codesearch.wheel_project(Path(p.filename)) == p.name for p in codesearch.PINNED_WHEELS)
+    assert all(len(p.sha256) == 64 and p.name == codesearch.normalize_name(p.name) for p in codesearch.PINNED_WHEELS)
+    assert len(names) == len(codesearch.PINNED_WHEELS)

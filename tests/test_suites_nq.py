@@ -39,10 +39,12 @@ def make_task(n_unrelated: int = 20) -> dict:
         for s in ("Grace Hopper", "Alan Turing", "Edsger Dijkstra")
     ]
     examples.append(example("when was the first program written?", base.replace("1843", "1901"), "1901", "1843"))
-    examples.append(example("who is credited with the first program?", revised.replace("Ada Lovelace", "Kurt Godel"), "Kurt Godel", "Ada Lovelace"))
+    revised = revised.replace("Ada Lovelace", "Kurt Godel")
+    examples.append(example("who is credited with the first program?", revised, "Kurt Godel", "Ada Lovelace"))
     for i in range(n_unrelated):
         w = paragraph(rng)
-        examples.append(example(f"unrelated question {i}?", " ".join(w[:5] + [f"Answer{i}"] + w[5:]), f"Answer{i}", f"Orig{i}"))
+        passage = " ".join(w[:5] + [f"Answer{i}"] + w[5:])
+        examples.append(example(f"unrelated question {i}?", passage, f"Answer{i}", f"Orig{i}"))
     return {"name": "contextual_parametric_knowledge_conflicts", "canary": "test canary", "examples": examples}
 
 
@@ -118,7 +120,9 @@ def test_read_task_streams_only_the_member(tmp_path: Path) -> None:
         nq.read_task(other)
 
 
-def test_cli_build_and_info_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_and_info_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     downloads = tmp_path / "cache" / "downloads"
     downloads.mkdir(parents=True)
     sdist = make_sdist(downloads / nq.SDIST_NAME, make_task())

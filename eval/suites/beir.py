@@ -137,7 +137,8 @@ def str_field(obj: Mapping[str, Any], key: str, where: str, *, required: bool = 
     return value
 
 
-def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """qrels TSV -> {query id: {corpus id: grade}}; checks the header, columns, integer grades, duplicates."""
     qrels: dict[str, dict[str, int]] = {}
     with open(path, encoding="utf-8") as fh:
         header = tuple(fh.readline().rstrip("\r\n").split("\t"))
@@ -172,7 +173,8 @@ def load_beir(path: str | Path, split: str = "test") -> Suite:
             unknown query or corpus ids, an empty corpus or an empty split (each names file and line).
     """
     root = Path(path)
-    corpus_path, queries_path, qrels_path = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
+    corpus_path, queries_path = root / "corpus.jsonl", root / "queries.jsonl"
+    qrels_path = root / "qrels" / f"{split}.tsv"
     for p in (corpus_path, queries_path, qrels_path):
         if not p.is_file():
             raise FileNotFoundError(
@@ -197,7 +199,7 @@ def load_beir(path: str | Path, split: str = "test") -> Suite:
         texts.append(text)
     if not ids:
         raise ValueError(f"{corpus_path}: empty corpus (no documents)")
-    qrels = _read_qrels(qrels_path)
+    qrels = read_qrels(qrels_path)
     if not qrels:
         raise ValueError(f"{qrels_path}: no qrels rows for split '{split}'")
     query_ids: list[str] = []

