@@ -103,7 +103,8 @@ def test_loss_decreases_and_learnable_temperature_moves(pairs_file, tiny_bert_di
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(pairs_file, tiny_bert_dir, tmp_path, monkeypatch):
-    kw = dict(learn_temperature=True, negatives_per_query=2, symmetric=True)  # exercise every piece of state
+    # exercise every piece of state; log windows of 2 steps straddle the checkpoints every 3
+    kw = dict(learn_temperature=True, negatives_per_query=2, symmetric=True, log_every=2)
     straight = train(_config(pairs_file, tmp_path / "a", tiny_bert_dir, **kw))
 
     real_step, calls = train_mod.optimizer_step, []
@@ -178,3 +179,21 @@ def test_cli_trains_shared_towers_with_dev_recall_and_reports_bad_input(pairs_fi
     assert rc == 2
     assert "bad.jsonl: line 2: malformed JSON" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing is written before the data is validated
+
+
+def test_gradient_checkpointing_is_a_pure_memory_trade_and_bf16_autocast_runs(pairs_file, tiny_bert_dir, tmp_path):
+    kw = dict(max_steps=3, checkpoint_every=0, proj_dim=16)
+    plain = train(_config(pairs_file, tmp_path / "a", tiny_bert_dir, **kw))
+    recomputed = train(_config(pairs_file, tmp_path / "b", tiny_bert_dir, gradient_checkpointing=True, **kw))
+    for (name, a), b in zip(plain.state_dict().items(), recomputed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    bf16 = train(_config(pairs_file, tmp_path / "c", tiny_bert_dir, amp="bf16", **kw))  # CPU autocast
+    assert all(np.isfinite(_losses(tmp_path / "c"))) and bf16.result_tower.dim == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_trains_on_gpu_with_amp(pairs_file, tiny_bert_dir, tmp_path, amp):
+    model = train(_config(pairs_file, tmp_path / "out", tiny_bert_dir, device="cuda", amp=amp, max_steps=4))
+    assert all(np.isfinite(_losses(tmp_path / "out")))
+    assert TwoTower.load(tmp_path / "out").fingerprint() == model.fingerprint()

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from towers import checkpoint as ckpt
+from towers.atomic import write_bytes_atomic
 from towers.config import TrainConfig
 from towers.data import load_pairs, pairs_fingerprint
 from towers.loss import Temperature, info_nce
@@ -99,9 +100,15 @@ def dev_recall(model: TwoTower, queries: list[str], positives: list[str], k: int
     xq = model.encode_queries(uq, batch_size)  # (nq, d)
     xb = model.encode_results(list(doc_of), batch_size)  # (nb, d)
     k = min(k, len(xb))
-    I = np.concatenate([np.argsort(-(xq[i:i + 1024] @ xb.T), axis=1, kind="stable")[:, :k]
-                        for i in range(0, len(xq), 1024)])
+    I = np.concatenate([_top_k(xq[i:i + 1024] @ xb.T, k) for i in range(0, len(xq), 1024)])  # (nq, k)
     return recall_at_k(I, [relevant_of[q] for q in uq], k)
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k best scores per row, best first: (n, m) -> (n, k)."""
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -136,6 +143,14 @@ def _prepare_out(config: TrainConfig) -> Path:
             (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _enable_checkpointing(encoder: torch.nn.Module) -> None:
+    kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _seed_all(seed: int) -> None:
@@ -198,7 +213,7 @@ class _Log:
                     continue
                 if rec.get("step", 0) <= resume_step:
                     keep.append(line + "\n")
-            path.write_text("".join(keep))
+            write_bytes_atomic(path, "".join(keep).encode())  # a kill here must not lose the kept records
         elif path.exists():
             path.unlink()
 
@@ -211,6 +226,8 @@ def _publish(model: TwoTower, out: Path) -> None:
     """Put the TOWERS files into ``out`` next to checkpoints/ and the log; ``twotower.json`` goes last, so
     ``out`` is never a loadable TOWERS dir with half its files."""
     staged = out / ".towers-final"
+    for leftover in out.glob("*.towers-final*"):  # from a publish that a kill interrupted
+        shutil.rmtree(leftover)
     model.save(staged)  # atomic: complete or absent
     (out / "twotower.json").unlink(missing_ok=True)
     for name in ("query_tower", "result_tower"):
@@ -261,13 +278,14 @@ def train(config: TrainConfig) -> TwoTower:
     temp.to(device)
     if config.gradient_checkpointing:
         for tower in {model.query_tower, model.result_tower}:
-            tower.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(tower.encoder)
     optimizer = torch.optim.AdamW(_param_groups(model, temp, config), lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     step = 0
+    losses: list[float] = []  # loss of each step since the last log record (their mean is logged)
     if resume_from is not None:
         weights, trainer, state = ckpt.load_checkpoint(resume_from)
         _load_weights(model, temp, weights)
@@ -276,7 +294,7 @@ def train(config: TrainConfig) -> TwoTower:
         scaler.load_state_dict(trainer["scaler"])
         sampler.load_state_dict(state["sampler"])
         ckpt.set_rng_state(trainer["rng"], state["rng"])
-        step = int(state["step"])
+        step, losses = int(state["step"]), list(state["loss_window"])
     log = _Log(out / LOG_NAME, step if resume_from is not None else None)
     saved_step, evaluated_step, recall = (step if resume_from is not None else -1), -1, None
 
@@ -285,7 +303,7 @@ def train(config: TrainConfig) -> TwoTower:
         trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "rng": rng_tensors}
         state = {"sampler": sampler.state_dict(), "rng": rng_plain, "config": config.to_dict(),
-                 "data_fingerprint": fingerprint}
+                 "data_fingerprint": fingerprint, "loss_window": losses}
         ckpt.save_checkpoint(out / CKPT_DIR, step, _weights(model, temp), trainer, state)
         ckpt.prune(out / CKPT_DIR, config.keep_checkpoints)
 
@@ -299,7 +317,6 @@ def train(config: TrainConfig) -> TwoTower:
     if dev is not None and step == 0:
         recall, evaluated_step = evaluate(), 0
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    losses: list[float] = []
     window_start, window_pairs = time.perf_counter(), 0
     while step < total:
         rows = sampler.next_batch()
