@@ -30,7 +30,8 @@ def test_jsonl_csv_parquet_load_the_same_pairs(tmp_path):
     assert ds.column_names == ["query", "positive"]
     assert ds["query"][:2] == ["q0", "q1"] and ds[5] == {"query": "null", "positive": "NA"}  # text, not NaN
     pq = tmp_path / "p.parquet"
-    datasets.Dataset.from_list([{"a": r["query"], "b": r["positive"], "c": r["negatives"]} for r in ROWS]).to_parquet(pq)
+    renamed = [{"a": r["query"], "b": r["positive"], "c": r["negatives"]} for r in ROWS]
+    datasets.Dataset.from_list(renamed).to_parquet(pq)
     ds = load_pairs(pq, "a", "b", "c")
     assert ds.column_names == ["query", "positive", "negatives"] and ds[4] == ROWS[4]
 
@@ -139,3 +140,12 @@ def test_sampler_resumes_mid_epoch_and_shards_global_batches():
     for global_batch in stream[:12]:
         shards = [s.next_batch() for s in ranks]
         assert all(len(s) == 4 for s in shards) and np.array_equal(np.concatenate(shards), global_batch)
+
+
+def test_too_few_rows_for_a_batch_is_a_clear_error(tmp_path):
+    from towers.train import TrainConfig, train
+
+    path = _jsonl(tmp_path / "p.jsonl", [{"query": "a", "positive": "same"}, {"query": "b", "positive": "same"}])
+    with pytest.raises(ValueError, match=r"2 rows make no batch of 2 pairs with distinct queries and positives"):
+        train(TrainConfig(pairs=str(path), out=str(tmp_path / "out"), batch_size=2, device="cpu"))
+    assert not (tmp_path / "out").exists()

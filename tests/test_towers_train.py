@@ -197,3 +197,15 @@ def test_trains_on_gpu_with_amp(pairs_file, tiny_bert_dir, tmp_path, amp):
     model = train(_config(pairs_file, tmp_path / "out", tiny_bert_dir, device="cuda", amp=amp, max_steps=4))
     assert all(np.isfinite(_losses(tmp_path / "out")))
     assert TwoTower.load(tmp_path / "out").fingerprint() == model.fingerprint()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(batch_size=1), "--batch-size must be >= 2"),
+    (dict(amp="fp8"), "unknown amp 'fp8': choose auto, bf16, fp16, none"),
+    (dict(warmup_ratio=1.0), r"--warmup-ratio must be in \[0, 1\)"),
+    (dict(resume=True, overwrite=True), "contradict"),
+    (dict(pairs=""), "--pairs is required"),
+])
+def test_config_errors_name_the_option(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"pairs": "p.jsonl", "out": "o", **bad})

@@ -259,8 +259,8 @@ def train(config: TrainConfig) -> TwoTower:
     fingerprint = pairs_fingerprint(pairs)
     sampler = NoDuplicatesBatchSampler(conflict_keys(queries, positives), config.batch_size, config.seed)
     if len(sampler) == 0:
-        raise ValueError(f"{config.pairs}: {len(queries)} rows make no batch of {config.batch_size} pairs with distinct "
-                         "queries and positives; lower --batch-size")
+        raise ValueError(f"{config.pairs}: {len(queries)} rows make no batch of {config.batch_size} pairs with "
+                         "distinct queries and positives; lower --batch-size")
     total = config.max_steps or config.epochs * len(sampler)
     out = _prepare_out(config)
     resume_from = ckpt.latest_complete(out / CKPT_DIR) if config.resume else None
