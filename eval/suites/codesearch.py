@@ -205,7 +205,8 @@ def _function_code(lines: list[str], node: Function, has_doc: bool) -> str | Non
         kept = lines[start - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
     code = textwrap.dedent("\n".join(kept)).strip("\n")
     if len(code) > MAX_CODE_CHARS:
-        code = code[: code.rfind("\n", 0, MAX_CODE_CHARS)]
+        cut = code.rfind("\n", 0, MAX_CODE_CHARS)
+        code = code[: cut if cut > 0 else MAX_CODE_CHARS]
     return code
 
 
