@@ -21,6 +21,17 @@ def _minilm_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_base("minilm"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box they lose a lot."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def _tiny_models(tmp_path_factory) -> dict[str, Path]:
     import torch

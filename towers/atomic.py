@@ -24,16 +24,37 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        _publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, dest: Path, attempts: int = 5) -> None:
+    """Rename ``tmp`` to ``dest``, swapping out (then deleting) any existing ``dest``.
+
+    Retried because another process may publish the same ``dest`` between our swap-out and our rename
+    (two jobs building the same cached artefact); the last writer wins, and readers always see a whole dir.
+    """
+    for _ in range(attempts):
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.replace(dest, old)
+            except FileNotFoundError:  # someone else swapped it out first
+                old = None
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.exists():
+                raise
+            continue  # a concurrent writer published in between: swap theirs out and retry
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(f"could not publish {dest}: it kept being replaced by another process")
 
 
 def fsync_tree(path: Path) -> None:

@@ -98,9 +98,10 @@ class Tower(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Padded model inputs (input_ids, attention_mask: (B, T)); ``max_length`` defaults to the tower's."""
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=max_length or self.max_length, return_tensors="pt"
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 

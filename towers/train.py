@@ -58,8 +58,7 @@ def collate(rows: np.ndarray, queries: list[str], positives: list[str], negative
 
 
 def _features(tower: Tower, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    batch = tower.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    return {k: v.to(device) for k, v in tower.tokenize(texts, max_length).items()}
 
 
 def embed(model: TwoTower, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None
