@@ -1,0 +1,145 @@
+"""CLI verbs ``twotower index build|add|remove|info`` and ``twotower mine``.
+
+Heavy imports (torch, faiss, datasets) stay inside the run functions so ``twotower --help`` is fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from index.build import IndexBuildConfig
+from index.mine import MineConfig
+from towers.cliargs import add_dataclass_args, dataclass_from_args
+
+# Build-only options that make no sense when appending to an existing index.
+_BUILD_ONLY = ("factory", "memory_budget", "train_size", "nprobe", "ef_search", "overwrite", "seed")
+
+
+def add_index_parser(subparsers: Any) -> None:
+    """Register ``index`` with its sub-verbs build, add, remove, info."""
+    parser = subparsers.add_parser(
+        "index", help="build and maintain a FAISS index of a corpus (INDEX dir)",
+        description="Encode a corpus with the result tower into a persistent FAISS index (an INDEX dir with "
+                    "index.faiss, an Arrow doc store and manifest.json), and maintain it.")
+    sub = parser.add_subparsers(dest="index_verb", metavar="SUBVERB", required=True)
+
+    build = sub.add_parser("build", help="encode a corpus and build an INDEX dir",
+                           description="Encode --corpus with the result tower of --towers (streamed, resumable "
+                                       "chunks) and write a FAISS index + doc store to --out, atomically.")
+    build.add_argument("--towers", required=True, help="TOWERS dir (output of `twotower train`)")
+    build.add_argument("--corpus", required=True,
+                       help="corpus.jsonl (BEIR rows _id/title/text), .parquet, a BEIR dir, a saved dataset dir, "
+                            "or hf:NAME[:CONFIG]")
+    build.add_argument("--out", required=True, help="INDEX dir to write")
+    add_dataclass_args(build, IndexBuildConfig)
+    build.set_defaults(func=run_index_build)
+
+    add = sub.add_parser("add", help="encode new docs and append them to an INDEX dir (atomic)",
+                         description="Append the docs of --corpus to INDEX, encoded with the same towers "
+                                     "(checked by fingerprint). Ids already live in the index are refused.")
+    add.add_argument("index", metavar="INDEX", help="INDEX dir")
+    add.add_argument("--corpus", required=True, help="new docs (same formats as `index build --corpus`)")
+    add.add_argument("--towers", default=None, help="TOWERS dir (default: the one recorded in the manifest)")
+    add_dataclass_args(add, IndexBuildConfig, skip=_BUILD_ONLY)
+    add.set_defaults(func=run_index_add)
+
+    remove = sub.add_parser("remove", help="remove docs by id (tombstones, atomic)",
+                            description="Mark docs removed so search never returns them. All ids must be live, "
+                                        "otherwise nothing changes.")
+    remove.add_argument("index", metavar="INDEX", help="INDEX dir")
+    remove.add_argument("--ids", nargs="+", default=[], help="doc ids to remove")
+    remove.add_argument("--ids-file", default=None, help="file with one doc id per line")
+    remove.set_defaults(func=run_index_remove)
+
+    info = sub.add_parser("info", help="show what an INDEX dir holds",
+                          description="Print ntotal, factory, dim, search defaults, size on disk and the "
+                                      "towers fingerprint of an INDEX dir (reads only the manifest).")
+    info.add_argument("index", metavar="INDEX", help="INDEX dir")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=run_index_info)
+
+
+def add_mine_parser(subparsers: Any) -> None:
+    """Register ``mine``: hard negatives for the next training round."""
+    parser = subparsers.add_parser(
+        "mine", help="mine hard negatives for pairs with trained towers",
+        description="Index the pairs' positives (and --corpus) with the result tower, search each query with the "
+                    "query tower, and write the pairs with a negatives column taken from ranks "
+                    "[--range-min, --range-max) that excludes the positive and anything scoring within a margin "
+                    "of it (false-negative guard, as sentence-transformers' mine_hard_negatives / NV-Retriever).")
+    parser.add_argument("--towers", required=True, help="TOWERS dir")
+    parser.add_argument("--pairs", required=True, help="pairs file with query and positive columns")
+    parser.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    add_dataclass_args(parser, MineConfig)
+    parser.set_defaults(func=run_mine)
+
+
+def run_index_build(args: argparse.Namespace) -> int:
+    from index.build import build_index, result_encoder
+    from towers.model import TwoTower
+
+    config = dataclass_from_args(IndexBuildConfig, args)
+    encoder = result_encoder(TwoTower.load(args.towers), config.device)
+    out = build_index(encoder, args.corpus, args.out, config, towers_dir=args.towers)
+    _print_info(out)
+    return 0
+
+
+def run_index_add(args: argparse.Namespace) -> int:
+    from index.build import result_encoder
+    from index.mutate import add_docs
+    from index.store import read_manifest
+    from towers.model import TwoTower
+
+    towers = args.towers or read_manifest(args.index).get("towers_dir")
+    if not towers:
+        raise ValueError(f"index '{args.index}' records no towers dir; pass --towers")
+    config = dataclass_from_args(IndexBuildConfig, args)
+    n = add_docs(args.index, result_encoder(TwoTower.load(towers), config.device), args.corpus, config)
+    print(f"added {n} docs to {args.index}")
+    _print_info(args.index)
+    return 0
+
+
+def run_index_remove(args: argparse.Namespace) -> int:
+    from index.mutate import remove_docs
+
+    ids = list(args.ids)
+    if args.ids_file:
+        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError("nothing to remove: pass --ids ID [ID ...] or --ids-file FILE")
+    n = remove_docs(args.index, ids)
+    print(f"removed {n} docs from {args.index}")
+    return 0
+
+
+def run_index_info(args: argparse.Namespace) -> int:
+    _print_info(args.index, as_json=args.json)
+    return 0
+
+
+def _print_info(index_dir: str | Path, as_json: bool = False) -> None:
+    from index.factory import format_bytes
+    from index.store import index_info
+
+    info = index_info(index_dir)
+    if as_json:
+        print(json.dumps(info, sort_keys=True))
+        return
+    info["size_bytes"] = f"{format_bytes(info['size_bytes'])} ({info['size_bytes']} bytes)"
+    info["index_bytes"] = format_bytes(info["index_bytes"])
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def run_mine(args: argparse.Namespace) -> int:
+    from index.mine import mine
+
+    out, stats = mine(dataclass_from_args(MineConfig, args))
+    print(stats.summary())
+    print(f"wrote {out}")
+    return 0

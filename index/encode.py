@@ -1,0 +1,194 @@
+"""Streamed, resumable corpus encoding: embeddings go to disk in chunks, so memory stays bounded.
+
+The corpus is read row by row and cut into chunks of ``chunk_size`` docs. For each chunk the encoder runs
+once (it length-sorts and batches inside, see ``towers.encoder``), then three files are written, each
+atomically, the completion record last::
+
+    WORK/emb-000042.npy     float32|float16 (rows, dim)
+    WORK/docs-000042.arrow  Arrow stream with id, title, text, metadata
+    WORK/chunk-000042.json  {"rows": ..., "digest": sha256 of the chunk's docs}
+
+A rerun re-reads the corpus, and for every chunk whose record exists with the same digest it skips the
+encoder, so an interrupted build resumes from the last finished chunk; a chunk whose docs changed is
+re-encoded. ``state.json`` pins the encoder fingerprint, dim, chunk size and dtype: a work dir written with
+different ones is cleared (with a message) rather than mixed in.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from index.corpus import Corpus, Doc, iter_docs
+from index.store import write_docs_chunk, write_npy_atomic
+from towers.atomic import write_json_atomic
+from towers.encoder import Encoder
+
+WORK_VERSION = 1
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class EncodedCorpus:
+    """The finished chunks in a work dir: ``n`` vectors of ``dim`` in ``n_chunks`` files, in corpus order."""
+
+    work_dir: Path
+    n: int
+    dim: int
+    n_chunks: int
+    normalized: bool
+
+    def emb_path(self, i: int) -> Path:
+        return self.work_dir / f"emb-{i:06d}.npy"
+
+    def docs_paths(self) -> list[Path]:
+        return [self.work_dir / f"docs-{i:06d}.arrow" for i in range(self.n_chunks)]
+
+    def iter_embeddings(self) -> Iterator[np.ndarray]:
+        """float32 (rows, dim) per chunk, in corpus order (one chunk in memory at a time)."""
+        for i in range(self.n_chunks):
+            yield np.ascontiguousarray(np.load(self.emb_path(i), mmap_mode="r"), dtype=np.float32)
+
+    def sample(self, nt: int, seed: int = 0) -> np.ndarray:
+        """``nt`` vectors drawn uniformly without replacement: float32 (nt, dim), read chunk by chunk."""
+        nt = min(nt, self.n)
+        rows = np.sort(np.random.default_rng(seed).choice(self.n, size=nt, replace=False))
+        out = np.empty((nt, self.dim), np.float32)
+        start, filled = 0, 0
+        for i in range(self.n_chunks):
+            emb = np.load(self.emb_path(i), mmap_mode="r")
+            lo, hi = np.searchsorted(rows, [start, start + len(emb)])
+            out[filled : filled + hi - lo] = emb[rows[lo:hi] - start]
+            filled += hi - lo
+            start += len(emb)
+        assert filled == nt, f"sampled {filled} of {nt} rows"
+        return out
+
+
+def encoder_fingerprint(encoder: Encoder) -> str | None:
+    """The encoder's ``fingerprint()`` (towers: result-tower weights hash), or None if it has none."""
+    fp = getattr(encoder, "fingerprint", None)
+    return str(fp()) if callable(fp) else None
+
+
+def encoder_name(encoder: Encoder) -> str:
+    return f"{type(encoder).__module__}.{type(encoder).__qualname__}"
+
+
+def encode_corpus(
+    encoder: Encoder,
+    corpus: Corpus,
+    work_dir: str | Path,
+    chunk_size: int = 16384,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    split: str = "train",
+    total: int | None = None,
+    show_progress: bool = True,
+) -> EncodedCorpus:
+    """Encode every doc of ``corpus`` into chunk files under ``work_dir``, resuming finished chunks.
+
+    Raises:
+        ValueError: bad corpus row (named by line/row), empty corpus, or encoder output of the wrong shape.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown embedding dtype '{dtype}': choose {', '.join(DTYPES)}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    work = Path(work_dir)
+    dim = int(encoder.dim)
+    _prepare_work_dir(work, {"version": WORK_VERSION, "encoder": encoder_fingerprint(encoder) or encoder_name(encoder),
+                             "dim": dim, "chunk_size": chunk_size, "dtype": dtype})
+    n, n_chunks, resumed, norms_ok = 0, 0, 0, True
+    buf: list[Doc] = []
+    with tqdm(total=total, desc="encode", unit="doc", disable=not show_progress, smoothing=0.05) as bar:
+        def flush() -> None:
+            nonlocal n, n_chunks, resumed, norms_ok
+            done, ok = _finish_chunk(encoder, buf, work, n_chunks, dim, batch_size, dtype)
+            resumed += done
+            norms_ok &= ok
+            n += len(buf)
+            n_chunks += 1
+            bar.update(len(buf))
+            bar.set_postfix(chunks=n_chunks, resumed=resumed, refresh=False)
+            buf.clear()
+
+        for doc in iter_docs(corpus, split):
+            buf.append(doc)
+            if len(buf) == chunk_size:
+                flush()
+        if buf:
+            flush()
+    if n == 0:
+        raise ValueError(f"corpus '{corpus}' has no rows")
+    _drop_chunks(work, first=n_chunks)  # left over from an earlier, longer version of the corpus
+    return EncodedCorpus(work, n, dim, n_chunks, norms_ok)
+
+
+def _prepare_work_dir(work: Path, state: dict[str, Any]) -> None:
+    state_path = work / "state.json"
+    if state_path.exists():
+        old = json.loads(state_path.read_text())
+        if old == state:
+            return
+        print(f"encode: work dir '{work}' was written with {old}; starting over with {state}", file=sys.stderr)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(state_path, state)
+
+
+def _digest(docs: Sequence[Doc]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        for part in (d.id, d.title, d.text, d.metadata):
+            h.update(part.encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def _finish_chunk(encoder: Encoder, docs: Sequence[Doc], work: Path, i: int, dim: int, batch_size: int,
+                  dtype: str) -> tuple[bool, bool]:
+    """Encode and write chunk ``i`` unless an identical finished one exists. Returns (resumed, unit_norms)."""
+    record_path = work / f"chunk-{i:06d}.json"
+    record = {"rows": len(docs), "digest": _digest(docs)}
+    emb_path = work / f"emb-{i:06d}.npy"
+    if record_path.exists() and json.loads(record_path.read_text()) == record and emb_path.exists() \
+            and (work / f"docs-{i:06d}.arrow").exists():
+        return True, _unit_norms(np.load(emb_path, mmap_mode="r")[:64])
+    record_path.unlink(missing_ok=True)  # the chunk is being rewritten: not finished until the record is back
+    emb = _encode(encoder, [d.encode_text for d in docs], batch_size)
+    if emb.shape != (len(docs), dim):
+        raise ValueError(f"encoder {encoder_name(encoder)} returned shape {emb.shape} for {len(docs)} texts; "
+                         f"expected ({len(docs)}, {dim})")
+    if not np.isfinite(emb).all():
+        raise ValueError(f"encoder {encoder_name(encoder)} returned NaN/inf for chunk {i} (docs '{docs[0].id}' ..)")
+    write_npy_atomic(emb_path, emb.astype(dtype))
+    write_docs_chunk(work / f"docs-{i:06d}.arrow", docs)
+    write_json_atomic(record_path, record)
+    return False, _unit_norms(emb[:64])
+
+
+def _encode(encoder: Encoder, texts: list[str], batch_size: int) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():  # no autograd state for any torch-based encoder
+        return np.asarray(encoder.encode(texts, batch_size=batch_size), dtype=np.float32)
+
+
+def _unit_norms(emb: np.ndarray) -> bool:
+    return bool(np.allclose(np.linalg.norm(np.asarray(emb, np.float32), axis=1), 1.0, atol=1e-2))
+
+
+def _drop_chunks(work: Path, first: int) -> None:
+    for path in work.glob("*-*.*"):
+        stem = path.stem.rsplit("-", 1)[-1]
+        if stem.isdigit() and int(stem) >= first:
+            path.unlink()

@@ -1,0 +1,227 @@
+"""Array-in, array-out FAISS helpers (faiss vocabulary: ``xb`` base, ``xq`` queries, ``xt`` training, ``D I k``).
+
+Every index uses the inner-product metric on L2-normalised vectors (= cosine). Search parameters
+(``nprobe``, ``efSearch``) and excluded ids go through a per-call ``SearchParameters`` object, so one CPU
+index can be searched from many threads at once with different settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index.factory import DEFAULT_EF_SEARCH, default_nprobe
+
+
+def make_index(factory: str, d: int) -> faiss.Index:
+    """An untrained inner-product index from an ``index_factory`` string; a bad string names itself."""
+    try:
+        index = faiss.index_factory(int(d), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1].split("Error: ")[-1]
+        raise ValueError(
+            f"faiss rejected factory string '{factory}' for dim {d}: {detail}. Examples: Flat, IVF1024,Flat, "
+            f"IVF1024,PQ32, IVF1024,SQ8, HNSW32, OPQ32,IVF1024,PQ32 (or 'auto')") from None
+    _no_polysemous_training(index)
+    return index
+
+
+def _no_polysemous_training(index: faiss.Index) -> None:
+    """index_factory turns on polysemous training for PQ codes (``PQ16`` = ``PQ16`` + Hamming re-ordering of
+    codes); it costs 20-50x the PQ training time and only helps polysemous search, which we never use."""
+    index = faiss.downcast_index(index)
+    if hasattr(index, "do_polysemous_training"):
+        index.do_polysemous_training = False
+    for child in ("index", "storage"):  # IndexPreTransform.index, IndexHNSW.storage
+        if isinstance(index, (faiss.IndexPreTransform, faiss.IndexHNSW)) and hasattr(index, child):
+            _no_polysemous_training(getattr(index, child))
+
+
+def as_matrix(x: np.ndarray, d: int | None, name: str = "xq") -> np.ndarray:
+    """Validate (n, d) and return a C-contiguous float32 copy-if-needed (faiss needs exactly that)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, d), got shape {x.shape}")
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"{name} has dim {x.shape[1]} but the index has dim {d}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def train_index(index: faiss.Index, xt: np.ndarray) -> None:
+    """Train (k-means for IVF, codebooks for PQ/SQ, rotation for OPQ) on a sample ``xt`` (nt, d)."""
+    if not index.is_trained:
+        index.train(as_matrix(xt, index.d, "xt"))
+
+
+def build_faiss(xb: np.ndarray, factory: str = "Flat", xt: np.ndarray | None = None) -> faiss.Index:
+    """Build an inner-product index over ``xb`` (n, d), trained on ``xt`` (default: ``xb`` itself).
+
+    Returns:
+        The CPU index with ``ntotal == n``; row i of ``xb`` has id i.
+    """
+    xb = as_matrix(xb, None, "xb")
+    index = make_index(factory, xb.shape[1])
+    train_index(index, xb if xt is None else xt)
+    index.add(xb)
+    return index
+
+
+def search_defaults(index: faiss.Index) -> dict[str, int]:
+    """The ``nprobe`` / ``efSearch`` this index should search with by default (stored in the manifest)."""
+    out: dict[str, int] = {}
+    ivf = ivf_of(index)
+    if ivf is not None:
+        out["nprobe"] = default_nprobe(ivf.nlist)
+    if isinstance(unwrap(index), faiss.IndexHNSW):
+        out["ef_search"] = DEFAULT_EF_SEARCH
+    return out
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index: faiss signals that by raising
+        return None
+
+
+def unwrap(index: faiss.Index) -> faiss.Index:
+    """The index under any pre-transform (OPQ, PCA), downcast to its concrete class (e.g. IndexHNSWFlat)."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None,
+                  sel: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
+    """A per-call parameter object for ``index``, or None when its class does not take one (e.g. IndexPQ)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        sub = search_params(index.index, nprobe, ef_search, sel)
+        return None if sub is None else faiss.SearchParametersPreTransform(index_params=sub)
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe or index.nprobe))
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=int(ef_search or index.hnsw.efSearch))
+    if isinstance(index, (faiss.IndexFlat, faiss.IndexScalarQuantizer)):
+        return faiss.SearchParameters(sel=sel)
+    return None
+
+
+def exclusion_selector(excluded: np.ndarray) -> faiss.IDSelector | None:
+    """A selector that rejects the ids in ``excluded`` (tombstoned rows); None when nothing is excluded.
+
+    The returned object keeps a reference to its inner selector (SWIG would otherwise free it).
+    """
+    if len(excluded) == 0:
+        return None
+    inner = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
+    sel = faiss.IDSelectorNot(inner)
+    sel.referenced_objects = [inner]
+    return sel
+
+
+def search(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None,
+           excluded: np.ndarray | None = None, sel: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner-product search.
+
+    Args:
+        index: any faiss index (CPU; GPU indexes work when ``excluded`` is empty and params are unset).
+        xq: queries (nq, d), float32 (converted if needed).
+        k: results per query (padded with id -1 / score -inf when fewer exist).
+        nprobe / ef_search: override the index's own setting for this call only.
+        excluded: int64 ids that must never be returned (tombstones); ``sel`` is a prebuilt selector for them.
+
+    Returns:
+        D float32 (nq, k) scores (descending), I int64 (nq, k) ids.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    xq = as_matrix(xq, index.d, "xq")
+    excluded = np.empty(0, np.int64) if excluded is None else np.asarray(excluded, np.int64)
+    if sel is None and len(excluded):
+        sel = exclusion_selector(excluded)
+    params = search_params(index, nprobe, ef_search, sel) if _is_cpu(index) else None
+    if params is not None:
+        return index.search(xq, k, params=params)
+    if nprobe or ef_search:
+        _set_params(index, nprobe, ef_search)
+    if not len(excluded):
+        return index.search(xq, k)
+    return _search_post_filter(index, xq, k, excluded)
+
+
+def _search_post_filter(index: faiss.Index, xq: np.ndarray, k: int,
+                        excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For indexes without selector support: fetch ``k + len(excluded)`` and drop excluded ids."""
+    kk = int(min(index.ntotal, k + len(excluded)))
+    D, I = index.search(xq, max(kk, 1))
+    keep = ~np.isin(I, excluded) & (I >= 0)  # (nq, kk)
+    Do = np.full((len(xq), k), -np.inf, np.float32)
+    Io = np.full((len(xq), k), -1, np.int64)
+    for q in range(len(xq)):
+        row = np.flatnonzero(keep[q])[:k]
+        Do[q, : len(row)], Io[q, : len(row)] = D[q, row], I[q, row]
+    return Do, Io
+
+
+def _is_cpu(index: faiss.Index) -> bool:
+    """False for GPU indexes and multi-GPU shards/replicas (they take no per-call parameter objects)."""
+    if type(faiss.downcast_index(index)).__name__.startswith("Gpu"):
+        return False
+    return not isinstance(index, (faiss.IndexShards, faiss.IndexReplicas))
+
+
+def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
+    """Set search parameters on the index object itself (for GPU/sharded forms; callers serialise this)."""
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") and not _is_cpu(index) \
+        else faiss.ParameterSpace()
+    if nprobe:
+        space.set_index_parameter(index, "nprobe", int(nprobe))
+    if ef_search:
+        space.set_index_parameter(index, "efSearch", int(ef_search))
+
+
+def read_index(path: str | Path) -> faiss.Index:
+    """``faiss.read_index`` with a clear error naming the file when it is missing, truncated or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"faiss index file '{path}' does not exist")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1].split("Error: ")[-1]
+        raise ValueError(f"cannot read faiss index '{path}' (truncated or corrupt; rebuild it): {detail}") from None
+
+
+def serialize(index: faiss.Index) -> bytes:
+    """The index file's bytes (CPU form), for ``towers.atomic.write_bytes_atomic``."""
+    return faiss.serialize_index(index).tobytes()
+
+
+def to_gpu(index: faiss.Index, float16: bool = False) -> Any:
+    """Clone a CPU index to every visible GPU (sharded across several); needs faiss built with GPU support.
+
+    Raises:
+        ValueError: faiss sees no GPU, or has no GPU version of this index type (e.g. HNSW).
+    """
+    ngpu = faiss.get_num_gpus()
+    if ngpu == 0:
+        raise ValueError("faiss sees no GPU (install faiss-gpu; torch CUDA alone only serves exact Flat search)")
+    try:
+        if ngpu == 1:
+            co = faiss.GpuClonerOptions()
+            co.useFloat16 = float16
+            res = faiss.StandardGpuResources()
+            gpu = faiss.index_cpu_to_gpu(res, 0, index, co)
+            gpu.referenced_objects = [res]
+            return gpu
+        mco = faiss.GpuMultipleClonerOptions()
+        mco.useFloat16 = float16
+        mco.shard = True  # each GPU holds 1/ngpu of the vectors; results are merged by faiss
+        return faiss.index_cpu_to_all_gpus(index, co=mco)
+    except RuntimeError as exc:
+        raise ValueError(f"faiss cannot move a {type(unwrap(index)).__name__} to the GPU "
+                         f"({str(exc).strip().splitlines()[-1]}); load it with device='cpu'") from None

@@ -1,0 +1,188 @@
+"""Hard-negative mining for the next training round (``twotower mine``).
+
+Follows sentence-transformers' ``mine_hard_negatives`` and NV-Retriever (Moreira et al. 2024, "TopK-PercPos"):
+index the pairs' positives (plus an optional extra corpus) with the result tower, search every query
+with the query tower, and take negatives from ranks ``[range_min, range_max)`` that are not a positive of
+that query and do not score within a margin of its positive (the false-negative guard: a candidate
+scoring about as high as the positive is likely an unlabelled positive).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from towers.cliargs import field
+from towers.encoder import Encoder
+
+SAMPLING = ("top", "random")
+
+
+@dataclass
+class MineConfig:
+    """Where to mine and how to guard against false negatives (CLI: ``twotower mine``)."""
+
+    towers: str = field("", "TOWERS dir: the query tower searches, the result tower encodes candidates", cli=False)
+    pairs: str = field("", "pairs file (JSONL/CSV/Parquet) or dataset with query and positive columns", cli=False)
+    out: str = field("", "output file (.jsonl or .parquet): the pairs plus a negatives column", cli=False)
+    corpus: str = field("", "extra corpus (BEIR corpus.jsonl / parquet) to mine from besides the positives")
+    query_column: str = field("query", "query column of --pairs")
+    positive_column: str = field("positive", "positive column of --pairs")
+    negatives_column: str = field("negatives", "negatives column of --pairs (replaced by the mined ones)")
+    num_negatives: int = field(5, "negatives per query (NV-Retriever: 10 or fewer)")
+    range_min: int = field(0, "skip candidates ranked above this (0 = start at the top)")
+    range_max: int = field(50, "consider candidates up to this rank (exclusive)")
+    relative_margin: float | None = field(0.05, "drop candidates scoring above (1 - margin) * positive score "
+                                                "(NV-Retriever TopK-PercPos: 0.05)")
+    absolute_margin: float | None = field(None, "drop candidates scoring above positive score - margin")
+    max_score: float | None = field(None, "drop candidates scoring above this")
+    sampling: str = field("top", "take the top candidates or a random sample of them", choices=SAMPLING)
+    keep_short: bool = field(False, "keep rows that got fewer than --num-negatives negatives (default: drop them)")
+    factory: str = field("auto", "faiss index over the candidates ('auto': Flat below 100k, IVF beyond)")
+    batch_size: int = field(64, "texts per encoder forward pass")
+    device: str = field("auto", "device for the towers: auto, cpu, cuda", choices=("auto", "cpu", "cuda"))
+    seed: int = field(0, "seed for --sampling random")
+    progress: bool = field(True, "show progress bars")
+
+    def validate(self) -> None:
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if not 0 <= self.range_min < self.range_max:
+            raise ValueError(f"need 0 <= range_min < range_max, got range_min={self.range_min}, "
+                             f"range_max={self.range_max}")
+        if self.num_negatives > self.range_max - self.range_min:
+            raise ValueError(f"cannot mine {self.num_negatives} negatives from ranks [{self.range_min}, "
+                             f"{self.range_max}): widen the range or lower num_negatives")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"unknown sampling '{self.sampling}': choose {', '.join(SAMPLING)}")
+
+
+@dataclass
+class MineStats:
+    queries: int = 0
+    candidates: int = 0
+    skipped_margin: int = 0
+    skipped_max_score: int = 0
+    short: int = 0
+    mean_positive: float = 0.0
+    mean_negative: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{self.queries} queries, mean positive score {self.mean_positive:.4f}, mean negative score "
+                f"{self.mean_negative:.4f}; skipped {self.skipped_margin} candidates by margin and "
+                f"{self.skipped_max_score} by max_score; {self.short} queries got fewer than asked")
+
+
+def select_negatives(D: np.ndarray, I: np.ndarray, positives: Sequence[set[int]], positive_score: np.ndarray,
+                     config: MineConfig) -> tuple[list[list[int]], MineStats]:
+    """Pick negatives per query from ranked candidates.
+
+    Args:
+        D, I: (nq, K) search scores and candidate rows, best first (-1 = none).
+        positives: per query, the candidate rows that are its positives (never negatives).
+        positive_score: (nq,) the query's lowest positive score (the hardest positive, as sbert does).
+
+    Returns:
+        Per query the chosen rows (rank order for ``top``), and counts.
+    """
+    rng = np.random.default_rng(config.seed)
+    stats = MineStats(queries=len(I))
+    chosen: list[list[int]] = []
+    neg_scores: list[float] = []
+    for q in range(len(I)):
+        keep: list[int] = []
+        for r in range(config.range_min, min(config.range_max, I.shape[1])):
+            row, score = int(I[q, r]), float(D[q, r])
+            if row < 0 or row in positives[q]:
+                continue
+            stats.candidates += 1
+            if config.max_score is not None and score > config.max_score:
+                stats.skipped_max_score += 1
+            elif (config.absolute_margin is not None and score + config.absolute_margin > positive_score[q]) or \
+                    (config.relative_margin is not None and score > positive_score[q] * (1 - config.relative_margin)):
+                stats.skipped_margin += 1
+            else:
+                keep.append(r)
+        if config.sampling == "random" and len(keep) > config.num_negatives:
+            keep = sorted(rng.choice(keep, config.num_negatives, replace=False).tolist())
+        keep = keep[: config.num_negatives]
+        stats.short += len(keep) < config.num_negatives
+        neg_scores += [float(D[q, r]) for r in keep]
+        chosen.append([int(I[q, r]) for r in keep])
+    stats.mean_positive = float(np.mean(positive_score)) if len(positive_score) else 0.0
+    stats.mean_negative = float(np.mean(neg_scores)) if neg_scores else 0.0
+    return chosen, stats
+
+
+def mine_negatives(query_encoder: Encoder, result_encoder: Encoder, queries: Sequence[str], positives: Sequence[str],
+                   config: MineConfig, corpus_texts: Sequence[str] = ()) -> tuple[list[list[str]], MineStats]:
+    """Negatives (texts) for each (query, positive) pair; rows sharing a query share its negatives."""
+    from index.factory import auto_factory, parse_memory
+    from index.faiss_utils import build_faiss, search, search_defaults
+
+    config.validate()
+    corpus = list(dict.fromkeys([*positives, *corpus_texts]))  # unique candidate texts
+    row_of = {t: i for i, t in enumerate(corpus)}
+    uq = list(dict.fromkeys(queries))
+    q_index = {t: i for i, t in enumerate(uq)}
+    pos_rows: list[set[int]] = [set() for _ in uq]
+    for q, p in zip(queries, positives):
+        pos_rows[q_index[q]].add(row_of[p])
+    xc = result_encoder.encode(corpus, batch_size=config.batch_size, show_progress=config.progress)  # (n, d)
+    xq = query_encoder.encode(uq, batch_size=config.batch_size, show_progress=config.progress)  # (nq, d)
+    pos_score = np.array([min(float(xq[i] @ xc[r]) for r in rows) for i, rows in enumerate(pos_rows)])
+    factory = config.factory
+    if factory == "auto":
+        factory = auto_factory(len(corpus), xc.shape[1], parse_memory("")).factory
+    index = build_faiss(xc, factory)
+    k = min(len(corpus), config.range_max + max(len(r) for r in pos_rows))
+    D, I = search(index, xq, k, **search_defaults(index))
+    chosen, stats = select_negatives(D, I, pos_rows, pos_score, config)
+    return [[corpus[r] for r in chosen[q_index[q]]] for q in queries], stats
+
+
+def mine(config: MineConfig) -> tuple[Path, MineStats]:
+    """Load towers and pairs, mine, write ``config.out`` (JSONL or Parquet) atomically."""
+    from index.build import TowerEncoder
+    from index.corpus import iter_docs
+    from towers.data import load_pairs
+    from towers.model import TwoTower
+
+    for name in ("towers", "pairs", "out"):
+        if not getattr(config, name):
+            raise ValueError(f"mine needs --{name}")
+    out = Path(config.out)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"output '{out}' must end in .jsonl or .parquet")
+    model = TwoTower.load(config.towers)
+    pairs = load_pairs(config.pairs, query_column=config.query_column, positive_column=config.positive_column,
+                       negatives_column=config.negatives_column)
+    extra = [d.encode_text for d in iter_docs(config.corpus)] if config.corpus else []
+    negatives, stats = mine_negatives(TowerEncoder(model, "query", config.device),
+                                      TowerEncoder(model, "result", config.device),
+                                      pairs["query"], pairs["positive"], config, extra)
+    rows = [{"query": q, "positive": p, "negatives": n} for q, p, n in zip(pairs["query"], pairs["positive"], negatives)
+            if config.keep_short or len(n) == config.num_negatives]
+    if not rows:
+        raise ValueError(f"no pair got {config.num_negatives} negatives ({stats.summary()}); widen --range-max, "
+                         f"lower the margins or pass --keep-short")
+    _write_rows(out, rows)
+    return out, stats
+
+
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    from towers.atomic import write_bytes_atomic
+
+    if out.suffix == ".jsonl":
+        write_bytes_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    write_bytes_atomic(out, sink.getvalue().to_pybytes())

@@ -1,0 +1,112 @@
+"""``index add`` and ``index remove``: change an INDEX dir atomically (temp dir + rename, like a build).
+
+Removal uses tombstones: the removed rows go to ``removed.npy`` and search excludes them (a faiss
+``IDSelector`` on the CPU, masking on the GPU). Nothing is renumbered, so "row i of docs = faiss id i"
+holds for the index's whole life, HNSW (which has no ``remove_ids``) included. Adding appends rows at the
+end; an id that was removed can be added again (it gets a new row).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from index.build import IndexBuildConfig, default_work_dir, write_index_dir
+from index.corpus import Corpus, describe, iter_docs
+from index.encode import encode_corpus, encoder_fingerprint
+from index.store import (INDEX_FILE, REMOVED_FILE, live_rows, load_docs, read_manifest, read_removed,
+                         write_manifest, write_npy_atomic)
+from towers.atomic import atomic_dir
+from towers.encoder import Encoder
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: IndexBuildConfig | None = None) -> int:
+    """Encode ``corpus`` with ``encoder`` (same towers as the index) and append it. Returns rows added.
+
+    Raises:
+        ValueError: the encoder's fingerprint or dim differs from the index's, or an id is already live.
+    """
+    from index.faiss_utils import read_index
+
+    config = config or IndexBuildConfig()
+    path = Path(index_dir)
+    manifest = read_manifest(path)
+    fp = encoder_fingerprint(encoder)
+    if manifest.get("fingerprint") != fp:
+        raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with {manifest.get('fingerprint')}"
+                         f"); add docs with the towers the index was built from")
+    if int(encoder.dim) != manifest["dim"]:
+        raise ValueError(f"encoder dim {encoder.dim} != index '{path}' dim {manifest['dim']}")
+    docs = load_docs(path)
+    removed = read_removed(path)
+    new_ids = [d.id for d in iter_docs(corpus, config.corpus_split)]  # validates every row before any encoding
+    clash = _live_subset(docs, removed, new_ids, path)
+    if clash:
+        raise ValueError(f"{len(clash)} id(s) of '{describe(corpus)}' are already in index '{path}': "
+                         f"{', '.join(repr(c) for c in clash[:10])}; remove them first to replace them")
+    index = read_index(path / INDEX_FILE)
+    work = Path(config.work_dir) if config.work_dir else default_work_dir(path.with_name(path.name + ".add"))
+    enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
+                        config.corpus_split, len(new_ids), config.progress)
+    for xb in enc.iter_embeddings():
+        index.add(xb)
+    manifest["ntotal"] = int(index.ntotal)
+    manifest["history"] = [*manifest.get("history", []), {"op": "add", "time": _now(), "rows": enc.n,
+                                                          "corpus": describe(corpus)}]
+    extra = {REMOVED_FILE: path / REMOVED_FILE} if (path / REMOVED_FILE).exists() else {}
+    write_index_dir(path, index, [docs, *enc.docs_paths()], manifest, extra)
+    if not config.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return enc.n
+
+
+def _live_subset(docs: object, removed: np.ndarray, ids: Sequence[str], where: Path) -> list[str]:
+    """The ids among ``ids`` that a live row of ``docs`` already has."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not ids:
+        return []
+    hit = pc.is_in(docs.data.column("id"), value_set=pa.array(list(ids), pa.string())).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(hit)
+    rows = rows[~np.isin(rows, removed)]
+    return [str(x) for x in docs.select(rows.tolist())["id"]] if len(rows) else []
+
+
+def remove_docs(index_dir: str | Path, ids: Sequence[str]) -> int:
+    """Tombstone the docs with ``ids`` (all must be live, else nothing changes). Returns rows removed.
+
+    index.faiss and docs/ are hard-linked (not copied) into the new dir, so removal costs O(#removed).
+    """
+    path = Path(index_dir)
+    manifest = read_manifest(path)
+    docs = load_docs(path)
+    removed = read_removed(path)
+    rows = live_rows(docs, removed, ids, path)  # KeyError naming unknown / already removed ids
+    new_removed = np.union1d(removed, rows).astype(np.int64)
+    manifest["n_removed"] = int(len(new_removed))
+    manifest["history"] = [*manifest.get("history", []), {"op": "remove", "time": _now(), "rows": int(len(rows))}]
+    with atomic_dir(path) as tmp:
+        for src in path.rglob("*"):
+            if src.is_file() and src.name not in (REMOVED_FILE, "manifest.json"):
+                dst = tmp / src.relative_to(path)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(src, dst)
+        write_npy_atomic(tmp / REMOVED_FILE, new_removed)
+        write_manifest(tmp, manifest)
+    return int(len(rows))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the files never change in place (every change writes a new dir), so sharing is safe
+    except OSError:  # filesystems without hard links
+        shutil.copy2(src, dst)

@@ -1,0 +1,152 @@
+"""The INDEX dir's files: doc store (Arrow via ``datasets``), ``manifest.json``, tombstones, embedding chunks.
+
+Layout::
+
+    INDEX/
+      index.faiss      CPU form of the faiss index; faiss id i = doc row i
+      docs/            datasets.save_to_disk: columns id, title, text, metadata (JSON string); memory-mapped
+      removed.npy      int64 rows removed by `index remove` (tombstones, never returned by search)
+      manifest.json    format_version, dim, metric, factory, ntotal, search defaults, fingerprint, ...
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.corpus import Doc
+from towers.atomic import write_bytes_atomic, write_json_atomic
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+DOCS_DIR = "docs"
+REMOVED_FILE = "removed.npy"
+DOC_COLUMNS = ("id", "title", "text", "metadata")
+_REQUIRED_KEYS = ("format_version", "dim", "metric", "factory", "ntotal", "search_defaults")
+
+
+def write_docs_chunk(path: str | Path, docs: Sequence[Doc]) -> None:
+    """Write ``docs`` as one Arrow IPC stream file (the format ``datasets`` memory-maps), atomically."""
+    import pyarrow as pa
+
+    table = pa.table({c: pa.array([getattr(d, c) for d in docs], pa.string()) for c in DOC_COLUMNS})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+def save_docs(parts: Sequence[Any], out_dir: str | Path) -> None:
+    """Concatenate doc chunk files and/or ``datasets.Dataset`` objects into one saved dataset at ``out_dir``."""
+    import datasets
+
+    from datasets.utils import logging as ds_logging
+
+    loaded = [datasets.Dataset.from_file(str(p)) if isinstance(p, (str, Path)) else p for p in parts]
+    assert loaded, "save_docs needs at least one part"
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # a copy of already-encoded rows: fast, and our own bars cover the job
+    try:
+        ds.save_to_disk(str(out_dir))
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def load_docs(index_dir: str | Path) -> Any:
+    """The doc store as a memory-mapped ``datasets.Dataset`` (row i = faiss id i)."""
+    import datasets
+
+    path = Path(index_dir) / DOCS_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"index dir '{index_dir}' has no {DOCS_DIR}/ doc store")
+    ds = datasets.load_from_disk(str(path))
+    missing = [c for c in DOC_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"doc store '{path}' lacks column(s) {', '.join(missing)} (has {', '.join(ds.column_names)})")
+    return ds
+
+
+def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    """``manifest.json`` of an INDEX dir, checked for required keys and a supported format version."""
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"'{index_dir}' is not an index dir: no {MANIFEST} (build one with `twotower index build`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this twotower supports "
+                         f"({FORMAT_VERSION}); upgrade twotower")
+    return manifest
+
+
+def write_manifest(index_dir: str | Path, manifest: dict[str, Any]) -> None:
+    write_json_atomic(Path(index_dir) / MANIFEST, manifest)
+
+
+def write_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` to a temp file + rename (no pickles: object arrays are refused)."""
+    assert array.dtype != object, "object arrays would need pickle"
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def read_removed(index_dir: str | Path) -> np.ndarray:
+    """Sorted int64 tombstoned rows (empty when nothing was removed)."""
+    path = Path(index_dir) / REMOVED_FILE
+    if not path.exists():
+        return np.empty(0, np.int64)
+    return np.load(path, allow_pickle=False).astype(np.int64)
+
+
+def live_rows(docs: Any, removed: np.ndarray, ids: Sequence[str], where: str | Path) -> np.ndarray:
+    """Rows (int64, in the order of ``ids``) of the live docs with these ids, found with one Arrow scan.
+
+    Raises:
+        KeyError: naming (up to 10 of) the ids that no live row has.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        return np.empty(0, np.int64)
+    pos = pc.index_in(docs.data.column("id"), value_set=pa.array(ids, pa.string()))  # per row: index in ids | null
+    pos = pos.to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(~np.isnan(pos.astype(np.float64)))
+    rows = rows[~np.isin(rows, removed)]
+    out = np.full(len(ids), -1, np.int64)
+    out[pos[rows].astype(np.int64)] = rows
+    missing = [ids[j] for j in np.flatnonzero(out < 0)]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise KeyError(f"{len(missing)} id(s) not in index '{where}' (unknown or already removed): {shown}")
+    return out
+
+
+def index_info(index_dir: str | Path) -> dict[str, Any]:
+    """What is inside an INDEX dir, from its manifest and file sizes (does not load the index)."""
+    path = Path(index_dir)
+    m = read_manifest(path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return {
+        "path": str(path), "format_version": m["format_version"], "factory": m["factory"], "dim": m["dim"],
+        "metric": m["metric"], "ntotal": m["ntotal"], "n_removed": m.get("n_removed", 0),
+        "n_live": m["ntotal"] - m.get("n_removed", 0), "search_defaults": m["search_defaults"],
+        "fingerprint": m.get("fingerprint"), "towers_dir": m.get("towers_dir"), "encoder": m.get("encoder"),
+        "corpus": m.get("corpus"), "size_bytes": size, "index_bytes": (path / INDEX_FILE).stat().st_size,
+        "created": m.get("created"), "faiss_version": m.get("faiss_version"),
+        "factory_reason": (m.get("build_config") or {}).get("factory_reason"),
+    }
