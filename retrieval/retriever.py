@@ -126,8 +126,9 @@ class Retriever:
         from index.load import load_index
         from towers.model import Tower, read_towers_meta
 
-        device = resolve_device(device)
-        index = load_index(index_dir, device=device)
+        tower_device = resolve_device(device)
+        # The index picks its own GPU path under "auto" (faiss-gpu, torch exact search, or the CPU index).
+        index = load_index(index_dir, device="auto" if device == "auto" else tower_device.split(":")[0])
         if towers_dir is None:
             towers_dir = index.towers_dir
             if towers_dir is None:
@@ -140,7 +141,7 @@ class Retriever:
                              f"index '{index_dir}'")
         index.check_fingerprint(fingerprint)
         # Only the query tower: the result tower is what built the index and is not needed here.
-        tower = Tower.load(towers_dir / "query_tower").to(device)
+        tower = Tower.load(towers_dir / "query_tower").to(tower_device)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size)
 
