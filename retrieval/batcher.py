@@ -64,6 +64,7 @@ class MicroBatcher:
         self._carry: _Job | None = None  # a job that did not fit the last batch opens the next one
         self.batches = 0
         self.queries = 0
+        self.largest = 0  # most queries seen in one batch
 
     def start(self) -> MicroBatcher:
         if self._thread is None:
@@ -74,12 +75,12 @@ class MicroBatcher:
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued work, then stop the worker thread."""
         if self._thread is not None:
-            self._queue.put(_STOP)
+            self._queue.put(_STOP, timeout=timeout)
             self._thread.join(timeout)
             self._thread = None
 
     def stats(self) -> dict[str, float]:
-        return {"batches": self.batches, "queries": self.queries,
+        return {"batches": self.batches, "queries": self.queries, "largest_batch": self.largest,
                 "mean_batch": round(self.queries / self.batches, 2) if self.batches else 0.0}
 
     async def search(self, queries: list[str], k: int, nprobe: int | None = None) -> Any:
@@ -158,8 +159,10 @@ class MicroBatcher:
             for job in batch:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
             return
+        n = sum(len(job.queries) for job in batch)
         self.batches += 1
-        self.queries += sum(len(job.queries) for job in batch)
+        self.queries += n
+        self.largest = max(self.largest, n)
         for job, result in zip(batch, results):
             job.loop.call_soon_threadsafe(_resolve, job.future, result, None)
 

@@ -162,6 +162,25 @@ def test_towers_taken_from_manifest(built, retriever) -> None:
     assert info["ntotal"] == 60 and info["dim"] == 32 and "fingerprint" in info["towers"]
 
 
+def test_k_above_ntotal_returns_every_doc_once(retriever) -> None:
+    hits = retriever.search("sort a list", k=100)[0]  # faiss pads with -1 beyond the 60 docs
+    assert len(hits) == 60 and [h.rank for h in hits] == list(range(1, 61))
+
+
+def test_ivf_nprobe_passes_through(_tiny_models, tmp_path, retriever) -> None:
+    from retrieval.retriever import Retriever
+
+    _, ivf_dir = build_tiny_index(tmp_path, _tiny_models["bert"], factory="IVF4,Flat")
+    ivf = Retriever.load(ivf_dir, device="cpu")
+    exact = [[h.id for h in row] for row in retriever.search(QUERIES, k=5)]
+    # Visiting all 4 lists is an exhaustive search: the same hits as the Flat index.
+    assert [[h.id for h in row] for row in ivf.search(QUERIES, k=5, nprobe=4)] == exact
+    one_list = ivf.search(QUERIES, k=60, nprobe=1)
+    assert all(len(row) < 60 for row in one_list)  # one list holds only part of the corpus
+    with pytest.raises(ValueError, match="nprobe must be a positive integer"):
+        ivf.search("x", k=3, nprobe=0)
+
+
 def test_doctable_chunked_take_equals_combined() -> None:
     import datasets
 
