@@ -175,12 +175,13 @@ def _is_cpu(index: faiss.Index) -> bool:
 
 
 def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -> None:
-    """Set search parameters on the index object itself (for GPU/sharded forms; callers serialise this)."""
-    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") and not _is_cpu(index) \
-        else faiss.ParameterSpace()
-    if nprobe:
+    """Set search parameters on the index object itself (GPU/sharded forms and classes that take no
+    parameter object); only the parameters the index has are set. Callers serialise this (not thread-safe)."""
+    space = faiss.ParameterSpace() if _is_cpu(index) else faiss.GpuParameterSpace()
+    name = type(unwrap(index)).__name__
+    if nprobe and "IVF" in name:
         space.set_index_parameter(index, "nprobe", int(nprobe))
-    if ef_search:
+    if ef_search and "HNSW" in name:
         space.set_index_parameter(index, "efSearch", int(ef_search))
 
 
