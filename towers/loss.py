@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -44,6 +45,41 @@ def info_nce(
     if symmetric:
         assert len(q) == len(p), f"symmetric InfoNCE needs aligned q and p, got {len(q)} and {len(p)} rows"
         loss = (loss + F.cross_entropy(scores[:, : len(p)].T, labels)) / 2  # (P, B): positive -> its query
+    return loss
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    negs: torch.Tensor,
+    temperature: float | torch.Tensor = 0.05,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """InfoNCE of this process's queries over the positives and hard negatives of *every* process.
+
+    On one process this is :func:`info_nce`. Under ``torch.distributed`` the rows of all ranks are
+    all-gathered with gradients (:func:`towers.distributed.gather_batch`), each query's label points at its
+    own positive inside the gathered block (offset by the rows of lower ranks), and the symmetric term
+    scores each local positive against every rank's queries. The mean of this loss over ranks is the loss
+    of the concatenated batch, and DDP's gradient average then equals its gradient (see
+    ``towers.distributed``).
+
+    Args:
+        q: this rank's queries (B, d); p: its positives (B, d); negs: its hard negatives (M, d), M may be 0.
+        temperature, symmetric: as in :func:`info_nce`.
+
+    Returns:
+        0-d loss of this rank's rows.
+    """
+    from towers.distributed import gather_batch
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return info_nce(q, p, negs, temperature, symmetric)
+    Q, P, N, q_offset, p_offset = gather_batch(q, p, negs)  # (W*B, d), (W*B, d), (sum M, d)
+    loss = info_nce(q, P, N, temperature, labels=p_offset + torch.arange(len(q), device=q.device))
+    if symmetric:  # each local positive picks its query among all ranks' queries
+        back = info_nce(p, Q, None, temperature, labels=q_offset + torch.arange(len(p), device=p.device))
+        loss = (loss + back) / 2
     return loss
 
 
