@@ -1,16 +1,18 @@
-"""Training checkpoints that a crash (or SIGKILL) at any moment can never leave looking complete.
+"""What a training run writes to ``--out``: checkpoints that a crash (or SIGKILL) at any moment can never leave
+looking complete, ``train_log.jsonl``, and the final TOWERS files.
 
 Layout of ``<out>/checkpoints/step-N/``::
 
     model.safetensors   trainable weights (towers + temperature)
     trainer.pt          optimizer, LR scheduler, GradScaler and torch RNG states (tensors and numbers only;
-                        read back with ``torch.load(weights_only=True)``)
-    state.json          step, sampler position, numpy / python RNG states, config, data fingerprint
+                        read back with ``torch.load(weights_only=True)``); under DDP also every rank's RNG
+    state.json          step, sampler position, numpy / python RNG states (per rank under DDP), config,
+                        data fingerprint
     COMPLETE.json       written last: sha256 of every file above
 
 The directory is built under a temp name and renamed into place (``towers.atomic.atomic_dir``); on top of
 that, a checkpoint only counts when ``COMPLETE.json`` exists and every checksum matches, so a half-copied
-or truncated one is skipped rather than resumed from.
+or truncated one is skipped rather than resumed from. Only rank 0 of a data-parallel run calls the writers.
 """
 from __future__ import annotations
 
@@ -22,15 +24,22 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from towers.atomic import atomic_dir
+from towers.atomic import atomic_dir, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from towers.loss import Temperature
+    from towers.model import TwoTower
 
 MARKER = "COMPLETE.json"
+LOG_NAME = "train_log.jsonl"
+CKPT_DIR = "checkpoints"
+RUN_FILES = ("query_tower", "result_tower", "twotower.json", CKPT_DIR, LOG_NAME)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -125,10 +134,16 @@ def prune(root: str | Path, keep: int) -> None:
 
 
 # ---- RNG states ---------------------------------------------------------------------------------------
-def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(tensor part for trainer.pt, JSON part for state.json) of the torch / CUDA / numpy / python RNGs."""
+def rng_state(device: torch.device | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor part for trainer.pt, JSON part for state.json) of the torch / CUDA / numpy / python RNGs.
+
+    With a CUDA ``device`` only that GPU's generator is saved (a DDP rank must not touch the others' GPUs);
+    without one, every visible GPU's.
+    """
     tensors: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    elif device is None and torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state_all()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
@@ -136,11 +151,96 @@ def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, plain
 
 
-def set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, Any], plain: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(tensors["torch"].cpu())
     if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in tensors["cuda"]])
+        if isinstance(tensors["cuda"], torch.Tensor):  # one device's generator (see rng_state)
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["cuda"].cpu(), device)
+        else:
+            torch.cuda.set_rng_state_all([t.cpu() for t in tensors["cuda"]])
     name, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+# ---- model weights -------------------------------------------------------------------------------------
+def model_weights(model: TwoTower, temp: Temperature) -> dict[str, torch.Tensor]:
+    """Trainable state for a checkpoint (a shared tower once: safetensors refuses aliased tensors)."""
+    out = {f"query_tower.{k}": v for k, v in model.query_tower.state_dict().items()}
+    if not model.shared:
+        out.update({f"result_tower.{k}": v for k, v in model.result_tower.state_dict().items()})
+    out["temperature.log_t"] = temp.log_t.detach()
+    return out
+
+
+def load_model_weights(model: TwoTower, temp: Temperature, weights: dict[str, torch.Tensor]) -> None:
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+    model.query_tower.load_state_dict(part("query_tower."))
+    if not model.shared:
+        model.result_tower.load_state_dict(part("result_tower."))
+    with torch.no_grad():
+        temp.log_t.copy_(weights["temperature.log_t"])
+
+
+# ---- the run directory ---------------------------------------------------------------------------------
+def prepare_out(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Create ``out``; one that holds a run needs ``resume`` (kept) or ``overwrite`` (its run files deleted)."""
+    out = Path(out)
+    existing = [n for n in RUN_FILES if (out / n).exists()]
+    if existing and not resume:
+        if not overwrite:
+            raise FileExistsError(f"--out '{out}' already holds a training run ({', '.join(existing)}); pass --resume "
+                                  "to continue it, --overwrite to start over, or choose another --out")
+        for name in existing:
+            (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class TrainLog:
+    """Append-only ``train_log.jsonl``; on resume, records past the checkpoint's step are dropped.
+
+    ``enabled=False`` (DDP ranks other than 0) makes it a no-op that never touches the file.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if rec.get("step", 0) <= resume_step:
+                    keep.append(line + "\n")
+            write_bytes_atomic(path, "".join(keep).encode())  # a kill here must not lose the kept records
+        elif path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def publish_towers(model: TwoTower, out: Path) -> None:
+    """Put the TOWERS files into ``out`` next to checkpoints/ and the log; ``twotower.json`` goes last, so
+    ``out`` is never a loadable TOWERS dir with half its files."""
+    staged = out / ".towers-final"
+    for leftover in out.glob("*.towers-final*"):  # from a publish that a kill interrupted
+        shutil.rmtree(leftover)
+    model.save(staged)  # atomic: complete or absent
+    (out / "twotower.json").unlink(missing_ok=True)
+    for name in ("query_tower", "result_tower"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        os.replace(staged / name, out / name)
+    os.replace(staged / "twotower.json", out / "twotower.json")
+    shutil.rmtree(staged)

@@ -13,6 +13,7 @@ from typing import Any
 from towers.cliargs import field
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+BACKEND_CHOICES = ("auto", "gloo", "nccl")  # towers.distributed.BACKENDS (not imported: keeps --help free of torch)
 
 
 @dataclass
@@ -40,8 +41,9 @@ class TrainConfig:
     # Optimisation
     max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
     epochs: int = field(1, "passes over the pairs when --max-steps is 0")
-    batch_size: int = field(32, "pairs per step; every other pair's positive is an in-batch negative, so "
-                                "bigger batches give a harder task")
+    batch_size: int = field(32, "pairs per step over all processes (each of N encodes batch-size / N); every "
+                                "other pair's positive is an in-batch negative, so bigger batches give a harder "
+                                "task")
     lr: float = field(2e-5, "peak AdamW learning rate (2e-5 is the sentence-transformers fine-tuning default)")
     warmup_ratio: float = field(0.1, "fraction of steps with linear LR warm-up (then linear decay to 0)")
     weight_decay: float = field(0.01, "AdamW weight decay (not applied to biases, norms or the temperature)")
@@ -58,6 +60,17 @@ class TrainConfig:
                      choices=AMP_CHOICES)
     gradient_checkpointing: bool = field(False, "recompute activations in backward: less memory, ~30%% slower",
                                          resume_ok=True)
+    cache_chunk_size: int = field(0, "GradCache: encode each step's batch in chunks of this many rows per tower "
+                                     "(no graph), then re-encode chunk by chunk backpropagating the cached "
+                                     "embedding gradients; memory of one chunk, gradients of the whole batch, "
+                                     "one extra forward pass; 0 = off", resume_ok=True)
+    # Data parallelism (torch.distributed; --batch-size is the global batch, split evenly over the processes)
+    nproc: int = field(1, "launch this many processes on this machine with torchrun (one per GPU; gloo on CPU); "
+                          "1 = this process only; leave it at 1 when you start torchrun yourself", resume_ok=True)
+    backend: str = field("auto", "torch.distributed backend under torchrun: auto (nccl on CUDA, gloo on CPU), "
+                                 "nccl or gloo", choices=BACKEND_CHOICES, resume_ok=True)
+    dist_timeout: float = field(30.0, "minutes a process waits for the others at a collective (rank 0's dev "
+                                      "evaluation and checkpoint writes included) before failing", resume_ok=True)
     # Monitoring and checkpoints
     log_every: int = field(10, "write loss, LR and pairs/s to train_log.jsonl every N steps", resume_ok=True)
     eval_every: int = field(100, "measure dev recall@10 every N steps with --dev (also before and after "
@@ -79,7 +92,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("max_steps", "epochs", "negatives_per_query", "weight_decay", "max_grad_norm", "eval_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "cache_chunk_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -88,6 +101,12 @@ class TrainConfig:
             raise ValueError("give --max-steps or --epochs (both are 0)")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"unknown backend '{self.backend}': choose {', '.join(BACKEND_CHOICES)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"unknown amp '{self.amp}': choose {', '.join(AMP_CHOICES)}")
         if self.resume and self.overwrite:

@@ -101,6 +101,10 @@ class NoDuplicatesBatchSampler:
     # ---- stream + resumable position -----------------------------------------------------------------
     def next_batch(self) -> np.ndarray:
         """This rank's rows of the next global batch; rolls over into the next epoch when one ends."""
+        return self.shard(self.next_global_batch())
+
+    def next_global_batch(self) -> np.ndarray:
+        """The next global batch (all ranks' rows; :meth:`shard` gives this rank's); advances the position."""
         if self.batch_index >= len(self.batches(self.epoch)):
             self.epoch, self.batch_index = self.epoch + 1, 0
         batches = self.batches(self.epoch)
@@ -109,7 +113,7 @@ class NoDuplicatesBatchSampler:
                              "query or positive text; lower the batch size or add rows")
         batch = batches[self.batch_index]
         self.batch_index += 1
-        return self.shard(batch)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,

@@ -1,38 +1,43 @@
 """Contrastive training of a :class:`~towers.model.TwoTower`: one visible loop, resumable exactly.
 
-The pieces are separable on purpose (a data-parallel or GradCache variant swaps one of them):
-``collate`` (rows -> texts) -> ``embed`` (texts -> q, p, negs) -> ``info_nce`` -> ``optimizer_step``.
+The pieces are separable on purpose: ``collate`` (rows -> texts) -> ``features`` (texts -> token ids) ->
+``TowerForward`` (ids -> q, r; the module DDP wraps) -> ``contrastive_loss`` -> ``optimizer_step``;
+``forward_backward`` runs one step's loss and backward, plainly or with GradCache (``towers.gradcache``).
 ``train`` wires them together with AdamW, warm-up + linear decay, gradient clipping, ``torch.amp``,
-dev recall@10, ``train_log.jsonl`` and atomic checkpoints (see ``towers.checkpoint``).
+dev recall@10, ``train_log.jsonl`` and atomic checkpoints (see ``towers.checkpoint``). Under torchrun every
+process runs ``train``; ``towers.distributed`` holds the data-parallel parts.
 """
 from __future__ import annotations
 
 import json
-import os
+import math
 import random
-import shutil
 import time
 import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from towers import checkpoint as ckpt
-from towers.atomic import write_bytes_atomic
+from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, prepare_out, publish_towers
 from towers.config import TrainConfig
 from towers.data import load_pairs, pairs_fingerprint
-from towers.loss import Temperature, info_nce
+from towers.distributed import (DistEnv, all_gather_object, average_gradients, check_launch, global_mean,
+                                init_distributed, run_collectively, select_device, shutdown, unused_parameters,
+                                wrap_ddp)
+from towers.gradcache import Features, cached_backward
+from towers.loss import Temperature, contrastive_loss
 from towers.model import Tower, TwoTower
 from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 
-__all__ = ["TrainConfig", "train", "Batch", "collate", "embed", "optimizer_step", "dev_recall"]
-LOG_NAME = "train_log.jsonl"
-CKPT_DIR = "checkpoints"
-_RUN_FILES = ("query_tower", "result_tower", "twotower.json", CKPT_DIR, LOG_NAME)
+__all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed", "forward_backward",
+           "optimizer_step", "dev_recall"]
 
 
 @dataclass
@@ -43,13 +48,18 @@ class Batch:
 
 
 def collate(rows: np.ndarray, queries: list[str], positives: list[str], negatives: list[list[str]] | None,
-            epoch: int, per_query: int) -> Batch:
+            epoch: int, per_query: int, exclude: Collection[str] | None = None) -> Batch:
     """Texts of ``rows``. Hard negatives cycle through each row's list epoch by epoch; one that equals a
-    positive in the batch is dropped (it would be a false negative for that positive's query)."""
+    positive in the batch is dropped (it would be a false negative for that positive's query).
+
+    Args:
+        exclude: texts never used as hard negatives; default the positives of ``rows``. A data-parallel rank
+            passes the positives of the whole *global* batch, since every rank's positives are candidates.
+    """
     qs, ps = [queries[i] for i in rows], [positives[i] for i in rows]
     negs: list[str] = []
     if negatives is not None and per_query > 0:
-        in_batch = set(ps)
+        in_batch = set(ps) if exclude is None else set(exclude)
         for i in rows:
             row = negatives[i]
             take = [row[(epoch * per_query + j) % len(row)] for j in range(min(per_query, len(row)))]
@@ -61,22 +71,74 @@ def _features(tower: Tower, texts: list[str], max_length: int, device: torch.dev
     return {k: v.to(device) for k, v in tower.tokenize(texts, max_length).items()}
 
 
+def features(model: TwoTower, batch: Batch, device: torch.device) -> tuple[Features, Features]:
+    """Token ids of the queries (B, T_q) and of the results, positives then hard negatives (B + M, T_r)."""
+    return (_features(model.query_tower, batch.queries, model.query_tower.max_length, device),
+            _features(model.result_tower, batch.positives + batch.negatives, model.result_max_length, device))
+
+
+class TowerForward(nn.Module):
+    """``(query features | None, result features | None) -> (q (B, d) | None, r (R, d) | None)`` in float32.
+
+    The one module DDP wraps: a single forward (and backward) covers both towers, shared or not, so DDP sees
+    every parameter once per step. Autocast lives inside, so DDP and GradCache callers all get it.
+    """
+
+    def __init__(self, model: TwoTower, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+
+    def forward(self, q_features: Features | None, r_features: Features | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        device = self.model.query_tower.device
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            q = self.model.query_tower(**q_features) if q_features is not None else None
+            r = self.model.result_tower(**r_features) if r_features is not None else None
+        return (q.float() if q is not None else None), (r.float() if r is not None else None)
+
+
 def embed(model: TwoTower, batch: Batch, device: torch.device, amp_dtype: torch.dtype | None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(q (B, d), p (B, d), negs (M, d) or None) in float32, with autocast when ``amp_dtype`` is set."""
-    q_len, r_len = model.query_tower.max_length, model.result_max_length
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        q = model.query_tower(**_features(model.query_tower, batch.queries, q_len, device))
-        # positives and negatives go through the result tower in one forward pass: (B + M, d)
-        r = model.result_tower(**_features(model.result_tower, batch.positives + batch.negatives, r_len, device))
-    q, r = q.float(), r.float()
+    q, r = TowerForward(model, amp_dtype)(*features(model, batch, device))
+    assert q is not None and r is not None, "both feature sets were given"
     return q, r[: len(batch.positives)], (r[len(batch.positives):] if batch.negatives else None)
 
 
-def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                   scheduler: Any, scaler: torch.amp.GradScaler, max_grad_norm: float) -> None:
-    """Backward, unscale, clip, step, schedule, zero (GradScaler is a no-op unless fp16)."""
-    scaler.scale(loss).backward()
+def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: torch.device, temp: Temperature,
+                     symmetric: bool = False, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     cache_chunk_size: int = 0) -> torch.Tensor:
+    """One step's loss on this process's rows, with its gradients accumulated into ``.grad``.
+
+    Args:
+        forward: a :class:`TowerForward` over ``model``, wrapped in DDP when running distributed (negatives
+            are then gathered from every rank, see :func:`towers.loss.contrastive_loss`).
+        scale: applied to the loss before backward (``GradScaler.scale``), or None.
+        cache_chunk_size: > 0 runs GradCache (``towers.gradcache``) with chunks of that many rows per tower:
+            same gradients, memory of one chunk.
+
+    Returns:
+        This rank's loss, detached (its mean over ranks is the loss of the whole batch).
+    """
+    q_features, r_features = features(model, batch, device)
+    n = len(batch.positives)
+
+    def loss_of(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # q (B, d), r (B + M, d)
+        return contrastive_loss(q, r[:n], r[n:], temp(), symmetric)
+
+    if cache_chunk_size:
+        loss = cached_backward(forward, q_features, r_features, loss_of, cache_chunk_size, scale)
+    else:
+        loss = loss_of(*forward(q_features, r_features))
+        (scale(loss) if scale is not None else loss).backward()
+    average_gradients(temp.parameters())  # DDP averages the towers' gradients; the temperature is outside it
+    return loss.detach()
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+                   scaler: torch.amp.GradScaler, max_grad_norm: float) -> None:
+    """Unscale, clip, step, schedule, zero (GradScaler is a no-op unless fp16); gradients are already in .grad."""
     if max_grad_norm > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -111,37 +173,12 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}': choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
-
-
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def _prepare_out(config: TrainConfig) -> Path:
-    out = Path(config.out)
-    existing = [n for n in _RUN_FILES if (out / n).exists()]
-    if existing and not config.resume:
-        if not config.overwrite:
-            raise FileExistsError(f"--out '{out}' already holds a training run ({', '.join(existing)}); pass --resume "
-                                  "to continue it, --overwrite to start over, or choose another --out")
-        for name in existing:
-            (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _enable_checkpointing(encoder: torch.nn.Module) -> None:
@@ -168,26 +205,6 @@ def _param_groups(model: TwoTower, temp: Temperature, config: TrainConfig) -> li
     return groups
 
 
-def _weights(model: TwoTower, temp: Temperature) -> dict[str, torch.Tensor]:
-    """Trainable state for a checkpoint (a shared tower once: safetensors refuses aliased tensors)."""
-    out = {f"query_tower.{k}": v for k, v in model.query_tower.state_dict().items()}
-    if not model.shared:
-        out.update({f"result_tower.{k}": v for k, v in model.result_tower.state_dict().items()})
-    out["temperature.log_t"] = temp.log_t.detach()
-    return out
-
-
-def _load_weights(model: TwoTower, temp: Temperature, weights: dict[str, torch.Tensor]) -> None:
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-
-    model.query_tower.load_state_dict(part("query_tower."))
-    if not model.shared:
-        model.result_tower.load_state_dict(part("result_tower."))
-    with torch.no_grad():
-        temp.log_t.copy_(weights["temperature.log_t"])
-
-
 def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: str, path: Path) -> None:
     problems = config.resume_mismatches(state["config"])
     if state["data_fingerprint"] != fingerprint:
@@ -198,43 +215,36 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
                          "--out:\n  " + "\n  ".join(problems))
 
 
-class _Log:
-    """Append-only ``train_log.jsonl``; on resume, records past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is not None and path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if rec.get("step", 0) <= resume_step:
-                    keep.append(line + "\n")
-            write_bytes_atomic(path, "".join(keep).encode())  # a kill here must not lose the kept records
-        elif path.exists():
-            path.unlink()
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+def _prepare_run(config: TrainConfig, fingerprint: str) -> str | None:
+    """(Rank 0 only.) Make ``--out`` ready and pick the checkpoint to resume from: its dir name, or None."""
+    out = prepare_out(config.out, config.resume, config.overwrite)
+    resume_from = ckpt.latest_complete(out / CKPT_DIR) if config.resume else None
+    if config.resume and resume_from is None:
+        warnings.warn(f"--resume: no complete checkpoint in {out / CKPT_DIR}; starting from step 0", stacklevel=2)
+    if resume_from is not None:  # refuse a different run before spending time on building the model
+        _check_resumable(config, json.loads((resume_from / "state.json").read_text()), fingerprint, resume_from)
+    return None if resume_from is None else resume_from.name
 
 
-def _publish(model: TwoTower, out: Path) -> None:
-    """Put the TOWERS files into ``out`` next to checkpoints/ and the log; ``twotower.json`` goes last, so
-    ``out`` is never a loadable TOWERS dir with half its files."""
-    staged = out / ".towers-final"
-    for leftover in out.glob("*.towers-final*"):  # from a publish that a kill interrupted
-        shutil.rmtree(leftover)
-    model.save(staged)  # atomic: complete or absent
-    (out / "twotower.json").unlink(missing_ok=True)
-    for name in ("query_tower", "result_tower"):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-        os.replace(staged / name, out / name)
-    os.replace(staged / "twotower.json", out / "twotower.json")
-    shutil.rmtree(staged)
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A torch seed per rank, so the ranks' dropout masks are independent draws."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def _restore_rng(trainer: dict[str, Any], state: dict[str, Any], env: DistEnv, seed: int, step: int,
+                 device: torch.device) -> None:
+    """Each rank continues its own RNG streams; from a checkpoint of another world size it cannot."""
+    saved_world = len(state.get("rng_ranks") or [None])
+    if saved_world == env.world_size and env.enabled:
+        ckpt.set_rng_state(trainer["rng_ranks"][env.rank], state["rng_ranks"][env.rank], device)
+        return
+    ckpt.set_rng_state(trainer["rng"], state["rng"], device)
+    if saved_world != env.world_size:
+        if env.is_main:
+            warnings.warn(f"--resume: the checkpoint was written by {saved_world} process(es), this run has "
+                          f"{env.world_size}; batches and maths continue exactly, dropout draws do not", stacklevel=3)
+        if env.rank:
+            torch.manual_seed(_rank_seed(seed, env.rank, step))
 
 
 def train(config: TrainConfig) -> TwoTower:
@@ -244,37 +254,55 @@ def train(config: TrainConfig) -> TwoTower:
     newest complete checkpoint in ``out/checkpoints`` with the same weights, optimizer and scheduler state,
     data position and RNG states, so it ends with the weights an uninterrupted run would have.
 
+    Under torchrun (``twotower train --nproc N``, ``torchrun --nproc_per_node N -m towers.cli ...``) every
+    process calls this: the towers are wrapped in DDP, each process encodes ``batch_size / N`` rows of every
+    global batch, negatives are gathered from all processes (same loss and gradients as one process over the
+    whole batch), and rank 0 alone logs, evaluates, checkpoints and saves while the others wait.
+
     Returns:
-        The trained model (also saved, with this config in ``twotower.json``).
+        The trained model (also saved, with this config in ``twotower.json``), on every rank.
     """
+    check_launch(config.nproc)
+    device = select_device(config.device)
+    env = init_distributed(config.backend, device, config.dist_timeout)
+    try:
+        return _train(config, env, device)
+    finally:
+        shutdown(env)
+
+
+def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     from transformers import get_linear_schedule_with_warmup
 
-    device, cols = _device(config.device), (config.query_column, config.positive_column, config.negatives_column)
+    cols = (config.query_column, config.positive_column, config.negatives_column)
     amp_dtype = _amp_dtype(config.amp, device)
-    pairs = load_pairs(config.pairs, *cols)
+    pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
     dev = load_pairs(config.dev, *cols) if config.dev else None
     queries, positives = list(pairs["query"]), list(pairs["positive"])
     negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
     fingerprint = pairs_fingerprint(pairs)
-    sampler = NoDuplicatesBatchSampler(conflict_keys(queries, positives), config.batch_size, config.seed)
+    if config.batch_size % env.world_size:
+        raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
+                         f"{env.world_size} processes")
+    sampler = NoDuplicatesBatchSampler(conflict_keys(queries, positives), config.batch_size, config.seed,
+                                       rank=env.rank, world_size=env.world_size)
     if len(sampler) == 0:
         raise ValueError(f"{config.pairs}: {len(queries)} rows make no batch of {config.batch_size} pairs with "
                          "distinct queries and positives; lower --batch-size")
     total = config.max_steps or config.epochs * len(sampler)
-    out = _prepare_out(config)
-    resume_from = ckpt.latest_complete(out / CKPT_DIR) if config.resume else None
-    if config.resume and resume_from is None:
-        warnings.warn(f"--resume: no complete checkpoint in {out / CKPT_DIR}; starting from step 0", stacklevel=2)
-    if resume_from is not None:  # refuse a different run before spending time on building the model
-        _check_resumable(config, json.loads((resume_from / "state.json").read_text()), fingerprint, resume_from)
+    out = Path(config.out)
+    resume_name = run_collectively(lambda: _prepare_run(config, fingerprint), main_only=True)
+    resume_from = out / CKPT_DIR / resume_name if resume_name is not None else None
 
-    _seed_all(config.seed)
+    _seed_all(config.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
     model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
                                config.result_max_length, config.proj_dim)
     model.train_config = config.to_dict()  # also tells a shared tower its result max length
     temp = Temperature(config.temperature, config.learn_temperature)
     model.to(device).train()
     temp.to(device)
+    if env.rank:
+        torch.manual_seed(_rank_seed(config.seed, env.rank))  # independent dropout per rank
     if config.gradient_checkpointing:
         for tower in {model.query_tower, model.result_tower}:
             _enable_checkpointing(tower.encoder)
@@ -284,50 +312,65 @@ def train(config: TrainConfig) -> TwoTower:
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     step = 0
-    losses: list[float] = []  # loss of each step since the last log record (their mean is logged)
-    if resume_from is not None:
-        weights, trainer, state = ckpt.load_checkpoint(resume_from)
-        _load_weights(model, temp, weights)
+    losses: list[float] = []  # global loss of each step since the last log record (their mean is logged)
+    if resume_from is not None:  # every rank reads it (multi-node: --out on a shared filesystem)
+        weights, trainer, state = run_collectively(lambda: ckpt.load_checkpoint(resume_from))
+        ckpt.load_model_weights(model, temp, weights)
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         scaler.load_state_dict(trainer["scaler"])
         sampler.load_state_dict(state["sampler"])
-        ckpt.set_rng_state(trainer["rng"], state["rng"])
         step, losses = int(state["step"]), list(state["loss_window"])
-    log = _Log(out / LOG_NAME, step if resume_from is not None else None)
+        _restore_rng(trainer, state, env, config.seed, step, device)
+    forward: nn.Module = TowerForward(model, amp_dtype)
+    if env.enabled:  # BERT's pooler is computed but unused: DDP must then look for unused parameters
+        probe = features(model, Batch(["probe"], ["probe"], []), device)
+        forward = wrap_ddp(forward, device, find_unused_parameters=bool(unused_parameters(forward, *probe)))
+    log = TrainLog(out / LOG_NAME, step if resume_from is not None else None, enabled=env.is_main)
     saved_step, evaluated_step, recall = (step if resume_from is not None else -1), -1, None
 
     def save_checkpoint() -> None:
-        rng_tensors, rng_plain = ckpt.rng_state()
-        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "rng": rng_tensors}
-        state = {"sampler": sampler.state_dict(), "rng": rng_plain, "config": config.to_dict(),
-                 "data_fingerprint": fingerprint, "loss_window": losses}
-        ckpt.save_checkpoint(out / CKPT_DIR, step, _weights(model, temp), trainer, state)
-        ckpt.prune(out / CKPT_DIR, config.keep_checkpoints)
+        rng = all_gather_object(ckpt.rng_state(device))  # every rank's RNG streams: exact resume per rank
+
+        def write() -> None:
+            trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "scaler": scaler.state_dict(), "rng": rng[0][0]}
+            state = {"sampler": sampler.state_dict(), "rng": rng[0][1], "config": config.to_dict(),
+                     "data_fingerprint": fingerprint, "loss_window": losses}
+            if env.enabled:
+                trainer["rng_ranks"], state["rng_ranks"] = [t for t, _ in rng], [p for _, p in rng]
+            ckpt.save_checkpoint(out / CKPT_DIR, step, ckpt.model_weights(model, temp), trainer, state)
+            ckpt.prune(out / CKPT_DIR, config.keep_checkpoints)
+
+        run_collectively(write, main_only=True)  # the other ranks wait for it
 
     def evaluate() -> float:
         assert dev is not None, "evaluate() needs a dev set"
-        value = dev_recall(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size)
-        log.write({"step": step, "dev_recall@10": value})
-        tqdm.write(f"step {step}: dev recall@10 = {value:.4f}")
-        return value
+
+        def measure() -> float:
+            value = dev_recall(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size)
+            log.write({"step": step, "dev_recall@10": value})
+            tqdm.write(f"step {step}: dev recall@10 = {value:.4f}")
+            return value
+
+        return run_collectively(measure, main_only=True)
 
     if dev is not None and step == 0:
         recall, evaluated_step = evaluate(), 0
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not env.is_main)
     window_start, window_pairs = time.perf_counter(), 0
     while step < total:
-        rows = sampler.next_batch()
-        batch = collate(rows, queries, positives, negatives, sampler.epoch, config.negatives_per_query)
-        q, p, negs = embed(model, batch, device, amp_dtype)  # (B, d), (B, d), (M, d) | None
-        loss = info_nce(q, p, negs, temp(), config.symmetric)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"loss is {loss.item()} at step {step + 1}; lower --lr or use --amp bf16/none")
-        optimizer_step(loss, params, optimizer, scheduler, scaler, config.max_grad_norm)
+        global_rows = sampler.next_global_batch()
+        batch = collate(sampler.shard(global_rows), queries, positives, negatives, sampler.epoch,
+                        config.negatives_per_query, exclude={positives[i] for i in global_rows})
+        loss = global_mean(forward_backward(forward, model, batch, device, temp, config.symmetric, scaler.scale,
+                                            config.cache_chunk_size))
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at step {step + 1}; lower --lr or use --amp bf16/none")
+        optimizer_step(params, optimizer, scheduler, scaler, config.max_grad_norm)
         step += 1
-        losses.append(loss.item())
-        window_pairs += len(rows)
+        losses.append(loss)
+        window_pairs += len(global_rows)
         rate = window_pairs / max(time.perf_counter() - window_start, 1e-9)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", pairs_s=f"{rate:.0f}", refresh=False)
         bar.update()
@@ -346,7 +389,7 @@ def train(config: TrainConfig) -> TwoTower:
     if config.checkpoint_every and saved_step != step:
         save_checkpoint()  # a --resume of a finished run then has nothing left to redo
     model.train_config = {**config.to_dict(), "steps": step, "final_temperature": float(temp().detach()),
-                          "data_fingerprint": fingerprint, "dev_recall@10": recall}
+                          "data_fingerprint": fingerprint, "dev_recall@10": recall, "world_size": env.world_size}
     model.eval()
-    _publish(model, out)
+    run_collectively(lambda: publish_towers(model, out), main_only=True)
     return model
