@@ -1,9 +1,16 @@
-"""``twotower train``: options generated from :class:`towers.config.TrainConfig`."""
+"""``twotower train``: options generated from :class:`towers.config.TrainConfig`.
+
+Also the module torchrun starts: ``torchrun --nproc_per_node N -m towers.cli --pairs ... --out ...`` runs
+``twotower train`` in every process. ``twotower train --nproc N`` launches exactly that on this machine.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,9 @@ from towers.config import TrainConfig
 _EXAMPLE = """example:
   twotower train --pairs train.jsonl --out towers/ --dev dev.jsonl --max-steps 200
   twotower train --pairs train.jsonl --out towers/ --resume       # continue after an interruption
+  twotower train --pairs train.jsonl --out towers/ --nproc 4      # 4 processes (GPUs) on this machine
+  torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+      -m towers.cli --pairs train.jsonl --out /shared/towers     # 2 nodes x 8 GPUs (run on each node)
 
 pairs rows: {"query": ..., "positive": ..., "negatives": [...optional hard negatives]}
 """
@@ -34,15 +44,71 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(TrainConfig, args)
+    if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(config)
     from towers.train import LOG_NAME, train
 
-    config = dataclass_from_args(TrainConfig, args)
     model = train(config)
-    recalls = [r["dev_recall@10"] for r in _read_log(Path(config.out) / LOG_NAME) if "dev_recall@10" in r]
-    summary = f"dev recall@10 {recalls[0]:.4f} -> {recalls[-1]:.4f}; " if recalls else ""
-    print(f"{summary}saved TOWERS dir to {config.out} (fingerprint {model.fingerprint()})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        recalls = [r["dev_recall@10"] for r in _read_log(Path(config.out) / LOG_NAME) if "dev_recall@10" in r]
+        summary = f"dev recall@10 {recalls[0]:.4f} -> {recalls[-1]:.4f}; " if recalls else ""
+        print(f"{summary}saved TOWERS dir to {config.out} (fingerprint {model.fingerprint()})")
     return 0
+
+
+def torchrun_command(config: TrainConfig) -> list[str]:
+    """The single-node torchrun command line that runs ``config`` in ``config.nproc`` processes."""
+    # --nproc itself is not passed on (each process is one of the N), and it must not be: torchrun's parser
+    # would take "--nproc" for an abbreviation of its own --nproc-per-node.
+    child = dataclasses.replace(config, nproc=1)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.nproc}",
+            "-m", "towers.cli", *config_argv(child)]
+
+
+def launch_torchrun(config: TrainConfig) -> int:
+    """Run ``config`` under torchrun on this machine (``--standalone``: a free local rendezvous port); its exit
+    status. Inputs are checked here first so a bad file is one clean error, not N tracebacks."""
+    from towers.checkpoint import RUN_FILES
+    from towers.data import load_pairs
+
+    cols = (config.query_column, config.positive_column, config.negatives_column)
+    for path in (config.pairs, config.dev):
+        if path:
+            load_pairs(path, *cols)
+    out = Path(config.out)
+    if not (config.resume or config.overwrite) and any((out / n).exists() for n in RUN_FILES):
+        raise FileExistsError(f"--out '{out}' already holds a training run; pass --resume to continue it, "
+                              "--overwrite to start over, or choose another --out")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N processes share the CPUs
+    return subprocess.run(torchrun_command(config), env=env, check=False).returncode
+
+
+def config_argv(config: TrainConfig) -> list[str]:
+    """Command-line flags that rebuild ``config`` (inverse of ``add_dataclass_args``; defaults left out)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        if value == f.default and f.name not in ("pairs", "out"):
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m towers.cli [train] --pairs ... --out ...``: ``twotower train`` (the module torchrun runs)."""
+    import twotower_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return twotower_cli.main(argv if argv[:1] == ["train"] else ["train", *argv])
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -253,15 +253,19 @@ def gather_batch(q: torch.Tensor, p: torch.Tensor, negs: torch.Tensor
 def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
     """``DistributedDataParallel(module)`` when running distributed, else ``module`` itself.
 
-    ``broadcast_buffers=False``: the towers' buffers (position ids) are constants, no need to resend them
-    every forward.
+    Buffers are not re-sent every forward: the towers' buffers (position ids) are constants.
     """
     if not _active():
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # torch >= 2.13 renamed the option (and warns on the old name); older releases only know the old one
+    options = inspect.signature(DistributedDataParallel).parameters
+    no_resync = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+                                   find_unused_parameters=find_unused_parameters, **{no_resync: False})
 
 
 def unused_parameters(module: nn.Module, *inputs: Any) -> list[str]:

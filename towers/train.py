@@ -36,8 +36,8 @@ from towers.loss import Temperature, contrastive_loss
 from towers.model import Tower, TwoTower
 from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 
-__all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed", "forward_backward",
-           "optimizer_step", "dev_recall"]
+__all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed",
+           "forward_backward", "optimizer_step", "dev_recall"]
 
 
 @dataclass
