@@ -30,6 +30,7 @@ class _Job:
     nprobe: int | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    enqueued: float  # time.monotonic() when queued: the wait for others counts from here
 
 
 _STOP = object()
@@ -97,7 +98,7 @@ class MicroBatcher:
         k = check_k(k, self.retriever.max_k)
         nprobe = check_nprobe(nprobe)
         loop = asyncio.get_running_loop()
-        job = _Job(queries, k, nprobe, loop, loop.create_future())
+        job = _Job(queries, k, nprobe, loop, loop.create_future(), time.monotonic())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -120,7 +121,9 @@ class MicroBatcher:
         if first is _STOP:
             return None
         batch, n = [first], len(first.queries)
-        deadline = time.monotonic() + self.max_wait
+        # Counted from the first job's arrival: a job that already waited through a running batch goes
+        # out with whatever has queued meanwhile, without a further wait.
+        deadline = first.enqueued + self.max_wait
         while n < self.max_batch:
             remaining = deadline - time.monotonic()
             try:

@@ -23,6 +23,8 @@ class SearchConfig:
     json: bool = field(False, "print one JSON line per query instead of the readable listing")
     queries_file: str | None = field(None, "read queries from FILE, one per line ('-' = stdin)")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
+    precision: str = field("fp32", "query encoding precision: fp32, or bf16/fp16 autocast (faster on hardware "
+                                   "with bf16/fp16 units)", choices=["fp32", "bf16", "fp16"])
     batch_size: int = field(64, "queries encoded per forward pass")
 
 
@@ -35,6 +37,9 @@ class ServeConfig:
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
     port: int = field(8000, "TCP port")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
+    precision: str = field("fp32", "query encoding precision: fp32, or bf16/fp16 autocast (faster on hardware "
+                                   "with bf16/fp16 units)", choices=["fp32", "bf16", "fp16"])
+    threads: int = field(0, "torch threads for query encoding (0 = torch's default, one per core)")
     max_batch: int = field(64, "most queries merged into one encode + search")
     max_wait_ms: float = field(2.0, "longest a request waits for others to join its batch (ms)")
     max_queue: int = field(1024, "most requests waiting for the batcher; beyond it: 503")

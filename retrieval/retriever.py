@@ -18,6 +18,7 @@ from retrieval.config import DEFAULT_MAX_K
 from retrieval.doctable import DocTable
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")  # query encoding: full precision, or torch.autocast to bf16/fp16
 
 
 @dataclass
@@ -46,6 +47,16 @@ def resolve_device(device: str) -> str:
     if device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
         return device
     raise ValueError(f"unknown device '{device}': choose {', '.join(DEVICES)} or cuda:N")
+
+
+def amp_dtype(precision: str) -> Any:
+    """``fp32`` -> None (no autocast); ``bf16``/``fp16`` -> the torch dtype to autocast to."""
+    import torch
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
+    return dtypes[precision]
 
 
 def check_k(k: Any, max_k: int) -> int:
@@ -88,10 +99,11 @@ class Retriever:
         towers_meta: the TOWERS dir's ``twotower.json`` (reported by ``info``).
         max_k: the cap on ``k``.
         batch_size: encode batch size for long query lists.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast for the query tower (see ``amp_dtype``).
     """
 
     def __init__(self, index: Any, tower: Any, towers_meta: dict[str, Any] | None = None,
-                 max_k: int = DEFAULT_MAX_K, batch_size: int = 64) -> None:
+                 max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> None:
         if tower.dim != index.dim:
             raise ValueError(f"query tower dim {tower.dim} != index dim {index.dim}: "
                              "the towers and the index belong to different models")
@@ -100,16 +112,18 @@ class Retriever:
         self.towers_meta = towers_meta or {}
         self.max_k = max_k
         self.batch_size = batch_size
+        self.precision = precision
+        self._amp_dtype = amp_dtype(precision)
         self.docs = DocTable(index.docs)
         # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
         # shared mutable state is the fast tokenizer's Rust-side truncation setting, which a concurrent
         # change could hit ("Already borrowed"); this tower's tokenizer is private to the retriever and
         # always called with the same settings, and this warm-up call sets them before any thread runs.
-        self.tower.encode(["warm-up"], batch_size=1)
+        self.encode(["warm-up"])
 
     @classmethod
     def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
-             max_k: int = DEFAULT_MAX_K, batch_size: int = 64) -> Retriever:
+             max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> Retriever:
         """Load an INDEX dir and the query tower of its TOWERS dir.
 
         Args:
@@ -118,6 +132,8 @@ class Retriever:
             device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (query tower and, where supported, the index).
             max_k: the cap on ``k``.
             batch_size: encode batch size.
+            precision: ``fp32``; ``bf16`` encodes several times faster on CPUs with AVX512-BF16/AMX and on
+                GPUs (cosine error ~2e-5 vs fp32); ``fp16`` for GPUs without bf16.
 
         Raises:
             ValueError: the towers' fingerprint differs from the index's (vectors from another model),
@@ -126,6 +142,7 @@ class Retriever:
         from index.load import load_index
         from towers.model import Tower, read_towers_meta
 
+        amp_dtype(precision)  # a bad name fails before the load
         tower_device = resolve_device(device)
         # The index picks its own GPU path under "auto" (faiss-gpu, torch exact search, or the CPU index).
         index = load_index(index_dir, device="auto" if device == "auto" else tower_device.split(":")[0])
@@ -143,7 +160,7 @@ class Retriever:
         # Only the query tower: the result tower is what built the index and is not needed here.
         tower = Tower.load(towers_dir / "query_tower").to(tower_device)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
-                   batch_size=batch_size)
+                   batch_size=batch_size, precision=precision)
 
     # ---- properties -------------------------------------------------------------------------------
     @property
@@ -157,12 +174,13 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         """Index manifest + towers meta (no weights): what ``GET /info`` returns."""
         return {"index": self.index.manifest, "towers": self.towers_meta, "max_k": self.max_k,
-                "device": str(self.tower.device), "ntotal": self.ntotal, "dim": self.dim}
+                "device": str(self.tower.device), "precision": self.precision, "ntotal": self.ntotal,
+                "dim": self.dim}
 
     # ---- query time -------------------------------------------------------------------------------
     def encode(self, queries: str | Sequence[str]) -> np.ndarray:
         """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
-        return self.tower.encode(check_queries(queries), batch_size=self.batch_size)
+        return self.tower.encode(check_queries(queries), batch_size=self.batch_size, amp_dtype=self._amp_dtype)
 
     def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
         """Top-``k`` hits per query (one encode + one faiss search for all of them).

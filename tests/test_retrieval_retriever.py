@@ -181,6 +181,17 @@ def test_ivf_nprobe_passes_through(_tiny_models, tmp_path, retriever) -> None:
         ivf.search("x", k=3, nprobe=0)
 
 
+def test_bf16_precision_close_to_fp32(built, retriever) -> None:
+    from retrieval.retriever import Retriever
+
+    _, index_dir = built
+    with pytest.raises(ValueError, match="unknown precision 'int4': choose fp32, bf16, fp16"):
+        Retriever.load(index_dir, device="cpu", precision="int4")
+    fast = Retriever(retriever.index, retriever.tower, precision="bf16")
+    np.testing.assert_allclose(fast.encode(QUERIES), retriever.encode(QUERIES), atol=2e-2)
+    assert fast.info()["precision"] == "bf16"
+
+
 def test_doctable_chunked_take_equals_combined() -> None:
     import datasets
 
