@@ -59,17 +59,17 @@ class TowerEncoder:
 
         if side not in ("result", "query"):
             raise ValueError(f"unknown tower side '{side}': choose result, query")
-        if device not in DEVICES:
-            raise ValueError(f"unknown device '{device}': choose {', '.join(DEVICES)}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+        if device not in DEVICES and not device.startswith("cuda:"):
+            raise ValueError(f"unknown device '{device}': choose {', '.join(DEVICES)} or cuda:N")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device '{device}' requested but torch sees no CUDA GPU; use --device cpu or auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = two_tower.to(device)
         self.side = side
         self.dim = int(two_tower.result_tower.dim)
         self.amp_dtype = None
-        if device == "cuda":
+        if device.startswith("cuda"):
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self._fingerprint = two_tower.fingerprint()  # hashing the weights once, not per chunk
 

@@ -11,7 +11,8 @@ atomically, the completion record last::
 A rerun re-reads the corpus, and for every chunk whose record exists with the same digest it skips the
 encoder, so an interrupted build resumes from the last finished chunk; a chunk whose docs changed is
 re-encoded. ``state.json`` pins the encoder fingerprint, dim, chunk size and dtype: a work dir written with
-different ones is cleared (with a message) rather than mixed in.
+different ones is cleared (with a message) rather than mixed in. Only encoders with a ``fingerprint()``
+(towers, via ``index.build.result_encoder``) resume; for others old chunks cannot be attributed to a model.
 """
 from __future__ import annotations
 
@@ -105,8 +106,9 @@ def encode_corpus(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     work = Path(work_dir)
     dim = int(encoder.dim)
-    _prepare_work_dir(work, {"version": WORK_VERSION, "encoder": encoder_fingerprint(encoder) or encoder_name(encoder),
-                             "dim": dim, "chunk_size": chunk_size, "dtype": dtype})
+    fingerprint = encoder_fingerprint(encoder)
+    _prepare_work_dir(work, {"version": WORK_VERSION, "encoder": fingerprint or encoder_name(encoder), "dim": dim,
+                             "chunk_size": chunk_size, "dtype": dtype}, resumable=fingerprint is not None)
     n, n_chunks, resumed, norms_ok = 0, 0, 0, True
     buf: list[Doc] = []
     with tqdm(total=total, desc="encode", unit="doc", disable=not show_progress, smoothing=0.05) as bar:
@@ -133,13 +135,16 @@ def encode_corpus(
     return EncodedCorpus(work, n, dim, n_chunks, norms_ok)
 
 
-def _prepare_work_dir(work: Path, state: dict[str, Any]) -> None:
+def _prepare_work_dir(work: Path, state: dict[str, Any], resumable: bool) -> None:
+    """Keep a work dir written under the same ``state``; otherwise clear it (saying why)."""
     state_path = work / "state.json"
     if state_path.exists():
         old = json.loads(state_path.read_text())
-        if old == state:
+        if old == state and resumable:
             return
-        print(f"encode: work dir '{work}' was written with {old}; starting over with {state}", file=sys.stderr)
+        why = f"was written with {old}, now {state}" if old != state else \
+            f"cannot be trusted: encoder {state['encoder']} has no fingerprint() to tell its vectors apart"
+        print(f"encode: work dir '{work}' {why}; starting over", file=sys.stderr)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_path, state)

@@ -253,3 +253,23 @@ def test_crash_while_writing_the_index_dir_keeps_previous(tmp_path, monkeypatch)
         build_index(TableEncoder(xb), rows(60), out, IndexBuildConfig(overwrite=True, **CFG))
     assert load_index(out, "cpu").ntotal == 50
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.tmp")] == []
+
+
+def test_encoder_without_fingerprint_never_resumes(tmp_path, capsys):
+    from index.encode import encode_corpus
+
+    class Plain:  # the bare Encoder protocol: no fingerprint()
+        dim = 8
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def encode(self, texts, batch_size=64, show_progress=False):
+            self.calls += len(texts)
+            return clustered_vectors(len(texts), 8)
+
+    work = tmp_path / "work"
+    encode_corpus(Plain(), rows(30), work, chunk_size=10, show_progress=False)
+    again = Plain()
+    enc = encode_corpus(again, rows(30), work, chunk_size=10, show_progress=False)
+    assert again.calls == 30 and enc.n == 30 and "has no fingerprint() to tell its vectors apart" in capsys.readouterr().err
