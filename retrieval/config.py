@@ -46,5 +46,12 @@ class ServeConfig:
     max_queries: int = field(64, "most queries in one request")
     max_query_chars: int = field(2048, "longest query in characters (the tower truncates tokens anyway)")
     max_k: int = field(DEFAULT_MAX_K, "the cap on k")
+    max_body_bytes: int = field(0, "largest request body in bytes, beyond it 413 (0 = room for max_queries "
+                                   "queries of max_query_chars characters, JSON-escaped)")
     access_log: bool = field(False, "log every request (costs throughput)")
     log_level: str = field("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+
+    def body_limit(self) -> int:
+        """``max_body_bytes``, or when 0 the worst case of a valid request (every char a 12-byte surrogate pair
+        escape)."""
+        return self.max_body_bytes or self.max_queries * (12 * self.max_query_chars + 8) + 4096

@@ -87,7 +87,20 @@ def check_queries(queries: str | Sequence[str]) -> list[str]:
             raise ValueError(f"query {i} must be a str, got {type(q).__name__}")
         if not q.strip():
             raise ValueError(f"query {i} is empty")
+        if not is_encodable(q):
+            raise ValueError(f"query {i} is not valid text: it holds a lone UTF-16 surrogate")
     return list(queries)
+
+
+def is_encodable(text: str) -> bool:
+    """False for strings with lone surrogates (e.g. JSON ``"\\ud800"``), which the tokenizer cannot take."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Retriever:

@@ -3,7 +3,8 @@
 The index and query tower are loaded once (before ``uvicorn`` starts, or in the app's lifespan);
 concurrent requests are merged by ``retrieval.batcher.MicroBatcher`` into one encode + search in a worker
 thread, so the event loop never blocks. Every input limit answers 422 with ``detail`` (FastAPI's list of
-``{loc, msg, type}``) and ``error`` (one readable line naming the field); a full queue answers 503.
+``{loc, msg, type}``) and ``error`` (one readable line naming the field); an oversized body 413, a body of
+unknown length 411, a full queue 503.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from retrieval.batcher import MicroBatcher, Overloaded
 from retrieval.config import ServeConfig
-from retrieval.retriever import Hit, Retriever
+from retrieval.retriever import Hit, Retriever, is_encodable
 
 
 class SearchRequest(BaseModel):
@@ -60,6 +61,8 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
     for i, q in enumerate(req.queries):
         if not q.strip():
             return err(("queries", i), f"query {i} is empty")
+        if not is_encodable(q):
+            return err(("queries", i), f"query {i} is not valid text: it holds a lone UTF-16 surrogate")
         if len(q) > config.max_query_chars:
             return err(("queries", i), f"query {i} is too long: {len(q)} chars > max_query_chars "
                                        f"{config.max_query_chars}")
@@ -68,6 +71,31 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
     if req.nprobe is not None and req.nprobe < 1:
         return err(("nprobe",), f"nprobe must be >= 1, got {req.nprobe}")
     return []
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a POST body before it is read when it is too large (413) or of unknown
+    length (411), so a huge request cannot make the server parse and hold it."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            response = None
+            if length is None:
+                response = _error_response(411, [{"loc": ["header", "content-length"], "type": "length_required",
+                                                  "msg": "send a Content-Length header (chunked bodies are refused)"}])
+            elif not length.isdigit() or int(length) > self.max_bytes:
+                response = _error_response(413, [{"loc": ["body"], "type": "too_large",
+                                                  "msg": f"request body of {length.decode(errors='replace')} bytes "
+                                                         f"is over max_body_bytes {self.max_bytes}"}])
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _error_response(status: int, detail: list[dict[str, Any]]) -> JSONResponse:
@@ -97,6 +125,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
 
     app = FastAPI(title="twotower", summary="Two-tower dense retrieval: query tower + FAISS index.",
                   lifespan=lifespan)
+
+    app.add_middleware(BodyLimit, max_bytes=config.body_limit())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -140,6 +140,7 @@ BAD_REQUESTS = [
     (["ok"], "body", "valid dictionary"),
     (b'{"queries": ["unterminated', "body", "JSON decode error"),
     (b"", "body", "Field required"),
+    (b'{"queries": ["ok", "\\ud800 lone surrogate"]}', "queries.1", "lone UTF-16 surrogate"),
 ]
 
 
@@ -158,6 +159,15 @@ def test_error_table(client, body, field, message) -> None:
     # The server is still up and answers a valid request right after.
     ok = client.post("/search", json={"queries": ["sort a list"], "k": 2})
     assert ok.status_code == 200 and len(ok.json()["results"][0]) == 2
+
+
+def test_oversized_and_unknown_length_bodies_refused_unread(client) -> None:
+    big = json.dumps({"queries": ["x" * 9000]}).encode()  # over 4 * (12 * 50 + 8) + 4096 bytes
+    r = client.post("/search", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over max_body_bytes 6528" in r.json()["error"]
+    r = client.post("/search", content=iter([b'{"queries": ["ok"]}']), headers={"content-type": "application/json"})
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+    assert client.post("/search", json={"queries": ["sort a list"], "k": 2}).status_code == 200
 
 
 def test_overloaded_queue_answers_503(retriever) -> None:

@@ -109,7 +109,8 @@ def test_k_validation_names_value_and_cap(retriever, k, match) -> None:
 
 
 @pytest.mark.parametrize("queries, match", [([""], "query 0 is empty"), (["ok", "  "], "query 1 is empty"),
-                                            (["ok", 3], "query 1 must be a str")])
+                                            (["ok", 3], "query 1 must be a str"),
+                                            (["ok", "\ud800x"], "query 1 .*lone UTF-16 surrogate")])
 def test_bad_queries_rejected(retriever, queries, match) -> None:
     with pytest.raises(ValueError, match=match):
         retriever.search(queries, k=3)
