@@ -238,42 +238,94 @@ def start_server(index_dir: Path, towers: Path, args: argparse.Namespace) -> tup
     raise RuntimeError("server did not answer /health within 180 s")
 
 
-async def drive(url: str, queries: list[str], concurrency: int, requests: int, max_seconds: float, k: int
-                ) -> dict[str, Any]:
+class RawClient:
+    """One keep-alive HTTP/1.1 connection with a minimal request writer and response reader.
+
+    The load generator shares the machine's cores with the server; httpx costs ~1 ms of CPU per request,
+    this a few tens of microseconds, so the figures measure the server rather than the client.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+
+    async def __aenter__(self) -> RawClient:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.writer.close()
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), None)
+        if length is None:
+            raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+        return status, await self.reader.readexactly(length)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """user + system CPU time of process ``pid`` (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(url: str, server_pid: int, queries: list[str], concurrency: int, requests: int,
+                max_seconds: float, k: int) -> dict[str, Any]:
     """C clients, each sending one-query requests back to back, until `requests` or `max_seconds`."""
     import httpx
 
+    host, port = url.removeprefix("http://").split(":")
+    bodies = [json.dumps({"queries": [q], "k": k}).encode() for q in queries]
     latencies: list[float] = []
     errors = 0
     sent = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        for q in queries[:concurrency]:  # warm-up: open connections
-            await client.post("/search", json={"queries": [q], "k": k})
-        before = (await client.get("/health")).json()
-        t_end = time.perf_counter() + max_seconds
+    t_end = 0.0
 
-        async def worker(w: int) -> None:
-            nonlocal sent, errors
-            i = w
-            while sent < requests and time.perf_counter() < t_end:
-                sent += 1
-                t0 = time.perf_counter()
-                r = await client.post("/search", json={"queries": [queries[i % len(queries)]], "k": k})
-                latencies.append(time.perf_counter() - t0)
-                errors += r.status_code != 200
-                i += concurrency
+    async def worker(w: int, client: RawClient) -> None:
+        nonlocal sent, errors
+        i = w
+        while sent < requests and time.perf_counter() < t_end:
+            sent += 1
+            t0 = time.perf_counter()
+            status, _ = await client.post("/search", bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+            i += concurrency
 
+    clients = [RawClient(host, int(port)) for _ in range(concurrency)]
+    for c in clients:
+        await c.__aenter__()
+    try:
+        for c, body in zip(clients, bodies):  # warm-up: one request per connection
+            await c.post("/search", body)
+        before = httpx.get(f"{url}/health").json()
+        cpu_server, cpu_client = process_cpu_seconds(server_pid), time.process_time()
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        t_end = t0 + max_seconds
+        await asyncio.gather(*(worker(w, c) for w, c in enumerate(clients)))
         wall = time.perf_counter() - t0
-        after = (await client.get("/health")).json()
+        cpu_client = time.process_time() - cpu_client
+        cpu_server_end = process_cpu_seconds(server_pid)
+        after = httpx.get(f"{url}/health").json()
+    finally:
+        for c in clients:
+            await c.__aexit__()
     lat = np.asarray(latencies) * 1e3
     batches = after["batches"] - before["batches"]
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "seconds": round(wall, 2),
-            "qps": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
+    n = len(lat)
+    return {"concurrency": concurrency, "requests": n, "errors": errors, "seconds": round(wall, 2),
+            "qps": round(n / wall, 1), "p50_ms": round(float(np.percentile(lat, 50)), 2),
             "p95_ms": round(float(np.percentile(lat, 95)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "mean_batch": round((after["queries"] - before["queries"]) / batches, 2) if batches else 0.0}
+            "mean_batch": round((after["queries"] - before["queries"]) / batches, 2) if batches else 0.0,
+            "server_cpu_ms_per_req": round((cpu_server_end - cpu_server) / n * 1e3, 2) if cpu_server else None,
+            "client_cpu_ms_per_req": round(cpu_client / n * 1e3, 3)}
 
 
 def main() -> None:
@@ -322,13 +374,14 @@ def main() -> None:
     proc, url = start_server(index_dir, towers, args)
     try:
         record["levels"] = []
-        heads = ("clients", "requests", "QPS", "p50 ms", "p95 ms", "p99 ms", "batch", "errors")
-        print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (7, 8, 8, 8, 8, 8, 6, 6))))
+        heads = ("clients", "requests", "QPS", "p50 ms", "p95 ms", "p99 ms", "batch", "errors", "srv cpu ms/req")
+        print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (7, 8, 8, 8, 8, 8, 6, 6, 14))))
         for c in args.concurrency:
-            row = asyncio.run(drive(url, queries, c, args.requests, args.max_seconds, args.k))
+            row = asyncio.run(drive(url, proc.pid, queries, c, args.requests, args.max_seconds, args.k))
             record["levels"].append(row)
             print(f"{c:>7} {row['requests']:>8} {row['qps']:>8.1f} {row['p50_ms']:>8.2f} {row['p95_ms']:>8.2f} "
-                  f"{row['p99_ms']:>8.2f} {row['mean_batch']:>6.2f} {row['errors']:>6}", flush=True)
+                  f"{row['p99_ms']:>8.2f} {row['mean_batch']:>6.2f} {row['errors']:>6} "
+                  f"{row['server_cpu_ms_per_req'] or 0:>14.2f}", flush=True)
     finally:
         proc.terminate()
         try:
