@@ -6,7 +6,7 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.factory import EXACT_MAX, auto_factory, choose_nlist, parse_memory  # noqa: E402
+from index.factory import EXACT_MAX, auto_factory, choose_nlist, default_nprobe, parse_memory  # noqa: E402
 from index.faiss_utils import build_faiss, search, search_defaults  # noqa: E402
 from index.synthetic import ann_recall, brute_force, clustered_vectors  # noqa: E402
 from index.torch_search import TorchFlatSearcher  # noqa: E402
@@ -107,6 +107,7 @@ def test_auto_factory_choices():
     assert auto_factory(1_000_000, d, parse_memory("200MB")).factory == "IVF4096,PQ64"
     assert auto_factory(1_000_000, d, parse_memory("40MB")).factory == "IVF4096,PQ24"
     assert 3 <= np.log2(choose_nlist(10_000)) and choose_nlist(10_000) <= 10_000 // 39
+    assert [default_nprobe(n) for n in (4, 64, 1024, 4096, 65536)] == [4, 8, 16, 64, 256]
 
 
 def test_memory_budget_too_small():
