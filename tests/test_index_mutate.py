@@ -105,3 +105,27 @@ def test_cli_remove_and_info(tmp_path, capsys):
     assert main(["index", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "n_live" in text and " 7" in text and "Flat" in text
+
+
+def test_cli_add_uses_the_towers_recorded_in_the_manifest(tiny_bert_dir, tmp_path, capsys):
+    import json
+
+    from towers.model import TwoTower
+    from twotower_cli import main
+
+    towers = tmp_path / "towers"
+    TwoTower.from_base(str(tiny_bert_dir)).save(towers)
+    for name, ids in (("a.jsonl", range(10)), ("b.jsonl", range(10, 15))):
+        (tmp_path / name).write_text("".join(json.dumps({"_id": f"d{i}", "text": f"text {i}"}) + "\n" for i in ids))
+    out = tmp_path / "idx"
+    assert main(["index", "build", "--towers", str(towers), "--corpus", str(tmp_path / "a.jsonl"), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert main(["index", "add", str(out), "--corpus", str(tmp_path / "b.jsonl"), "--no-progress"]) == 0
+    assert "added 5 docs" in capsys.readouterr().out
+    index = load_index(out, "cpu")
+    assert index.ntotal == 15 and index.docs["id"][-1] == "d14"
+    model = TwoTower.load(towers)
+    np.testing.assert_allclose(index.cpu_index.reconstruct_n(10, 5), model.encode_results([f"text {i}" for i in
+                                                                                          range(10, 15)]), atol=1e-5)
+    assert main(["index", "add", str(out), "--corpus", str(tmp_path / "b.jsonl"), "--no-progress"]) == 2
+    assert "already in index" in capsys.readouterr().err
