@@ -17,9 +17,9 @@ class SearchConfig:
     """``twotower search`` options."""
 
     index: str = field("", "INDEX dir (output of `twotower index build`)")
-    towers: str | None = field(None, "TOWERS dir; default: the one recorded in the index manifest")
+    towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
     k: int = field(10, "hits per query", flag="-k")
-    nprobe: int | None = field(None, "IVF lists to visit (default: the index's)")
+    nprobe: int | None = field(None, "IVF lists to visit (None: the index's own setting)")
     json: bool = field(False, "print one JSON line per query instead of the readable listing")
     queries_file: str | None = field(None, "read queries from FILE, one per line ('-' = stdin)")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
@@ -33,7 +33,7 @@ class ServeConfig:
     """``twotower serve`` options: where to listen, the micro-batcher, and the request limits."""
 
     index: str = field("", "INDEX dir (output of `twotower index build`)")
-    towers: str | None = field(None, "TOWERS dir; default: the one recorded in the index manifest")
+    towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
     port: int = field(8000, "TCP port")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
