@@ -73,6 +73,7 @@ def _dev_subset(dev: Path, n: int | None, out: Path) -> Path:
 
 def _train_towers(cfg: Any, out: Path) -> str:
     """Train unless ``out`` holds towers trained with the same settings; returns what happened."""
+    from towers import checkpoint as ckpt
     from towers.model import read_towers_meta
     from towers.train import train
 
@@ -82,8 +83,15 @@ def _train_towers(cfg: Any, out: Path) -> str:
             return "cached"
         print("demo: towers settings changed, retraining:\n  " + "\n  ".join(mismatches), file=sys.stderr)
         cfg = dataclasses.replace(cfg, overwrite=True)
-    elif (out / "checkpoints").exists():
-        cfg = dataclasses.replace(cfg, resume=True)  # an interrupted demo picks up where it stopped
+    elif out.is_dir() and any(out.iterdir()):
+        latest = ckpt.latest_complete(out / "checkpoints")
+        saved = json.loads((latest / "state.json").read_text())["config"] if latest else None
+        if saved is not None and not cfg.resume_mismatches(saved):
+            cfg = dataclasses.replace(cfg, resume=True)  # an interrupted demo picks up where it stopped
+        else:
+            why = "settings changed" if saved is not None else "no complete checkpoint"
+            print(f"demo: {out} holds an unfinished run ({why}); starting over", file=sys.stderr)
+            cfg = dataclasses.replace(cfg, overwrite=True)
     train(cfg)
     return "resumed" if cfg.resume else "trained"
 
@@ -119,10 +127,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     steps: dict[str, dict[str, Any]] = {}
     t_all = time.perf_counter()
 
-    def step(name: str, fn: Any, *args: Any) -> Any:
+    def step(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         print(f"demo [{name}] ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         steps[name] = {"seconds": round(time.perf_counter() - t0, 1),
                        "status": result if isinstance(result, str) else "done"}
         print(f"demo [{name}] {steps[name]['status']} in {steps[name]['seconds']} s", file=sys.stderr, flush=True)
