@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -96,3 +97,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- a tiny TOWERS + INDEX pair (retrieval and reliability tests) --------------------------------------
+WORDS = ("sort list file open read write parse json http server client socket thread lock queue "
+         "matrix vector tensor graph tree node edge path string bytes encode decode hash cache").split()
+
+
+def make_corpus(n: int = 60, seed: int = 0) -> list[dict]:
+    """Short distinct docs; every third has a title, every doc an extra field that lands in metadata."""
+    rng = np.random.default_rng(seed)
+    corpus = []
+    for i in range(n):
+        words = " ".join(rng.choice(WORDS, size=int(rng.integers(4, 10))))
+        corpus.append({"_id": f"doc-{i}", "title": f"Title {i}" if i % 3 == 0 else "",
+                       "text": f"{words} number {i}\nsecond line {i}", "source": f"src-{i % 4}"})
+    return corpus
+
+
+QUERIES = ["sort a list", "open a json file", "thread lock queue", "hash the bytes", "graph tree path"]
+
+
+def build_tiny_index(root: Path, base: Path, n_docs: int = 60, factory: str = "Flat") -> tuple[Path, Path]:
+    """A TOWERS dir (tiny random BERT, separate towers) and an INDEX dir built from ``make_corpus``."""
+    from index.build import IndexBuildConfig, build_index, result_encoder
+    from towers.model import TwoTower
+
+    towers = root / "towers"
+    TwoTower.from_base(str(base), shared=False, query_max_length=32, result_max_length=64).save(towers)
+    model = TwoTower.load(towers)
+    index_dir = build_index(result_encoder(model), make_corpus(n_docs), root / "index",
+                            IndexBuildConfig(factory=factory), towers_dir=towers)
+    return towers, Path(index_dir)

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from tests.test_retrieval_retriever import QUERIES, build_tiny_index
+from tests.conftest import QUERIES, build_tiny_index
 
 
 @pytest.fixture(scope="module")

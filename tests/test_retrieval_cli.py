@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import twotower_cli
-from tests.test_retrieval_retriever import QUERIES, build_tiny_index, make_corpus
+from tests.conftest import QUERIES, build_tiny_index, make_corpus
 
 
 @pytest.fixture(scope="module")

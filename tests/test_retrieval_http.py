@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.test_retrieval_retriever import QUERIES, build_tiny_index
+from tests.conftest import QUERIES, build_tiny_index
 
 httpx = pytest.importorskip("httpx")
 
