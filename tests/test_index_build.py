@@ -273,3 +273,34 @@ def test_encoder_without_fingerprint_never_resumes(tmp_path, capsys):
     again = Plain()
     enc = encode_corpus(again, rows(30), work, chunk_size=10, show_progress=False)
     assert again.calls == 30 and enc.n == 30 and "has no fingerprint() to tell its vectors apart" in capsys.readouterr().err
+
+
+def test_concurrent_searches_with_different_params_match_serial(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    xb = clustered_vectors(4000, 16, seed=6)
+    index = load_index(build_index(TableEncoder(xb), rows(4000), tmp_path / "idx",
+                                   IndexBuildConfig(factory="IVF64,Flat", **CFG)), "cpu")
+    jobs = [(xb[i * 10 : i * 10 + 10], 1 + i % 8) for i in range(32)]
+    serial = [index.search(xq, 5, nprobe=p) for xq, p in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(lambda job: index.search(job[0], 5, nprobe=job[1]), jobs))
+    for (d0, i0), (d1, i1) in zip(serial, parallel):
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_array_equal(d0, d1)
+
+
+@pytest.mark.gpu
+def test_gpu_load_matches_cpu(tmp_path):
+    xb = clustered_vectors(5000, 32, seed=7)
+    out = build_index(TableEncoder(xb), rows(5000), tmp_path / "idx", IndexBuildConfig(**CFG))
+    from index.mutate import remove_docs
+
+    remove_docs(out, ["d1", "d2"])
+    cpu, gpu = load_index(out, "cpu"), load_index(out, "cuda")
+    assert gpu.device in ("faiss-gpu", "torch-cuda")
+    D0, I0 = cpu.search(xb[:50], 10)
+    D1, I1 = gpu.search(xb[:50], 10)
+    np.testing.assert_array_equal(I0, I1)
+    np.testing.assert_allclose(D0, D1, atol=1e-4)
+    assert not np.isin(I1, [1, 2]).any()
