@@ -65,13 +65,17 @@ def count_rows(corpus: Corpus, split: str = "train") -> int | None:
 def iter_docs(corpus: Corpus, split: str = "train") -> Iterator[Doc]:
     """Yield validated :class:`Doc` rows in corpus order; raises ValueError on the first bad row.
 
-    Duplicate ids are caught with a set of 8-byte id hashes (~70 bytes per doc); a hash hit is confirmed
-    by re-reading the corpus, so a hash collision never reports a false duplicate.
+    Duplicate ids in files are caught with a set of 8-byte id hashes (~70 bytes per doc); a hash hit is
+    confirmed by re-reading the file, so a hash collision never reports a false duplicate. In-memory rows
+    (which may be a one-shot iterator) are checked against a set of the ids themselves.
     """
-    seen: set[int] = set()
+    rereadable = isinstance(corpus, (str, Path))
+    seen: set[int | str] = set()
     for loc, row in _iter_raw(corpus, split):
         doc = _validate(row, corpus, loc)
-        h = _id_hash(doc.id)
+        h = _id_hash(doc.id) if rereadable else doc.id
+        if h in seen and not rereadable:
+            raise ValueError(f"{_where(corpus, loc)}: duplicate id '{doc.id}'")
         if h in seen:
             first = _first_location(corpus, split, doc.id, loc)
             if first is not None:

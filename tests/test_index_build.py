@@ -304,3 +304,10 @@ def test_gpu_load_matches_cpu(tmp_path):
     np.testing.assert_array_equal(I0, I1)
     np.testing.assert_allclose(D0, D1, atol=1e-4)
     assert not np.isin(I1, [1, 2]).any()
+
+
+def test_duplicate_ids_in_rows_and_in_a_generator():
+    dup = [{"_id": "a", "text": "x"}, {"_id": "b", "text": "y"}, {"_id": "a", "text": "z"}]
+    for corpus in (dup, (r for r in dup)):
+        with pytest.raises(ValueError, match="row 2: duplicate id 'a'"):
+            list(iter_docs(corpus))
