@@ -97,8 +97,9 @@ def _looks_like_path(source: str) -> bool:
 def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
     columns: dict[str, list[Any]] = {"query": [], "positive": [], "negatives": []}
     has_negatives: bool | None = None
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:  # bytes, decoded line by line: a bad byte is reported with its line
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode_line(raw, path, lineno)
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline pair) carry no row
             try:
@@ -129,12 +130,26 @@ def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=features)
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") \
+            from None
+
+
 def _load_csv(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
-    with path.open(encoding="utf-8", newline="") as fh:
-        header = next(csv.reader(fh), None)
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            header, first = next(reader, None), next(reader, None)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a block)") from None
     if not header:
         raise ValueError(f"{path}: zero rows (empty CSV file, not even a header)")
     _check_columns(header, wanted, str(path))
+    if first is not None and len(first) != len(header):  # pandas would silently take extra fields as an index
+        raise ValueError(f"{path}: row 1 has {len(first)} fields but the header has {len(header)}")
     if wanted["negatives"] in header:
         raise ValueError(f"{path}: column '{wanted['negatives']}' cannot hold a list of negatives in CSV; "
                          "use a JSONL or Parquet file for hard negatives")
@@ -146,6 +161,8 @@ def _load_csv(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
         if "corresponds to no data" in str(exc):
             raise ValueError(f"{path}: zero rows (only a header)") from None
         raise ValueError(f"{path}: cannot read CSV: {exc}") from exc
+    except datasets.exceptions.DatasetGenerationError as exc:  # bad bytes, unbalanced quotes, ragged rows
+        raise ValueError(f"{path}: cannot read CSV: {str(exc.__cause__ or exc).strip()}") from exc
     return _select(ds, wanted, str(path))
 
 
@@ -203,11 +220,24 @@ def _check_row(row: dict[str, Any], where: str, wanted: dict[str, str]) -> None:
                              f"{type(value).__name__} {value!r:.60}")
         if not value.strip():
             raise ValueError(f"{where}: column '{wanted[name]}' is empty")
+        _check_encodable(value, where, wanted[name])
     if "negatives" in row:
         negs = row["negatives"]
         if not isinstance(negs, list) or not all(isinstance(n, str) and n.strip() for n in negs):
             raise ValueError(f"{where}: column '{wanted['negatives']}' must be a list of non-empty strings, "
                              f"got {negs!r:.80}")
+        for n in negs:
+            _check_encodable(n, where, wanted["negatives"])
+
+
+def _check_encodable(text: str, where: str, column: str) -> None:
+    """JSON may spell lone UTF-16 surrogates (``"\\ud800"``); Arrow and the tokenizers cannot take them."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{where}: column '{column}' is not valid text: lone UTF-16 surrogate "
+                             f"{text[exc.start]!r} at character {exc.start}") from None
 
 
 def _validate(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -> None:

@@ -215,6 +215,16 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
                          "--out:\n  " + "\n  ".join(problems))
 
 
+def _check_model_options(config: TrainConfig) -> None:
+    """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
+    from towers.bases import resolve_base
+    from towers.model import check_pooling
+
+    resolve_base(config.base)
+    if config.pooling is not None:
+        check_pooling(config.pooling)
+
+
 def _prepare_run(config: TrainConfig, fingerprint: str) -> str | None:
     """(Rank 0 only.) Make ``--out`` ready and pick the checkpoint to resume from: its dir name, or None."""
     out = prepare_out(config.out, config.resume, config.overwrite)
@@ -291,6 +301,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
                          "distinct queries and positives; lower --batch-size")
     total = config.max_steps or config.epochs * len(sampler)
     out = Path(config.out)
+    _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
     resume_name = run_collectively(lambda: _prepare_run(config, fingerprint), main_only=True)
     resume_from = out / CKPT_DIR / resume_name if resume_name is not None else None
 
