@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,31 +97,31 @@ def _looks_like_path(source: str) -> bool:
 def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
     columns: dict[str, list[Any]] = {"query": [], "positive": [], "negatives": []}
     has_negatives: bool | None = None
-    with path.open("rb") as fh:  # bytes, decoded line by line: a bad byte is reported with its line
-        for lineno, raw in enumerate(fh, 1):
-            line = _decode_line(raw, path, lineno)
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline pair) carry no row
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                                 "expected JSON Lines, one object per line") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            if has_negatives is None:  # the first row fixes the schema, like a CSV header
-                _check_columns(list(obj), wanted, str(path))
-                has_negatives = wanted["negatives"] in obj
-            for name in ("query", "positive") + (("negatives",) if has_negatives else ()):
-                if wanted[name] not in obj:
-                    raise ValueError(f"{path}: line {lineno}: missing column '{wanted[name]}' "
-                                     f"(columns found: {', '.join(obj) or 'none'})")
-            row = {name: obj[wanted[name]] for name in ("query", "positive")}
-            if has_negatives:
-                row["negatives"] = obj[wanted["negatives"]]
-            _check_row(row, f"{path}: line {lineno}", wanted)
-            for name, value in row.items():
-                columns[name].append(value)
+    for lineno, line in iter_utf8_lines(path):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline pair) carry no row
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                             "expected JSON Lines, one object per line") from None
+        except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
+            raise ValueError(f"{path}: line {lineno}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        if has_negatives is None:  # the first row fixes the schema, like a CSV header
+            _check_columns(list(obj), wanted, str(path))
+            has_negatives = wanted["negatives"] in obj
+        for name in ("query", "positive") + (("negatives",) if has_negatives else ()):
+            if wanted[name] not in obj:
+                raise ValueError(f"{path}: line {lineno}: missing column '{wanted[name]}' "
+                                 f"(columns found: {', '.join(obj) or 'none'})")
+        row = {name: obj[wanted[name]] for name in ("query", "positive")}
+        if has_negatives:
+            row["negatives"] = obj[wanted["negatives"]]
+        _check_row(row, f"{path}: line {lineno}", wanted)
+        for name, value in row.items():
+            columns[name].append(value)
     if has_negatives is None:
         raise ValueError(f"{path}: zero rows (the file has no JSON lines)")
     if not has_negatives:
@@ -130,12 +130,28 @@ def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+def iter_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line; a byte that is not UTF-8 is a ValueError naming file:line
+    (decoding the whole stream would say only 'position 123456' of some block)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the "
+                                 "line)") from None
+
+
+def lone_surrogate_at(text: str) -> int | None:
+    """Index of the first lone UTF-16 surrogate in ``text`` (JSON can spell ``"\\ud800"``; Arrow and the
+    tokenizers cannot take it), or None for valid text."""
+    if text.isascii():
+        return None
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") \
-            from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _load_csv(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
@@ -231,13 +247,10 @@ def _check_row(row: dict[str, Any], where: str, wanted: dict[str, str]) -> None:
 
 
 def _check_encodable(text: str, where: str, column: str) -> None:
-    """JSON may spell lone UTF-16 surrogates (``"\\ud800"``); Arrow and the tokenizers cannot take them."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"{where}: column '{column}' is not valid text: lone UTF-16 surrogate "
-                             f"{text[exc.start]!r} at character {exc.start}") from None
+    at = lone_surrogate_at(text)
+    if at is not None:
+        raise ValueError(f"{where}: column '{column}' is not valid text: lone UTF-16 surrogate {text[at]!r} at "
+                         f"character {at}")
 
 
 def _validate(ds: datasets.Dataset, source: str, wanted: dict[str, str]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from towers.atomic import atomic_dir
+from towers.data import iter_utf8_lines, lone_surrogate_at
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -110,17 +111,18 @@ def file_sha256(path: str | Path) -> str:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) per non-blank line; malformed JSON or a non-object names file:line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in iter_utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
+            raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def str_field(obj: Mapping[str, Any], key: str, where: str, *, required: bool = True, empty_ok: bool = False) -> str:
@@ -134,29 +136,33 @@ def str_field(obj: Mapping[str, Any], key: str, where: str, *, required: bool = 
         raise ValueError(f"{where}: field '{key}' must be a string, got {type(value).__name__} {value!r:.60}")
     if not empty_ok and not value.strip():
         raise ValueError(f"{where}: field '{key}' is empty")
+    at = lone_surrogate_at(value)
+    if at is not None:
+        raise ValueError(f"{where}: field '{key}' is not valid text: lone UTF-16 surrogate {value[at]!r} at "
+                         f"character {at}")
     return value
 
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """qrels TSV -> {query id: {corpus id: grade}}; checks the header, columns, integer grades, duplicates."""
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as fh:
-        header = tuple(fh.readline().rstrip("\r\n").split("\t"))
-        if header != QRELS_HEADER:
-            raise ValueError(f"{path}:1: header must be {'<TAB>'.join(QRELS_HEADER)}, got {header!r}")
-        for lineno, line in enumerate(fh, 2):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\r\n").split("\t")
-            if len(cols) != 3 or not cols[0] or not cols[1]:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns query-id, corpus-id, score")
-            try:
-                grade = int(cols[2])
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: field 'score' must be an integer, got {cols[2]!r}") from None
-            if cols[1] in qrels.setdefault(cols[0], {}):
-                raise ValueError(f"{path}:{lineno}: duplicate qrels row for query '{cols[0]}', doc '{cols[1]}'")
-            qrels[cols[0]][cols[1]] = grade
+    lines = iter_utf8_lines(path)
+    header = tuple(next(lines, (1, ""))[1].rstrip("\r\n").split("\t"))
+    if header != QRELS_HEADER:
+        raise ValueError(f"{path}:1: header must be {'<TAB>'.join(QRELS_HEADER)}, got {header!r}")
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) != 3 or not cols[0] or not cols[1]:
+            raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns query-id, corpus-id, score")
+        try:
+            grade = int(cols[2])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: field 'score' must be an integer, got {cols[2]!r}") from None
+        if cols[1] in qrels.setdefault(cols[0], {}):
+            raise ValueError(f"{path}:{lineno}: duplicate qrels row for query '{cols[0]}', doc '{cols[1]}'")
+        qrels[cols[0]][cols[1]] = grade
     return qrels
 
 
