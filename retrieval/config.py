@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from towers.cliargs import field
 
 DEFAULT_MAX_K = 1000  # the cap on k: beyond it a request is an export, not a search
+# nprobe above the IVF list count is clamped by faiss, so no real request needs more; faiss keeps it in a
+# size_t, and a bigger Python int overflows inside faiss (an internal error instead of a 422).
+MAX_NPROBE = 2**31 - 1
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.config import DEFAULT_MAX_K
+from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE
 from retrieval.doctable import DocTable
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,8 +71,8 @@ def check_k(k: Any, max_k: int) -> int:
 def check_nprobe(nprobe: Any) -> int | None:
     if nprobe is None:
         return None
-    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
-        raise ValueError(f"nprobe must be a positive integer or None, got {nprobe!r}")
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= MAX_NPROBE:
+        raise ValueError(f"nprobe must be a positive integer (at most {MAX_NPROBE}) or None, got {nprobe!r}")
     return int(nprobe)
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from retrieval.batcher import MicroBatcher, Overloaded
-from retrieval.config import ServeConfig
+from retrieval.config import MAX_NPROBE, ServeConfig
 from retrieval.retriever import Hit, Retriever, is_encodable
 
 
@@ -70,6 +70,8 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
         return err(("k",), f"k must be between 1 and {config.max_k} (the cap), got {req.k}")
     if req.nprobe is not None and req.nprobe < 1:
         return err(("nprobe",), f"nprobe must be >= 1, got {req.nprobe}")
+    if req.nprobe is not None and req.nprobe > MAX_NPROBE:
+        return err(("nprobe",), f"nprobe must be <= {MAX_NPROBE}, got {req.nprobe}")
     return []
 
 
