@@ -38,7 +38,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=300, batch_size=32, lr=1e-4,
+    "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
                          temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
                     temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500),
@@ -136,7 +136,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         print(f"demo [{name}] {steps[name]['status']} in {steps[name]['seconds']} s", file=sys.stderr, flush=True)
         return result
 
-    suite_dir = step("suite", build_suite, config.suite, work / "suite", prof.max_queries, prof.max_corpus)
+    suite_dir = step("suite", build_suite, config.suite, work / config.suite, prof.max_queries, prof.max_corpus)
     dev = _dev_subset(Path(suite_dir) / "dev.jsonl", prof.dev_size, work / "dev-subset.jsonl")
     towers_dir = work / "towers"
     train_cfg = TrainConfig(

@@ -101,7 +101,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"- Device: {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else ""),
         f"- Suite: `{suite['path']}`: {suite['queries']} queries, {suite['corpus']} docs, "
         f"{suite['relevant_per_query']} relevant/query{sub}",
-        f"- Suite checksum: `{suite['checksum'][:16]}` (full suite `{suite['full_checksum'][:16]}`)",
+        f"- Suite checksum: `{suite['checksum'][:16]}`"
+        + (f" (before subsampling: `{suite['full_checksum'][:16]}`)" if suite["full_checksum"] != suite["checksum"] else ""),
         f"- Search: {results['bench']['search']}, k = {results['bench']['k_max']}",
         "",
         format_table(results),
@@ -117,13 +118,16 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         if "similarity" in s:
             sim = s["similarity"]
             out.append(f"| {name} | {sim['relevant_mean']:.3f} | {sim['random_mean']:.3f} | {sim['auc']:.3f} |")
-    out += ["", "## Timings", "", "| system | encode docs (s) | docs/s | encode queries (s) | index (s) | search (s) |",
+    out += ["", "## Timings", "", "Raw-LLM rows share one forward pass; bm25's docs/s is its indexing rate.", "",
+            "| system | encode docs (s) | docs/s | encode queries (s) | index (s) | search (s) |",
             "|---|---:|---:|---:|---:|---:|"]
     for name, s in results["systems"].items():
         t = s["timings"]
         cached = f" ({t['docs_from_cache']} cached)" if t.get("docs_from_cache") else ""
-        out.append(f"| {name} | {t.get('encode_docs_s', float('nan')):.1f}{cached} | {t['docs_per_s']:.0f} | "
-                   f"{t.get('encode_queries_s', float('nan')):.1f} | {t['index_s']:.2f} | {t['search_s']:.2f} |")
+        enc_docs = f"{t['encode_docs_s']:.1f}" if "encode_docs_s" in t else "-"
+        enc_queries = f"{t['encode_queries_s']:.1f}" if "encode_queries_s" in t else "-"
+        out.append(f"| {name} | {enc_docs}{cached} | {t['docs_per_s']:.0f} | {enc_queries} | {t['index_s']:.2f} | "
+                   f"{t['search_s']:.2f} |")
     out += ["", "## Systems", ""]
     out += [f"- **{name}**: {_config_line(s['config'])}" for name, s in results["systems"].items()]
     pk = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
