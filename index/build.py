@@ -20,7 +20,7 @@ import numpy as np
 from index.corpus import Corpus, count_rows, describe
 from index.encode import DTYPES, EncodedCorpus, encode_corpus, encoder_fingerprint, encoder_name
 from index.factory import auto_factory, parse_memory
-from index.store import DOCS_DIR, FORMAT_VERSION, INDEX_FILE, save_docs, write_manifest
+from index.store import DOCS_DIR, FORMAT_VERSION, INDEX_FILE, link_or_copy, save_docs, write_manifest
 from towers.atomic import atomic_dir
 from towers.cliargs import field
 from towers.encoder import Encoder
@@ -49,6 +49,10 @@ class IndexBuildConfig:
     device: str = field("auto", "device for the towers: auto (cuda if available), cpu, cuda", choices=DEVICES)
     seed: int = field(0, "seed for the training sample")
     progress: bool = field(True, "show progress bars")
+    shard_id: int = field(-1, "encode only shard i of --num-shards (contiguous rows) into OUT/shard-I-of-N; "
+                              "merge the shards with `twotower index merge` (-1: under torchrun, RANK)")
+    num_shards: int = field(0, "split the corpus into this many shards, one per machine or process (0: under "
+                               "torchrun, WORLD_SIZE; else no sharding)")
 
 
 class TowerEncoder:
@@ -102,11 +106,16 @@ def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
         towers_dir: recorded in the manifest so search can load the matching query tower.
 
     Returns:
-        ``out`` as a Path.
+        ``out`` as a Path; with ``config.num_shards`` set, the SHARD dir written under ``out`` instead
+        (``index.shard.build_shard``).
     """
     from index.faiss_utils import make_index
 
     config = config or IndexBuildConfig()
+    if config.num_shards or config.shard_id >= 0:
+        from index.shard import build_shard
+
+        return build_shard(encoder, corpus, out, config, towers_dir=towers_dir)
     out = Path(out)
     if out.exists() and not config.overwrite:
         raise FileExistsError(f"index dir '{out}' already exists; pass --overwrite to replace it")
@@ -142,26 +151,44 @@ def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
 
 def train_and_add(enc: EncodedCorpus, factory: str, config: IndexBuildConfig) -> tuple[Any, dict[str, int], float]:
     """Make the index, train it on a sample of the chunks, add every chunk. Returns (index, defaults, seconds)."""
-    from tqdm.auto import tqdm
-
-    from index.faiss_utils import ivf_of, make_index, search_defaults, train_index
-
     t0 = time.time()
+    index = train_empty(enc, factory, config)
+    add_chunks(index, enc, config.progress)
+    return index, tuned_defaults(index, config), time.time() - t0
+
+
+def train_empty(enc: EncodedCorpus, factory: str, config: IndexBuildConfig) -> Any:
+    """The index ``factory`` trained on ``config.train_size`` vectors drawn uniformly from ``enc`` (still empty)."""
+    from index.faiss_utils import ivf_of, make_index, train_index
+
     index = make_index(factory, enc.dim)
     if not index.is_trained:
         ivf = ivf_of(index)
         nt = config.train_size or max(64 * (ivf.nlist if ivf is not None else 0), 50_000)
         train_index(index, enc.sample(min(nt, enc.n), config.seed))
-    with tqdm(total=enc.n, desc="add", unit="vec", disable=not config.progress) as bar:
+    return index
+
+
+def add_chunks(index: Any, enc: EncodedCorpus, progress: bool = True, desc: str = "add") -> None:
+    """Add the vectors of ``enc`` to ``index`` chunk by chunk, in order (ids continue from ``index.ntotal``)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=enc.n, desc=desc, unit="vec", disable=not progress) as bar:
         for xb in enc.iter_embeddings():
             index.add(xb)
             bar.update(len(xb))
+
+
+def tuned_defaults(index: Any, config: IndexBuildConfig) -> dict[str, int]:
+    """The search defaults for the manifest: faiss_utils' defaults, overridden by ``--nprobe``/``--ef-search``."""
+    from index.faiss_utils import search_defaults
+
     defaults = search_defaults(index)
     if config.nprobe and "nprobe" in defaults:
         defaults["nprobe"] = config.nprobe
     if config.ef_search and "ef_search" in defaults:
         defaults["ef_search"] = config.ef_search
-    return index, defaults, time.time() - t0
+    return defaults
 
 
 def new_manifest(*, dim: int, factory: str, ntotal: int, search_defaults: dict[str, int], fingerprint: str | None,
@@ -190,6 +217,6 @@ def write_index_dir(out: Path, index: Any, doc_parts: list[Any], manifest: dict[
         faiss.write_index(index, str(tmp / INDEX_FILE))
         save_docs(doc_parts, tmp / DOCS_DIR)
         for name, src in (extra_files or {}).items():
-            shutil.copy2(src, tmp / name)
+            link_or_copy(src, tmp / name)
         manifest["index_bytes"] = (tmp / INDEX_FILE).stat().st_size
         write_manifest(tmp, manifest)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +50,17 @@ class EncodedCorpus:
     def emb_path(self, i: int) -> Path:
         return self.work_dir / f"emb-{i:06d}.npy"
 
+    def emb_paths(self) -> list[Path]:
+        """The embedding chunk files in corpus order (``index.merge`` chains those of several shards)."""
+        return [self.emb_path(i) for i in range(self.n_chunks)]
+
     def docs_paths(self) -> list[Path]:
         return [self.work_dir / f"docs-{i:06d}.arrow" for i in range(self.n_chunks)]
 
     def iter_embeddings(self) -> Iterator[np.ndarray]:
         """float32 (rows, dim) per chunk, in corpus order (one chunk in memory at a time)."""
-        for i in range(self.n_chunks):
-            yield np.ascontiguousarray(np.load(self.emb_path(i), mmap_mode="r"), dtype=np.float32)
+        for path in self.emb_paths():
+            yield np.ascontiguousarray(np.load(path, mmap_mode="r"), dtype=np.float32)
 
     def sample(self, nt: int, seed: int = 0) -> np.ndarray:
         """``nt`` vectors drawn uniformly without replacement: float32 (nt, dim), read chunk by chunk."""
@@ -64,8 +68,8 @@ class EncodedCorpus:
         rows = np.sort(np.random.default_rng(seed).choice(self.n, size=nt, replace=False))
         out = np.empty((nt, self.dim), np.float32)
         start, filled = 0, 0
-        for i in range(self.n_chunks):
-            emb = np.load(self.emb_path(i), mmap_mode="r")
+        for path in self.emb_paths():
+            emb = np.load(path, mmap_mode="r")
             lo, hi = np.searchsorted(rows, [start, start + len(emb)])
             out[filled : filled + hi - lo] = emb[rows[lo:hi] - start]
             filled += hi - lo
@@ -94,8 +98,16 @@ def encode_corpus(
     split: str = "train",
     total: int | None = None,
     show_progress: bool = True,
+    docs: Iterable[Doc] | None = None,
+    state_extra: dict[str, Any] | None = None,
 ) -> EncodedCorpus:
     """Encode every doc of ``corpus`` into chunk files under ``work_dir``, resuming finished chunks.
+
+    Args:
+        docs: the validated docs to encode instead of all of ``iter_docs(corpus)`` (a shard's slice, see
+            ``index.shard``); ``corpus`` then only names the source in messages.
+        state_extra: more keys pinned in ``state.json`` (a shard's row range): a work dir written under other
+            values is cleared rather than resumed.
 
     Raises:
         ValueError: bad corpus row (named by line/row), empty corpus, or encoder output of the wrong shape.
@@ -108,7 +120,8 @@ def encode_corpus(
     dim = int(encoder.dim)
     fingerprint = encoder_fingerprint(encoder)
     _prepare_work_dir(work, {"version": WORK_VERSION, "encoder": fingerprint or encoder_name(encoder), "dim": dim,
-                             "chunk_size": chunk_size, "dtype": dtype}, resumable=fingerprint is not None)
+                             "chunk_size": chunk_size, "dtype": dtype, **(state_extra or {})},
+                      resumable=fingerprint is not None)
     n, n_chunks, resumed, norms_ok = 0, 0, 0, True
     buf: list[Doc] = []
     with tqdm(total=total, desc="encode", unit="doc", disable=not show_progress, smoothing=0.05) as bar:
@@ -123,7 +136,7 @@ def encode_corpus(
             bar.set_postfix(chunks=n_chunks, resumed=resumed, refresh=False)
             buf.clear()
 
-        for doc in iter_docs(corpus, split):
+        for doc in iter_docs(corpus, split) if docs is None else docs:
             buf.append(doc)
             if len(buf) == chunk_size:
                 flush()
@@ -150,12 +163,17 @@ def _prepare_work_dir(work: Path, state: dict[str, Any], resumable: bool) -> Non
     write_json_atomic(state_path, state)
 
 
+def hash_doc(h: Any, doc: Doc) -> None:
+    """Feed one doc's fields into the hashlib object ``h`` (chunk digests, a shard's corpus digest)."""
+    for part in (doc.id, doc.title, doc.text, doc.metadata):
+        h.update(part.encode())
+        h.update(b"\0")
+
+
 def _digest(docs: Sequence[Doc]) -> str:
     h = hashlib.sha256()
     for d in docs:
-        for part in (d.id, d.title, d.text, d.metadata):
-            h.update(part.encode())
-            h.update(b"\0")
+        hash_doc(h, d)
     return h.hexdigest()
 
 

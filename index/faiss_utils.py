@@ -6,6 +6,10 @@ index can be searched from many threads at once with different settings.
 """
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -200,16 +204,40 @@ def _set_params(index: faiss.Index, nprobe: int | None, ef_search: int | None) -
         space.set_index_parameter(index, "efSearch", int(ef_search))
 
 
-def read_index(path: str | Path) -> faiss.Index:
-    """``faiss.read_index`` with a clear error naming the file when it is missing, truncated or corrupt."""
+def read_index(path: str | Path, ondisk: bool = False) -> faiss.Index:
+    """``faiss.read_index`` with a clear error naming the file when it is missing, truncated or corrupt.
+
+    Args:
+        ondisk: the IVF lists live in a ``.ivfdata`` file (``index merge --method ondisk``); it is looked up next
+            to ``path`` (``IO_FLAG_ONDISK_SAME_DIR``), wherever it was written (INDEX dirs are built in a temp dir).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"faiss index file '{path}' does not exist")
     try:
+        if ondisk:
+            with c_stdout_to_stderr():  # faiss printf()s where it found the lists: keep stdout for `--json`
+                return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         detail = str(exc).strip().splitlines()[-1].split("Error: ")[-1]
         raise ValueError(f"cannot read faiss index '{path}' (truncated or corrupt; rebuild it): {detail}") from None
+
+
+@contextmanager
+def c_stdout_to_stderr() -> Iterator[None]:
+    """Send C-level stdout (file descriptor 1) to stderr for the duration (the C stdio buffer is flushed)."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # printf output still buffered in C goes to stderr, not to the real stdout
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def serialize(index: faiss.Index) -> bytes:

@@ -149,7 +149,7 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
 
     path = Path(index_dir)
     manifest = read_manifest(path)
-    index = read_index(path / INDEX_FILE)
+    index = read_index(path / INDEX_FILE, ondisk=bool(manifest.get("ivfdata")))
     if index.d != manifest["dim"]:
         raise ValueError(f"{path / INDEX_FILE}: dim {index.d} but manifest.json says {manifest['dim']}")
     if index.ntotal != manifest["ntotal"]:

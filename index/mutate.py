@@ -7,7 +7,6 @@ end; an id that was removed can be added again (it gets a new row).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from index.build import IndexBuildConfig, default_work_dir, write_index_dir
+from index.build import IndexBuildConfig, add_chunks, default_work_dir, write_index_dir
 from index.corpus import Corpus, describe, iter_docs
 from index.encode import encode_corpus, encoder_fingerprint
-from index.store import (INDEX_FILE, REMOVED_FILE, live_rows, load_docs, read_manifest, read_removed,
+from index.store import (INDEX_FILE, REMOVED_FILE, link_or_copy, live_rows, load_docs, read_manifest, read_removed,
                          write_manifest, write_npy_atomic)
 from towers.atomic import atomic_dir
 from towers.encoder import Encoder
@@ -39,6 +38,10 @@ def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: In
     config = config or IndexBuildConfig()
     path = Path(index_dir)
     manifest = read_manifest(path)
+    if manifest.get("ivfdata"):
+        raise ValueError(f"index '{path}' keeps its IVF lists on disk ({manifest['ivfdata']}, `index merge --method "
+                         f"ondisk`), which faiss would change in place; rebuild the shards of the grown corpus and merge "
+                         f"them, or merge with --method add to get an index that `index add` can extend")
     fp = encoder_fingerprint(encoder)
     if manifest.get("fingerprint") != fp:
         raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with {manifest.get('fingerprint')}"
@@ -56,8 +59,7 @@ def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: In
     work = Path(config.work_dir) if config.work_dir else default_work_dir(path.with_name(path.name + ".add"))
     enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
                         config.corpus_split, len(new_ids), config.progress)
-    for xb in enc.iter_embeddings():
-        index.add(xb)
+    add_chunks(index, enc, config.progress)
     manifest["ntotal"] = int(index.ntotal)
     manifest["history"] = [*manifest.get("history", []), {"op": "add", "time": _now(), "rows": enc.n,
                                                           "corpus": describe(corpus)}]
@@ -99,14 +101,7 @@ def remove_docs(index_dir: str | Path, ids: Sequence[str]) -> int:
             if src.is_file() and src.name not in (REMOVED_FILE, "manifest.json"):
                 dst = tmp / src.relative_to(path)
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(src, dst)
+                link_or_copy(src, dst)
         write_npy_atomic(tmp / REMOVED_FILE, new_removed)
         write_manifest(tmp, manifest)
     return int(len(rows))
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # the files never change in place (every change writes a new dir), so sharing is safe
-    except OSError:  # filesystems without hard links
-        shutil.copy2(src, dst)

@@ -6,12 +6,15 @@ Layout::
       index.faiss      CPU form of the faiss index; faiss id i = doc row i
       docs/            datasets.save_to_disk: columns id, title, text, metadata (JSON string); memory-mapped
       removed.npy      int64 rows removed by `index remove` (tombstones, never returned by search)
+      index.ivfdata    only from `index merge --method ondisk`: the IVF lists, memory-mapped by index.faiss
       manifest.json    format_version, dim, metric, factory, ntotal, search defaults, fingerprint, ...
 """
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 DOCS_DIR = "docs"
 REMOVED_FILE = "removed.npy"
+IVFDATA_FILE = "index.ivfdata"
 DOC_COLUMNS = ("id", "title", "text", "metadata")
 _REQUIRED_KEYS = ("format_version", "dim", "metric", "factory", "ntotal", "search_defaults")
 
@@ -150,3 +154,15 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
         "created": m.get("created"), "faiss_version": m.get("faiss_version"),
         "factory_reason": (m.get("build_config") or {}).get("factory_reason"),
     }
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link ``src`` to ``dst`` (a copy where the filesystem has no hard links).
+
+    Safe for every file of INDEX, SHARD and work dirs: they are never changed in place (each change writes a
+    new file or dir), so two names for one inode never see a write.
+    """
+    try:
+        os.link(src, dst)
+    except OSError:  # filesystems without hard links, or src and dst on different devices
+        shutil.copy2(src, dst)
