@@ -1,4 +1,4 @@
-"""CLI verbs ``twotower index build|add|remove|info`` and ``twotower mine``.
+"""CLI verbs ``twotower index build|merge|add|remove|info`` and ``twotower mine``.
 
 Heavy imports (torch, faiss, datasets) stay inside the run functions so ``twotower --help`` is fast.
 """
@@ -10,15 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from index.build import IndexBuildConfig
+from index.merge import MergeConfig
 from index.mine import MineConfig
 from towers.cliargs import add_dataclass_args, dataclass_from_args
 
 # Build-only options that make no sense when appending to an existing index.
-_BUILD_ONLY = ("factory", "memory_budget", "train_size", "nprobe", "ef_search", "overwrite", "seed")
+_BUILD_ONLY = ("factory", "memory_budget", "train_size", "nprobe", "ef_search", "overwrite", "seed", "shard_id",
+               "num_shards")
+# Encoding options that `index merge` (which reads finished shards) has no use for.
+_ENCODE_ONLY = ("batch_size", "chunk_size", "dtype", "corpus_split", "work_dir", "keep_work", "device", "shard_id",
+                "num_shards")
 
 
 def add_index_parser(subparsers: Any) -> None:
-    """Register ``index`` with its sub-verbs build, add, remove, info."""
+    """Register ``index`` with its sub-verbs build, merge, add, remove, info."""
     parser = subparsers.add_parser(
         "index", help="build and maintain a FAISS index of a corpus (INDEX dir)",
         description="Encode a corpus with the result tower into a persistent FAISS index (an INDEX dir with "
@@ -27,14 +32,32 @@ def add_index_parser(subparsers: Any) -> None:
 
     build = sub.add_parser("build", help="encode a corpus and build an INDEX dir",
                            description="Encode --corpus with the result tower of --towers (streamed, resumable "
-                                       "chunks) and write a FAISS index + doc store to --out, atomically.")
+                                       "chunks) and write a FAISS index + doc store to --out, atomically. With "
+                                       "--shard-id I --num-shards N (or under torchrun: RANK of WORLD_SIZE) encode "
+                                       "only shard I (contiguous rows) into --out/shard-I-of-N and build the index "
+                                       "afterwards with `twotower index merge --shards OUT`.")
     build.add_argument("--towers", required=True, help="TOWERS dir (output of `twotower train`)")
     build.add_argument("--corpus", required=True,
                        help="corpus.jsonl (BEIR rows _id/title/text), .parquet, a BEIR dir, a saved dataset dir, "
                             "or hf:NAME[:CONFIG]")
-    build.add_argument("--out", required=True, help="INDEX dir to write")
+    build.add_argument("--out", required=True, help="INDEX dir to write (sharded: the dir holding the shard dirs)")
     add_dataclass_args(build, IndexBuildConfig)
     build.set_defaults(func=run_index_build)
+
+    merge = sub.add_parser("merge", help="build one INDEX dir from the shards of a sharded build",
+                           description="Check that the SHARD dirs cover one corpus exactly once with one result "
+                                       "tower, train the index once on a sample across all shards, add the shards "
+                                       "in corpus order (faiss id = corpus row, as a single-machine build), and "
+                                       "write an INDEX dir to --out, atomically.")
+    merge.add_argument("--shards", nargs="+", required=True,
+                       help="SHARD dirs, or dirs holding them (the --out of `index build --num-shards N`)")
+    merge.add_argument("--out", required=True, help="INDEX dir to write")
+    merge.add_argument("--towers", default=None,
+                       help="TOWERS dir to record in the manifest (default: the one the shards recorded); checked "
+                            "against the shards' fingerprint")
+    add_dataclass_args(merge, MergeConfig)
+    add_dataclass_args(merge, IndexBuildConfig, skip=_ENCODE_ONLY)
+    merge.set_defaults(func=run_index_merge)
 
     add = sub.add_parser("add", help="encode new docs and append them to an INDEX dir (atomic)",
                          description="Append the docs of --corpus to INDEX, encoded with the same towers "
@@ -78,11 +101,25 @@ def add_mine_parser(subparsers: Any) -> None:
 
 def run_index_build(args: argparse.Namespace) -> int:
     from index.build import build_index, result_encoder
+    from index.shard import resolve_shard
     from towers.model import TwoTower
 
-    config = dataclass_from_args(IndexBuildConfig, args)
+    config = resolve_shard(dataclass_from_args(IndexBuildConfig, args))  # under torchrun: shard RANK of WORLD_SIZE
     encoder = result_encoder(TwoTower.load(args.towers), config.device)
     out = build_index(encoder, args.corpus, args.out, config, towers_dir=args.towers)
+    if config.num_shards:
+        print(f"shard {config.shard_id} of {config.num_shards}: {out}\nwhen all {config.num_shards} are done: "
+              f"twotower index merge --shards {args.out} --out INDEX")
+    else:
+        _print_info(out)
+    return 0
+
+
+def run_index_merge(args: argparse.Namespace) -> int:
+    from index.merge import merge_shards
+
+    out = merge_shards(args.shards, args.out, dataclass_from_args(IndexBuildConfig, args),
+                       dataclass_from_args(MergeConfig, args), towers_dir=args.towers)
     _print_info(out)
     return 0
 

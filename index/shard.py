@@ -1,0 +1,252 @@
+"""Sharded corpus encoding: ``twotower index build --shard-id i --num-shards n`` (or one shard per torchrun rank).
+
+Shard ``i`` of ``n`` encodes the contiguous corpus rows ``[i * N // n, (i + 1) * N // n)`` (N = corpus rows),
+so the shards in id order are the corpus in order and ``index merge`` gives faiss id i = corpus row i, as a
+single-machine build does. Every shard still reads the whole corpus once: rows outside its slice are validated
+and hashed but not encoded. So each shard checks the whole corpus (well-formed rows, unique ids) and records
+the same corpus digest, which ``index merge`` compares across shards.
+
+SHARD dir, written under ``--out`` as ``shard-00001-of-00004/``::
+
+    shard.json          shard id, num shards, row range, corpus rows + sha256, fingerprint, dim, chunk sizes
+    emb-000000.npy ...  embeddings (rows, dim), float32|float16, in corpus order
+    docs-000000.arrow   the same rows' id, title, text, metadata (Arrow stream)
+    chunk-000000.json   completion records; state.json: the encoder/dim/dtype/row range they were made with
+
+The chunks are encoded into a work dir beside it (``.shard-00001-of-00004.work``) with ``index.encode``'s
+resume mechanism; when all are done they are hard-linked into a temp dir with ``shard.json`` and renamed onto
+the SHARD dir: a SHARD dir exists only when complete. Rerunning a finished shard with the same encoder and
+corpus does nothing, so relaunching a whole torchrun job after one rank failed encodes only what is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from index.build import IndexBuildConfig, default_work_dir
+from index.corpus import Corpus, Doc, count_rows, describe, iter_docs
+from index.encode import encode_corpus, encoder_fingerprint, encoder_name, hash_doc
+from index.store import link_or_copy
+from towers.atomic import atomic_dir, write_json_atomic
+from towers.encoder import Encoder
+
+SHARD_MANIFEST = "shard.json"
+SHARD_KIND = "twotower-index-shard"
+SHARD_FORMAT_VERSION = 1
+SLICING = "contiguous"
+# Options that belong to `index merge` (the index is built once, from all shards), not to a shard's encoding.
+MERGE_OPTIONS = ("factory", "memory_budget", "train_size", "nprobe", "ef_search", "seed")
+
+
+def shard_range(n_rows: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of shard ``shard_id`` of ``num_shards`` (sizes differ by at most one)."""
+    assert 0 <= shard_id < num_shards, f"shard {shard_id} of {num_shards}"
+    return n_rows * shard_id // num_shards, n_rows * (shard_id + 1) // num_shards
+
+
+def shard_dir_name(shard_id: int, num_shards: int) -> str:
+    return f"shard-{shard_id:05d}-of-{num_shards:05d}"
+
+
+def shard_dir(out: str | Path, shard_id: int, num_shards: int) -> Path:
+    """Where shard ``shard_id`` of a build with ``--out out`` is written."""
+    return Path(out) / shard_dir_name(shard_id, num_shards)
+
+
+def resolve_shard(config: IndexBuildConfig, env: Mapping[str, str] = os.environ) -> IndexBuildConfig:
+    """``config`` with ``shard_id``/``num_shards`` checked, or taken from torchrun's RANK/WORLD_SIZE when unset.
+
+    Under torchrun a ``cuda``/``auto`` device becomes ``cuda:LOCAL_RANK`` (one GPU per process).
+
+    Raises:
+        ValueError: only one of the two options given, or a shard id outside ``[0, num_shards)``.
+    """
+    shard_id, num_shards = config.shard_id, config.num_shards
+    torchrun = "RANK" in env and "WORLD_SIZE" in env
+    if shard_id < 0 and num_shards == 0 and torchrun:
+        shard_id, num_shards = int(env["RANK"]), int(env["WORLD_SIZE"])
+    if (shard_id >= 0) != (num_shards > 0):
+        raise ValueError(f"--shard-id {shard_id} and --num-shards {num_shards} go together: give both (shard i of "
+                         f"n, 0 <= i < n), or neither (under torchrun they default to RANK and WORLD_SIZE)")
+    if num_shards and not 0 <= shard_id < num_shards:
+        raise ValueError(f"--shard-id {shard_id} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+    device = config.device
+    if torchrun and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
+    return dataclasses.replace(config, shard_id=shard_id, num_shards=num_shards, device=device)
+
+
+class CorpusScan:
+    """Every doc of the corpus is validated and hashed; only rows ``[lo, hi)`` are yielded (to the encoder).
+
+    After a full iteration ``rows`` is the corpus length and ``sha256`` the digest of all its docs.
+    """
+
+    def __init__(self, corpus: Corpus, split: str, lo: int = 0, hi: int = 0) -> None:
+        self.corpus, self.split, self.lo, self.hi = corpus, split, lo, hi
+        self.rows = 0
+        self._hash = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[Doc]:
+        for row, doc in enumerate(iter_docs(self.corpus, self.split)):
+            hash_doc(self._hash, doc)
+            self.rows = row + 1
+            if self.lo <= row < self.hi:
+                yield doc
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _corpus_rows(corpus: Corpus, split: str) -> int:
+    if not isinstance(corpus, (str, Path)) and not hasattr(corpus, "__len__"):
+        raise ValueError("a sharded build reads the corpus more than once: pass a file, dir, hf:NAME or a list of "
+                         "rows, not a one-shot iterator")
+    total = count_rows(corpus, split)
+    if total is None:  # a streamed hub dataset: count it (rows are validated on the way)
+        scan = CorpusScan(corpus, split)
+        for _ in scan:
+            pass
+        total = scan.rows
+    return total
+
+
+def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, config: IndexBuildConfig,
+                towers_dir: str | Path | None = None) -> Path:
+    """Encode shard ``config.shard_id`` of ``config.num_shards`` of ``corpus`` into ``out/shard-I-of-N``.
+
+    Args:
+        encoder: must have a ``fingerprint()`` (towers do), so ``index merge`` can check all shards match.
+        out: the shards dir (shared by all shards of the build; ``index merge --shards out`` finds them).
+        config: encoding options; the index options (``--factory`` ...) belong to ``index merge``.
+
+    Returns:
+        The SHARD dir (complete; an existing identical one is kept as it is).
+
+    Raises:
+        ValueError: bad shard options, index options given, an encoder without fingerprint, fewer corpus rows
+            than shards, or a corpus that changed while it was read.
+        FileExistsError: the SHARD dir exists from another corpus/encoder and ``overwrite`` is off.
+    """
+    defaults = IndexBuildConfig()
+    given = [f"--{k.replace('_', '-')}" for k in MERGE_OPTIONS if getattr(config, k) != getattr(defaults, k)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the index is built once from all shards, so pass index options to "
+                         f"`twotower index merge`, not to a shard's build")
+    shard_id, num_shards = config.shard_id, config.num_shards
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"--shard-id {shard_id} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
+    fingerprint = encoder_fingerprint(encoder)
+    if fingerprint is None:
+        raise ValueError(f"encoder {encoder_name(encoder)} has no fingerprint(): shards must be checked to come from "
+                         f"the same towers; index with towers (`index.build.result_encoder`)")
+    path = shard_dir(out, shard_id, num_shards)
+    total = _corpus_rows(corpus, config.corpus_split)
+    if total < num_shards:
+        raise ValueError(f"corpus '{describe(corpus)}' has {total} rows, fewer than --num-shards {num_shards}")
+    lo, hi = shard_range(total, shard_id, num_shards)
+    expected = {"shard_id": shard_id, "num_shards": num_shards, "rows": [lo, hi], "fingerprint": fingerprint,
+                "dim": int(encoder.dim), "dtype": config.dtype}
+    if path.exists() and not config.overwrite:
+        _keep_existing(path, corpus, config.corpus_split, expected)
+        return path
+    work = Path(config.work_dir) if config.work_dir else default_work_dir(path)
+    scan = CorpusScan(corpus, config.corpus_split, lo, hi)
+    t0 = time.time()
+    enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
+                        config.corpus_split, hi - lo, config.progress, docs=scan,
+                        state_extra={"shard": [shard_id, num_shards], "rows": [lo, hi]})
+    if scan.rows != total or enc.n != hi - lo:
+        raise ValueError(f"corpus '{describe(corpus)}' changed while shard {shard_id} was encoded: counted {total} "
+                         f"rows, then read {scan.rows}; rebuild every shard from the final corpus")
+    manifest = {
+        "kind": SHARD_KIND, "format_version": SHARD_FORMAT_VERSION, **expected, "slicing": SLICING,
+        "n": enc.n, "normalized": enc.normalized, "encoder": encoder_name(encoder),
+        "towers_dir": str(Path(towers_dir).resolve()) if towers_dir else None,
+        "corpus": {"name": describe(corpus), "split": config.corpus_split, "rows": total, "sha256": scan.sha256},
+        "chunks": [{"rows": _npy_rows(e), "emb_bytes": e.stat().st_size, "docs_bytes": d.stat().st_size}
+                   for e, d in zip(enc.emb_paths(), enc.docs_paths())],
+        "build_config": {**dataclasses.asdict(config), "encode_seconds": round(time.time() - t0, 1)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with atomic_dir(path) as tmp:
+        for src in work.iterdir():
+            if src.is_file() and not src.name.startswith("."):
+                link_or_copy(src, tmp / src.name)
+        write_json_atomic(tmp / SHARD_MANIFEST, manifest)  # last: its presence is what `merge` checks
+    if not config.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def read_shard(path: str | Path) -> dict[str, Any]:
+    """``shard.json`` of a SHARD dir, after checking that every chunk file it lists is there, whole.
+
+    Raises:
+        FileNotFoundError: no ``shard.json`` (not a shard dir, or a shard whose build has not finished).
+        ValueError: malformed or newer manifest, or a chunk file missing or of the wrong size (a partial copy).
+    """
+    import json
+
+    path = Path(path)
+    manifest_path = path / SHARD_MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"'{path}' is not a finished shard: no {SHARD_MANIFEST} (a shard dir appears only "
+                                f"when its build completes; rerun the build command of that shard to resume it)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    if manifest.get("kind") != SHARD_KIND:
+        raise ValueError(f"{manifest_path}: not a twotower index shard (kind {manifest.get('kind')!r})")
+    if manifest.get("format_version", 0) > SHARD_FORMAT_VERSION:
+        raise ValueError(f"{manifest_path}: format_version {manifest['format_version']} is newer than this twotower "
+                         f"supports ({SHARD_FORMAT_VERSION}); upgrade twotower")
+    for i, chunk in enumerate(manifest["chunks"]):
+        for name, size in ((f"emb-{i:06d}.npy", chunk["emb_bytes"]), (f"docs-{i:06d}.arrow", chunk["docs_bytes"])):
+            file = path / name
+            have = file.stat().st_size if file.is_file() else None
+            if have != size:
+                state = "is missing" if have is None else f"has {have} bytes, expected {size}"
+                raise ValueError(f"shard '{path}' is damaged: {name} {state} (an interrupted copy?); copy it again or "
+                                 f"rebuild that shard with --overwrite")
+    return manifest
+
+
+def _npy_rows(path: Path) -> int:
+    import numpy as np
+
+    return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def _keep_existing(path: Path, corpus: Corpus, split: str, expected: dict[str, Any]) -> None:
+    """Accept an existing SHARD dir made from the same corpus and encoder (a rerun); otherwise refuse."""
+    try:
+        manifest = read_shard(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise FileExistsError(f"'{path}' exists but is not a usable shard ({exc}); pass --overwrite to rebuild "
+                              f"it") from None
+    differ = [f"{k} {manifest.get(k)} (now {v})" for k, v in expected.items() if manifest.get(k) != v]
+    if not differ:
+        scan = CorpusScan(corpus, split)
+        for _ in scan:
+            pass
+        if (scan.rows, scan.sha256) != (manifest["corpus"]["rows"], manifest["corpus"]["sha256"]):
+            differ.append(f"corpus {manifest['corpus']['name']} ({manifest['corpus']['rows']} rows, sha256 "
+                          f"{manifest['corpus']['sha256'][:12]}; now {scan.rows} rows, {scan.sha256[:12]})")
+    if differ:
+        raise FileExistsError(f"shard dir '{path}' already exists with {'; '.join(differ)}; pass --overwrite to "
+                              f"re-encode it")
+    print(f"index build: shard {expected['shard_id']} of {expected['num_shards']} is already complete in "
+          f"'{path}' (same encoder and corpus); nothing to do", file=sys.stderr)
