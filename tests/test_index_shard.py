@@ -261,3 +261,39 @@ def test_cli_sharded_build_and_merge_with_real_towers(tiny_bert_dir, tmp_path, m
     assert main(["index", "merge", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "m2"),
                  "--method", "ondisk"]) == 2
     assert "--method ondisk needs an IVF factory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_one_shard_per_rank(tiny_bert_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m twotower_cli index build ...`: each rank writes its shard; the merge
+    equals a single build."""
+    import os
+    import subprocess
+    import sys
+
+    from towers.model import TwoTower
+
+    towers = tmp_path / "towers"
+    TwoTower.from_base(str(tiny_bert_dir)).save(towers)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"p{i}", "text": f"passage {i} " + "w " * (i % 5)}) + "\n"
+                              for i in range(30)))
+    args = ["index", "build", "--towers", str(towers), "--corpus", str(corpus), "--no-progress", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "twotower_cli", *args, "--out", str(tmp_path / "shards")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+    merged = load_index(merge_shards([tmp_path / "shards"], tmp_path / "merged", IndexBuildConfig(**CFG)), "cpu")
+    single = load_index(_cli_single(args, tmp_path / "single"), "cpu")
+    np.testing.assert_allclose(merged.cpu_index.reconstruct_n(0, 30), single.cpu_index.reconstruct_n(0, 30), atol=1e-6)
+    assert merged.docs["id"] == single.docs["id"]
+
+
+def _cli_single(args: list[str], out: Path) -> Path:
+    from twotower_cli import main
+
+    assert main([*args, "--out", str(out)]) == 0
+    return out
