@@ -43,7 +43,8 @@ class IndexBuildConfig:
     nprobe: int = field(0, "default IVF lists probed per query, stored in the manifest (0 = auto)")
     ef_search: int = field(0, "default HNSW search breadth, stored in the manifest (0 = auto)")
     corpus_split: str = field("train", "split to stream when --corpus is a hub dataset (hf:NAME[:CONFIG])")
-    work_dir: str = field("", "embedding chunks while encoding (default: .<out>.work beside --out); rerun resumes")
+    work_dir: str = field("", "embedding chunks while encoding (default: .<out>.work beside --out; sharded: one "
+                              "subdir per shard); rerun resumes")
     keep_work: bool = field(False, "keep the embedding chunks after a successful build")
     overwrite: bool = field(False, "replace an existing index dir at --out (atomically)")
     device: str = field("auto", "device for the towers: auto (cuda if available), cpu, cuda", choices=DEVICES)

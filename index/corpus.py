@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -62,22 +63,26 @@ def count_rows(corpus: Corpus, split: str = "train") -> int | None:
     return len(corpus) if hasattr(corpus, "__len__") else None  # type: ignore[arg-type]
 
 
-def iter_docs(corpus: Corpus, split: str = "train") -> Iterator[Doc]:
+def iter_docs(corpus: Corpus, split: str = "train", start: int = 0, stop: int | None = None) -> Iterator[Doc]:
     """Yield validated :class:`Doc` rows in corpus order; raises ValueError on the first bad row.
 
     Duplicate ids in files are caught with a set of 8-byte id hashes (~70 bytes per doc); a hash hit is
     confirmed by re-reading the file, so a hash collision never reports a false duplicate. In-memory rows
     (which may be a one-shot iterator) are checked against a set of the ids themselves.
+
+    Args:
+        start / stop: only rows ``[start, stop)`` (0-based, blank JSONL lines not counted; a shard's slice):
+            earlier rows are skipped without being parsed, and only these rows are validated and de-duplicated.
     """
     rereadable = isinstance(corpus, (str, Path))
     seen: set[int | str] = set()
-    for loc, row in _iter_raw(corpus, split):
+    for loc, row in _iter_raw(corpus, split, start, stop):
         doc = _validate(row, corpus, loc)
         h = _id_hash(doc.id) if rereadable else doc.id
         if h in seen and not rereadable:
             raise ValueError(f"{_where(corpus, loc)}: duplicate id '{doc.id}'")
         if h in seen:
-            first = _first_location(corpus, split, doc.id, loc)
+            first = _first_location(corpus, split, doc.id, loc, start)
             if first is not None:
                 raise ValueError(f"{_where(corpus, loc)}: duplicate id '{doc.id}' (first at "
                                  f"{_label(corpus, first)})")
@@ -89,8 +94,39 @@ def _id_hash(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
 
 
-def _first_location(corpus: Corpus, split: str, doc_id: str, before: int) -> int | None:
-    for loc, row in _iter_raw(corpus, split):
+def hash_doc(h: Any, doc: Doc) -> None:
+    """Feed one doc's fields into the hashlib object ``h`` (chunk digests, corpus identities)."""
+    for part in (doc.id, doc.title, doc.text, doc.metadata):
+        h.update(part.encode())
+        h.update(b"\0")
+
+
+def corpus_identity(corpus: Corpus, split: str = "train") -> dict[str, Any]:
+    """Rows and a sha256 that tell corpora apart (what every shard of a sharded build records).
+
+    Local files and saved datasets hash their bytes (GB/s, no parsing); hub streams and in-memory rows hash
+    every validated doc.
+    """
+    path = _resolve(corpus) if isinstance(corpus, (str, Path)) else None
+    h = hashlib.sha256()
+    if path is None:
+        rows = 0
+        for doc in iter_docs(corpus, split):
+            hash_doc(h, doc)
+            rows += 1
+        return {"name": describe(corpus), "rows": rows, "sha256": h.hexdigest(), "hashed": "docs"}
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for file in files:
+        h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        with file.open("rb") as fh:
+            while block := fh.read(1 << 23):
+                h.update(block)
+    return {"name": describe(corpus), "rows": count_rows(corpus, split), "sha256": h.hexdigest(),
+            "hashed": "file bytes"}
+
+
+def _first_location(corpus: Corpus, split: str, doc_id: str, before: int, start: int = 0) -> int | None:
+    for loc, row in _iter_raw(corpus, split, start):
         if loc >= before:
             return None
         if str(row.get("_id", row.get("id"))) == doc_id:
@@ -155,31 +191,45 @@ def _load_saved(path: Path) -> Any:
     return datasets.load_from_disk(str(path))
 
 
-def _iter_raw(corpus: Corpus, split: str) -> Iterator[tuple[int, Any]]:
-    """(location, raw row): 1-based line numbers for JSONL, 0-based row numbers otherwise."""
+def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(location, raw row) of rows ``[start, stop)``: 1-based line numbers for JSONL, 0-based row numbers
+    otherwise. Rows before ``start`` are skipped unparsed (JSONL lines, Parquet batches, ``datasets`` rows)."""
     if not isinstance(corpus, (str, Path)):
-        yield from enumerate(corpus)
+        yield from itertools.islice(enumerate(corpus), start, stop)
         return
     path = _resolve(corpus)
     if path is None:  # a hub dataset, streamed: "hf:name" or "hf:name:config"
         import datasets
 
         name, _, config = str(corpus)[len(HUB_PREFIX):].partition(":")
-        yield from enumerate(datasets.load_dataset(name, config or None, split=split, streaming=True))
+        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        yield from itertools.islice(enumerate(stream), start, stop)
     elif path.is_dir():
-        yield from enumerate(_load_saved(path))
+        ds = _load_saved(path)
+        end = len(ds) if stop is None else min(stop, len(ds))
+        if start < end:
+            yield from enumerate(ds.select(range(start, end)) if (start, end) != (0, len(ds)) else ds, start)
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-            for item in batch.to_pylist():
-                yield row, item
-                row += 1
+            if stop is not None and row >= stop:
+                break
+            lo, hi = max(start - row, 0), batch.num_rows if stop is None else min(batch.num_rows, stop - row)
+            if lo < hi:
+                yield from enumerate(batch.slice(lo, hi - lo).to_pylist(), row + lo)
+            row += batch.num_rows
     else:
         with _open_text(path) as fh:
+            row = 0
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
+                    continue
+                if stop is not None and row >= stop:
+                    break
+                row += 1
+                if row <= start:
                     continue
                 try:
                     yield lineno, json.loads(line)

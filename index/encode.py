@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from index.corpus import Corpus, Doc, iter_docs
+from index.corpus import Corpus, Doc, hash_doc, iter_docs
 from index.store import write_docs_chunk, write_npy_atomic
 from towers.atomic import write_json_atomic
 from towers.encoder import Encoder
@@ -161,13 +161,6 @@ def _prepare_work_dir(work: Path, state: dict[str, Any], resumable: bool) -> Non
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(state_path, state)
-
-
-def hash_doc(h: Any, doc: Doc) -> None:
-    """Feed one doc's fields into the hashlib object ``h`` (chunk digests, a shard's corpus digest)."""
-    for part in (doc.id, doc.title, doc.text, doc.metadata):
-        h.update(part.encode())
-        h.update(b"\0")
 
 
 def _digest(docs: Sequence[Doc]) -> str:

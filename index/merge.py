@@ -124,6 +124,30 @@ def check_shards(shards: Sequence[tuple[Path, dict[str, Any]]]) -> list[tuple[Pa
     return ordered
 
 
+def check_unique_ids(ordered: Sequence[tuple[Path, dict[str, Any]]]) -> None:
+    """Doc ids unique across all shards (each shard's build checked only its own rows).
+
+    Raises:
+        ValueError: naming one duplicated id, its corpus rows and the shards that hold them.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = [pa.ipc.open_stream(pa.memory_map(str(p / f"docs-{i:06d}.arrow"))).read_all()
+              for p, m in ordered for i in range(len(m["chunks"]))]  # memory-mapped: only "id" is read
+    ids = pa.chunked_array([t.column("id") for t in tables])
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)  # struct array: values, counts
+    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))[0].as_py()
+    rows = np.flatnonzero(pc.equal(ids, dup).to_numpy(zero_copy_only=False))
+    where = [f"row {r} (shard {next(m['shard_id'] for _, m in ordered if m['rows'][0] <= r < m['rows'][1])})"
+             for r in rows[:2]]
+    raise ValueError(f"duplicate id '{dup}' at corpus {' and '.join(where)}; doc ids must be unique across the "
+                     f"corpus: fix the corpus and rebuild the shards")
+
+
 def _unfinished_hint(shards: Sequence[tuple[Path, dict[str, Any]]], missing: list[int], n_shards: int) -> str:
     parents = {p.parent for p, _ in shards}
     work = [w for i in missing for parent in parents
@@ -182,6 +206,7 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
     if out.exists() and not config.overwrite:
         raise FileExistsError(f"index dir '{out}' already exists; pass --overwrite to replace it")
     ordered = check_shards([(p, read_shard(p)) for p in find_shards(shards)])
+    check_unique_ids(ordered)
     first = ordered[0][1]
     dim, n = int(first["dim"]), int(first["corpus"]["rows"])
     if towers_dir:

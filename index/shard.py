@@ -2,9 +2,10 @@
 
 Shard ``i`` of ``n`` encodes the contiguous corpus rows ``[i * N // n, (i + 1) * N // n)`` (N = corpus rows),
 so the shards in id order are the corpus in order and ``index merge`` gives faiss id i = corpus row i, as a
-single-machine build does. Every shard still reads the whole corpus once: rows outside its slice are validated
-and hashed but not encoded. So each shard checks the whole corpus (well-formed rows, unique ids) and records
-the same corpus digest, which ``index merge`` compares across shards.
+single-machine build does. A shard parses and validates only its own rows (earlier JSONL lines / Parquet
+batches are skipped unparsed); ``index merge`` checks ids across shards. Every shard records the corpus
+identity (rows + sha256 of the file's bytes, or of every doc for hub streams and in-memory rows), which
+``index merge`` compares, so shards of different corpora are never mixed.
 
 SHARD dir, written under ``--out`` as ``shard-00001-of-00004/``::
 
@@ -21,18 +22,17 @@ corpus does nothing, so relaunching a whole torchrun job after one rank failed e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from index.build import IndexBuildConfig, default_work_dir
-from index.corpus import Corpus, Doc, count_rows, describe, iter_docs
-from index.encode import encode_corpus, encoder_fingerprint, encoder_name, hash_doc
+from index.corpus import Corpus, corpus_identity, describe, iter_docs
+from index.encode import encode_corpus, encoder_fingerprint, encoder_name
 from index.store import link_or_copy
 from towers.atomic import atomic_dir, write_json_atomic
 from towers.encoder import Encoder
@@ -86,42 +86,6 @@ def resolve_shard(config: IndexBuildConfig, env: Mapping[str, str] = os.environ)
     return dataclasses.replace(config, shard_id=shard_id, num_shards=num_shards, device=device)
 
 
-class CorpusScan:
-    """Every doc of the corpus is validated and hashed; only rows ``[lo, hi)`` are yielded (to the encoder).
-
-    After a full iteration ``rows`` is the corpus length and ``sha256`` the digest of all its docs.
-    """
-
-    def __init__(self, corpus: Corpus, split: str, lo: int = 0, hi: int = 0) -> None:
-        self.corpus, self.split, self.lo, self.hi = corpus, split, lo, hi
-        self.rows = 0
-        self._hash = hashlib.sha256()
-
-    def __iter__(self) -> Iterator[Doc]:
-        for row, doc in enumerate(iter_docs(self.corpus, self.split)):
-            hash_doc(self._hash, doc)
-            self.rows = row + 1
-            if self.lo <= row < self.hi:
-                yield doc
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-
-def _corpus_rows(corpus: Corpus, split: str) -> int:
-    if not isinstance(corpus, (str, Path)) and not hasattr(corpus, "__len__"):
-        raise ValueError("a sharded build reads the corpus more than once: pass a file, dir, hf:NAME or a list of "
-                         "rows, not a one-shot iterator")
-    total = count_rows(corpus, split)
-    if total is None:  # a streamed hub dataset: count it (rows are validated on the way)
-        scan = CorpusScan(corpus, split)
-        for _ in scan:
-            pass
-        total = scan.rows
-    return total
-
-
 def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, config: IndexBuildConfig,
                 towers_dir: str | Path | None = None) -> Path:
     """Encode shard ``config.shard_id`` of ``config.num_shards`` of ``corpus`` into ``out/shard-I-of-N``.
@@ -152,29 +116,35 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
         raise ValueError(f"encoder {encoder_name(encoder)} has no fingerprint(): shards must be checked to come from "
                          f"the same towers; index with towers (`index.build.result_encoder`)")
     path = shard_dir(out, shard_id, num_shards)
-    total = _corpus_rows(corpus, config.corpus_split)
+    if not isinstance(corpus, (str, Path)) and not hasattr(corpus, "__len__"):
+        raise ValueError("a sharded build reads the corpus more than once: pass a file, dir, hf:NAME or a list of "
+                         "rows, not a one-shot iterator")
+    identity = corpus_identity(corpus, config.corpus_split)
+    total = identity["rows"]
     if total < num_shards:
         raise ValueError(f"corpus '{describe(corpus)}' has {total} rows, fewer than --num-shards {num_shards}")
     lo, hi = shard_range(total, shard_id, num_shards)
     expected = {"shard_id": shard_id, "num_shards": num_shards, "rows": [lo, hi], "fingerprint": fingerprint,
                 "dim": int(encoder.dim), "dtype": config.dtype}
     if path.exists() and not config.overwrite:
-        _keep_existing(path, corpus, config.corpus_split, expected)
+        _keep_existing(path, expected, identity)
         return path
-    work = Path(config.work_dir) if config.work_dir else default_work_dir(path)
-    scan = CorpusScan(corpus, config.corpus_split, lo, hi)
+    # one work dir per shard, also under an explicit --work-dir (torchrun gives every rank the same options)
+    work = Path(config.work_dir) / path.name if config.work_dir else default_work_dir(path)
     t0 = time.time()
     enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
-                        config.corpus_split, hi - lo, config.progress, docs=scan,
+                        config.corpus_split, hi - lo, config.progress,
+                        docs=iter_docs(corpus, config.corpus_split, lo, hi),
                         state_extra={"shard": [shard_id, num_shards], "rows": [lo, hi]})
-    if scan.rows != total or enc.n != hi - lo:
-        raise ValueError(f"corpus '{describe(corpus)}' changed while shard {shard_id} was encoded: counted {total} "
-                         f"rows, then read {scan.rows}; rebuild every shard from the final corpus")
+    if enc.n != hi - lo or (identity["hashed"] == "file bytes"
+                            and corpus_identity(corpus, config.corpus_split) != identity):
+        raise ValueError(f"corpus '{describe(corpus)}' changed while shard {shard_id} was encoded (had {total} rows, "
+                         f"read {enc.n} of rows [{lo}, {hi})); rebuild every shard from the final corpus")
     manifest = {
         "kind": SHARD_KIND, "format_version": SHARD_FORMAT_VERSION, **expected, "slicing": SLICING,
         "n": enc.n, "normalized": enc.normalized, "encoder": encoder_name(encoder),
         "towers_dir": str(Path(towers_dir).resolve()) if towers_dir else None,
-        "corpus": {"name": describe(corpus), "split": config.corpus_split, "rows": total, "sha256": scan.sha256},
+        "corpus": {**identity, "split": config.corpus_split},
         "chunks": [{"rows": _npy_rows(e), "emb_bytes": e.stat().st_size, "docs_bytes": d.stat().st_size}
                    for e, d in zip(enc.emb_paths(), enc.docs_paths())],
         "build_config": {**dataclasses.asdict(config), "encode_seconds": round(time.time() - t0, 1)},
@@ -230,7 +200,7 @@ def _npy_rows(path: Path) -> int:
     return int(np.load(path, mmap_mode="r").shape[0])
 
 
-def _keep_existing(path: Path, corpus: Corpus, split: str, expected: dict[str, Any]) -> None:
+def _keep_existing(path: Path, expected: dict[str, Any], identity: dict[str, Any]) -> None:
     """Accept an existing SHARD dir made from the same corpus and encoder (a rerun); otherwise refuse."""
     try:
         manifest = read_shard(path)
@@ -238,13 +208,10 @@ def _keep_existing(path: Path, corpus: Corpus, split: str, expected: dict[str, A
         raise FileExistsError(f"'{path}' exists but is not a usable shard ({exc}); pass --overwrite to rebuild "
                               f"it") from None
     differ = [f"{k} {manifest.get(k)} (now {v})" for k, v in expected.items() if manifest.get(k) != v]
-    if not differ:
-        scan = CorpusScan(corpus, split)
-        for _ in scan:
-            pass
-        if (scan.rows, scan.sha256) != (manifest["corpus"]["rows"], manifest["corpus"]["sha256"]):
-            differ.append(f"corpus {manifest['corpus']['name']} ({manifest['corpus']['rows']} rows, sha256 "
-                          f"{manifest['corpus']['sha256'][:12]}; now {scan.rows} rows, {scan.sha256[:12]})")
+    old = manifest["corpus"]
+    if (old["rows"], old["sha256"]) != (identity["rows"], identity["sha256"]):
+        differ.append(f"corpus {old['name']} ({old['rows']} rows, sha256 {old['sha256'][:12]}; now "
+                      f"{identity['rows']} rows, {identity['sha256'][:12]})")
     if differ:
         raise FileExistsError(f"shard dir '{path}' already exists with {'; '.join(differ)}; pass --overwrite to "
                               f"re-encode it")

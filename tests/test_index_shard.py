@@ -36,7 +36,7 @@ def rows(n: int = N) -> list[dict]:
     return [{"_id": f"d{i}", "title": "T" if i % 2 else "", "text": f"doc {i}"} for i in range(n)]
 
 
-def build_shards(root: Path, n_shards: int = 3, encoder: TableEncoder | None = None, corpus: list | None = None,
+def build_shards(root: Path, n_shards: int = 3, encoder: TableEncoder | None = None, corpus: list | Path | None = None,
                  ids: range | None = None, **cfg) -> Path:
     for i in ids if ids is not None else range(n_shards):
         build_index(encoder or TableEncoder(XB), corpus or rows(), root,
@@ -149,6 +149,42 @@ def test_missing_duplicate_and_foreign_shards_are_named(tmp_path, shards):
     with pytest.raises(FileNotFoundError, match="holds no finished shard"):
         merge_shards([tmp_path], tmp_path / "m", cfg)
     assert not (tmp_path / "m").exists()
+
+
+def test_duplicate_id_across_shards_is_named_at_merge(tmp_path):
+    dup = rows()
+    dup[2500]["_id"] = "d5"  # each shard's own rows are fine; shards 0 and 2 share an id
+    corpus = tmp_path / "corpus.jsonl"  # a file: a shard reads only its own rows of it
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in dup))
+    root = build_shards(tmp_path / "shards", corpus=corpus)
+    with pytest.raises(ValueError, match=r"duplicate id 'd5' at corpus row 5 \(shard 0\) and row 2500 \(shard 2\)"):
+        merge_shards([root], tmp_path / "m", IndexBuildConfig(**CFG))
+
+
+def test_row_slices_of_every_corpus_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from index.corpus import corpus_identity, iter_docs
+
+    items = rows(50)
+    jsonl = tmp_path / "c.jsonl"  # blank lines do not count as rows
+    jsonl.write_text("\n".join(json.dumps(r) + ("\n" if i % 7 == 0 else "") for i, r in enumerate(items)) + "\n")
+    pq.write_table(pa.Table.from_pylist(items), tmp_path / "c.parquet", row_group_size=8)
+    import datasets
+
+    datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "saved"))
+    full = [d.id for d in iter_docs(items)]
+    for corpus in (items, jsonl, tmp_path / "c.parquet", tmp_path / "saved"):
+        for lo, hi in [(0, 50), (0, 17), (17, 34), (34, 50), (49, 50), (50, 50)]:
+            assert [d.id for d in iter_docs(corpus, "train", lo, hi)] == full[lo:hi], (corpus, lo, hi)
+        assert corpus_identity(corpus)["rows"] == 50
+    assert corpus_identity(jsonl)["hashed"] == "file bytes" and corpus_identity(items)["hashed"] == "docs"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in items[:10]) + "{broken\n")
+    assert len(list(iter_docs(bad, "train", 0, 10))) == 10  # a shard that ends before the bad line never parses it
+    with pytest.raises(ValueError, match="bad.jsonl: line 11: malformed JSON"):
+        list(iter_docs(bad, "train", 5, 11))
 
 
 def test_damaged_or_unfinished_shards_are_refused(tmp_path, shards):
