@@ -240,6 +240,22 @@ CLI_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
+# index.corpus reads corpus.jsonl in text mode and hands rows on unchecked for these: a UnicodeDecodeError
+# without file or line, a lone surrogate that fails later in the tokenizer or Arrow, and a RecursionError
+# traceback. Fix (index/corpus.py): read lines with towers.data.iter_utf8_lines (per-line decode -> "line N:
+# not UTF-8 text"), catch RecursionError next to JSONDecodeError in _iter_raw, and check id/title/text with
+# towers.data.lone_surrogate_at in _validate.
+_INDEX_CORPUS_BUG = pytest.mark.xfail(strict=True, reason="index.corpus: see the comment above CORPUS_TEXT_CASES")
+CORPUS_TEXT_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
+    ("corpus-not-utf8", lambda c: c.build(c.write("c.jsonl", json.dumps(DOC).encode() + b'\n{"_id": "\xff"}\n')),
+     r"c\.jsonl: line 2: .*UTF-8"),
+    ("corpus-lone-surrogate", lambda c: c.build(c.jsonl("c.jsonl", DOC, '{"_id": "p2", "text": "a\\ud800"}')),
+     r"c\.jsonl: line 2: .*surrogate"),
+    ("corpus-nested-too-deep", lambda c: c.build(c.jsonl("c.jsonl", DOC, "[" * 100_000)),
+     r"c\.jsonl: line 2: .*(nested|deep)"),
+]
+
+
 @pytest.fixture(scope="module")
 def built(_tiny_models, tmp_path_factory) -> dict[str, Path]:
     from eval.suites.beir import write_beir
@@ -269,7 +285,8 @@ def _run(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
-@pytest.mark.parametrize("make, message", [pytest.param(m, msg, id=i) for i, m, msg in CLI_CASES])
+@pytest.mark.parametrize("make, message", [pytest.param(m, msg, id=i) for i, m, msg in CLI_CASES] + [
+    pytest.param(m, msg, id=i, marks=_INDEX_CORPUS_BUG) for i, m, msg in CORPUS_TEXT_CASES])
 def test_bad_input_is_one_clear_error_and_leaves_nothing(ctx: Ctx, make, message, capsys) -> None:
     argv = make(ctx)
     before = set(ctx.tmp.rglob("*"))
