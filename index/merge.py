@@ -51,13 +51,26 @@ class MergeConfig:
 class ShardedCorpus(EncodedCorpus):
     """The embedding chunks of several SHARD dirs, chained in shard order (= corpus order)."""
 
-    parts: list[EncodedCorpus] = dataclasses.field(default_factory=list)
+    parts: list[EncodedCorpus] = dataclasses.field(default_factory=list)  # one per shard, in order
+    manifests: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # their shard.json
 
     def emb_paths(self) -> list[Path]:
         return [p for part in self.parts for p in part.emb_paths()]
 
     def docs_paths(self) -> list[Path]:
         return [p for part in self.parts for p in part.docs_paths()]
+
+
+def open_shards(paths: Sequence[str | Path]) -> ShardedCorpus:
+    """The checked shards of one corpus (``find_shards`` + ``check_shards`` + ``check_unique_ids``) as one
+    ``EncodedCorpus`` over all rows (``.parts``: each shard's own)."""
+    ordered = check_shards([(p, read_shard(p)) for p in find_shards(paths)])
+    check_unique_ids(ordered)
+    dim = int(ordered[0][1]["dim"])
+    parts = [EncodedCorpus(p, m["n"], dim, len(m["chunks"]), m["normalized"]) for p, m in ordered]
+    return ShardedCorpus(parts[0].work_dir, int(ordered[0][1]["corpus"]["rows"]), dim,
+                         sum(p.n_chunks for p in parts), all(p.normalized for p in parts), parts=parts,
+                         manifests=[m for _, m in ordered])
 
 
 def find_shards(paths: Sequence[str | Path]) -> list[Path]:
@@ -205,15 +218,10 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
     out = Path(out)
     if out.exists() and not config.overwrite:
         raise FileExistsError(f"index dir '{out}' already exists; pass --overwrite to replace it")
-    ordered = check_shards([(p, read_shard(p)) for p in find_shards(shards)])
-    check_unique_ids(ordered)
-    first = ordered[0][1]
-    dim, n = int(first["dim"]), int(first["corpus"]["rows"])
+    whole = open_shards(shards)
+    parts, first, dim, n = whole.parts, whole.manifests[0], whole.dim, whole.n
     if towers_dir:
         _check_towers(towers_dir, first["fingerprint"])
-    parts = [EncodedCorpus(p, m["n"], dim, len(m["chunks"]), m["normalized"]) for p, m in ordered]
-    whole = ShardedCorpus(parts[0].work_dir, n, dim, sum(p.n_chunks for p in parts),
-                          all(p.normalized for p in parts), parts=parts)
     budget = parse_memory(config.memory_budget)
     if config.factory == "auto":
         choice = auto_factory(n, dim, budget)
@@ -245,12 +253,12 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
         corpus=first["corpus"]["name"], normalized=whole.normalized,
         build={**dataclasses.asdict(config), **dataclasses.asdict(merge), "factory_reason": reason,
                "memory_budget_bytes": budget, "index_seconds": round(time.time() - t0, 1),
-               "encode_seconds": sum(m["build_config"]["encode_seconds"] for _, m in ordered)})
-    manifest["history"] = [{"op": "merge", "time": manifest["created"], "rows": n, "shards": len(ordered)}]
+               "encode_seconds": sum(m["build_config"]["encode_seconds"] for m in whole.manifests)})
+    manifest["history"] = [{"op": "merge", "time": manifest["created"], "rows": n, "shards": len(parts)}]
     manifest["corpus_sha256"] = first["corpus"]["sha256"]
-    manifest["shards"] = [{"dir": str(p.resolve()), "shard_id": m["shard_id"], "rows": m["rows"],
+    manifest["shards"] = [{"dir": str(p.work_dir.resolve()), "shard_id": m["shard_id"], "rows": m["rows"],
                            "created": m["created"], "encode_seconds": m["build_config"]["encode_seconds"]}
-                          for p, m in ordered]
+                          for p, m in zip(parts, whole.manifests)]
     if extra:
         manifest["ivfdata"] = IVFDATA_FILE
     write_index_dir(out, index, whole.docs_paths(), manifest, extra)

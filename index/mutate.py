@@ -40,8 +40,8 @@ def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: In
     manifest = read_manifest(path)
     if manifest.get("ivfdata"):
         raise ValueError(f"index '{path}' keeps its IVF lists on disk ({manifest['ivfdata']}, `index merge --method "
-                         f"ondisk`), which faiss would change in place; rebuild the shards of the grown corpus and merge "
-                         f"them, or merge with --method add to get an index that `index add` can extend")
+                         f"ondisk`), which faiss would change in place; rebuild the shards of the grown corpus and "
+                         f"merge them, or merge with --method add to get an index that `index add` can extend")
     fp = encoder_fingerprint(encoder)
     if manifest.get("fingerprint") != fp:
         raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with {manifest.get('fingerprint')}"

@@ -12,9 +12,8 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from index.build import IndexBuildConfig, build_index, train_empty  # noqa: E402
-from index.encode import EncodedCorpus  # noqa: E402
 from index.load import load_index  # noqa: E402
-from index.merge import MergeConfig, ShardedCorpus, index_shards, merge_shards, shard_indexes  # noqa: E402
+from index.merge import MergeConfig, index_shards, merge_shards, open_shards, shard_indexes  # noqa: E402
 from index.mutate import add_docs, remove_docs  # noqa: E402
 from index.shard import read_shard, resolve_shard, shard_dir, shard_range  # noqa: E402
 from index.synthetic import TableEncoder, ann_recall, brute_force, clustered_vectors  # noqa: E402
@@ -115,10 +114,9 @@ def test_ondisk_index_moves_supports_remove_and_refuses_add(tmp_path, shards):
 def test_index_shards_serves_per_shard_indexes_like_the_merged_index(tmp_path, shards):
     cfg = IndexBuildConfig(factory="IVF32,Flat", **CFG)
     merged = load_index(merge_shards([shards], tmp_path / "m", cfg), "cpu")
-    parts = [EncodedCorpus(p, m["n"], 16, len(m["chunks"]), True) for p, m in
-             ((p, read_shard(p)) for p in sorted(shards.iterdir()))]
-    whole = ShardedCorpus(parts[0].work_dir, N, 16, sum(p.n_chunks for p in parts), True, parts=parts)
-    served = index_shards(list(shard_indexes(train_empty(whole, "IVF32,Flat", cfg), parts, progress=False)))
+    whole = open_shards([shards])
+    assert whole.n == N and [p.n for p in whole.parts] == [1000, 1000, 1000]
+    served = index_shards(list(shard_indexes(train_empty(whole, "IVF32,Flat", cfg), whole.parts, progress=False)))
     D0, I0 = merged.search(XB[:100], 10, nprobe=4)
     D1, I1 = served.search(XB[:100], 10, params=faiss.SearchParametersIVF(nprobe=4))
     np.testing.assert_array_equal(I1, I0)
@@ -148,6 +146,11 @@ def test_missing_duplicate_and_foreign_shards_are_named(tmp_path, shards):
         merge_shards([*s, four], tmp_path / "m", cfg)
     with pytest.raises(FileNotFoundError, match="holds no finished shard"):
         merge_shards([tmp_path], tmp_path / "m", cfg)
+    towers = tmp_path / "towers"  # --towers of another pair (only its twotower.json is read)
+    towers.mkdir()
+    (towers / "twotower.json").write_text(json.dumps({"fingerprint": "0123abcd"}))
+    with pytest.raises(ValueError, match="has result tower fingerprint 0123abcd but the shards were encoded with"):
+        merge_shards(s, tmp_path / "m", cfg, towers_dir=towers)
     assert not (tmp_path / "m").exists()
 
 
