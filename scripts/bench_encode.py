@@ -1,51 +1,23 @@
 """Encoder throughput: twotower's Tower.encode vs SentenceTransformer.encode, same weights, same texts.
 
-Runs side by side in one process (shared machines are noisy: compare ratios, not absolute figures) and
-prints texts/s for each, the ratio to sentence-transformers, and max |cos - 1| between the embeddings.
+Runs side by side in one process, interleaved round by round (shared machines are noisy: compare ratios,
+not absolute figures), and prints texts/s for each (best of ``--repeats`` rounds), the ratio to
+sentence-transformers, and max |cos - 1| between each variant's embeddings and sentence-transformers'.
 
-    python scripts/bench_encode.py --corpus SUITE/corpus.jsonl --n 10000 --device cpu
+    python scripts/bench_encode.py --n 10000 --repeats 2 --device cpu
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from towers.bases import resolve_base  # noqa: E402
-from towers.model import Tower  # noqa: E402
+from bench_common import check_device, emit, interleaved, load_corpus_texts, print_table
+from towers.bases import resolve_base
+from towers.model import Tower
 
-
-def load_texts(corpus: str | None, n: int) -> list[str]:
-    """First n docs of a BEIR corpus.jsonl (title + text), or the default codesearch-py suite's corpus."""
-    if corpus is None:
-        from eval.suites.build import build_suite
-        from towers.bases import cache_dir
-
-        corpus = str(build_suite("codesearch-py", cache_dir() / "suites" / "codesearch-py") / "corpus.jsonl")
-    texts = []
-    with open(corpus, encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            texts.append((row.get("title", "") + " " + row["text"]).strip())
-            if len(texts) >= n:
-                break
-    return texts
-
-
-def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+VARIANTS = ("fp32", "bf16", "fp16", "int8")
 
 
 def main() -> None:
@@ -55,47 +27,52 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=1, help="best of N runs per system")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds; each system's best round is reported")
     ap.add_argument("--variants", default="fp32,bf16,int8",
-                    help="twotower variants to run: fp32 (default path), bf16 (autocast), fp16 (cuda), int8 (cpu)")
+                    help=f"twotower variants, comma-separated from {', '.join(VARIANTS)}: fp32 (default path), "
+                         "bf16/fp16 (autocast), int8 (CPU dynamic quantisation)")
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
+    device = check_device(args.device)
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant '{v}': choose {', '.join(VARIANTS)}")
+    if device == "cuda" and "int8" in variants:
+        raise SystemExit("variant int8 is CPU-only (torch dynamic quantisation); drop it with --device cuda")
 
     from sentence_transformers import SentenceTransformer
 
-    texts = load_texts(args.corpus, args.n)
+    texts = load_corpus_texts(args.corpus, args.n)
     base = resolve_base("minilm")
-    st = SentenceTransformer(str(base), device=args.device)
+    st = SentenceTransformer(str(base), device=device)
     st.max_seq_length = args.max_length
-    tower = Tower.from_base(base, pooling="mean", max_length=args.max_length).to(args.device)
-    # warm-up both (first-call allocations, oneDNN kernel selection)
+    tower = Tower.from_base(base, pooling="mean", max_length=args.max_length).to(device)
+    int8 = tower.quantized_int8() if "int8" in variants else None
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    systems = {"sentence-transformers": lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
+                                                          normalize_embeddings=True)}
+    for v in variants:
+        model = int8 if v == "int8" else tower
+        systems[f"twotower-{v}"] = (lambda m=model, a=amp.get(v): m.encode(texts, batch_size=args.batch_size,
+                                                                          amp_dtype=a))
+    # warm-up both: first-call allocations, oneDNN kernel selection
     st.encode(texts[:128], batch_size=args.batch_size)
     tower.encode(texts[:128], batch_size=args.batch_size)
 
-    st_s, st_emb = timed(lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
-                                           normalize_embeddings=True), args.repeats)
-    rows = [{"system": "sentence-transformers", "texts_per_s": len(texts) / st_s, "ratio": 1.0, "max_abs_cos_err": 0.0}]
-    for variant in args.variants.split(","):
-        opts = {"fp32": {}, "bf16": {"amp_dtype": torch.bfloat16}, "fp16": {"amp_dtype": torch.float16},
-                "int8": {"quantize": "int8"}}[variant]
-        model = tower
-        if opts.pop("quantize", None):
-            model = tower.quantized_int8()
-        s, emb = timed(lambda: model.encode(texts, batch_size=args.batch_size, **opts), args.repeats)
-        cos = (emb * st_emb).sum(1)
-        rows.append({"system": f"twotower-{variant}", "texts_per_s": len(texts) / s, "ratio": st_s / s,
-                     "max_abs_cos_err": float(np.abs(cos - 1).max())})
-
-    print(f"{'system':<24}{'texts/s':>10}{'x ST':>8}{'max|cos-1|':>13}")
-    for r in rows:
-        print(f"{r['system']:<24}{r['texts_per_s']:>10.1f}{r['ratio']:>8.2f}{r['max_abs_cos_err']:>13.2e}")
-    line = {"bench": "encode", "device": args.device, "n": len(texts), "batch_size": args.batch_size,
-            "max_length": args.max_length, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "rows": rows}
-    print(json.dumps(line))
-    if args.json_out:
-        with open(args.json_out, "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+    times, outs = interleaved(systems, args.repeats, device)
+    st_s = min(times["sentence-transformers"])
+    rows = []
+    for name, ts in times.items():
+        cos = (outs[name] * outs["sentence-transformers"]).sum(1)
+        rows.append({"system": name, "seconds": min(ts), "texts_per_s": len(texts) / min(ts),
+                     "ratio": st_s / min(ts), "max_abs_cos_err": float(np.abs(cos - 1).max())})
+    print(f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, {device}, "
+          f"best of {args.repeats} interleaved rounds")
+    print_table(rows, [("system", "system", ""), ("texts_per_s", "texts/s", ".1f"), ("ratio", "x ST", ".2f"),
+                       ("max_abs_cos_err", "max|cos-1|", ".2e")])
+    emit("encode", args, rows, device, args.json_out, n=len(texts))
 
 
 if __name__ == "__main__":

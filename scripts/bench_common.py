@@ -1,0 +1,237 @@
+"""Shared helpers of the ``scripts/bench_*.py`` scripts: machine facts, interleaved best-of-N timing, RSS
+sampling, the table and the one JSON line every script prints.
+
+Shared machines are noisy, so the scripts compare systems *side by side in one run*: ``interleaved`` runs
+every system once per round, round after round, and keeps each one's best time; a burst of load from a
+neighbour then hits all systems alike instead of one of them. Absolute figures move with the load; the
+ratios are what the scripts report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the scripts import the project's packages from a checkout
+    sys.path.insert(0, str(ROOT))
+
+VERSION_PACKAGES = ("torch", "transformers", "sentence_transformers", "faiss", "numpy", "tokenizers")
+
+
+# ---- where and with what it ran ------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: Sequence[str] = ("avx512f", "avx512_bf16", "amx_bf16", "avx2")) -> list[str]:
+    """Which of ``wanted`` the CPU advertises (the kernels torch and faiss can use)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in wanted if f in flags]
+
+
+def versions(packages: Sequence[str] = VERSION_PACKAGES) -> dict[str, str]:
+    """``{package: version}`` of the packages that are already imported (importing one just to report it
+    would slow every script down)."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        module = sys.modules.get(name)
+        if module is not None:
+            out[name] = str(getattr(module, "__version__", "?"))
+    return out
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """Machine facts for the JSON line: CPU model, cores, load average, torch threads, GPU name."""
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
+                            "load_avg_1m": round(os.getloadavg()[0], 2)}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        if device.startswith("cuda") and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def check_device(device: str) -> str:
+    """``cpu`` or ``cuda``; cuda is refused with a clear message when torch sees no GPU."""
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"unknown --device '{device}': choose cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    return device
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done (no-op on CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ---- timing ---------------------------------------------------------------------------------------------
+def interleaved(systems: dict[str, Callable[[], Any]], repeats: int, device: str = "cpu"
+                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run every system once per round for ``repeats`` rounds (alternating order each round).
+
+    Returns:
+        ``({name: [seconds of each round]}, {name: output of its last run}``; report ``min`` (best-of-N).
+    """
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    outputs: dict[str, Any] = {}
+    names = list(systems)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:  # no system always runs right after another
+            sync(device)
+            t0 = time.perf_counter()
+            outputs[name] = systems[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times, outputs
+
+
+def per_call(fn: Callable[[], Any], min_seconds: float = 0.2, max_calls: int = 100_000) -> float:
+    """Mean seconds per call of a fast ``fn`` over at least ``min_seconds`` (at least one call)."""
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds or calls >= max_calls:
+            return elapsed / calls
+
+
+def best_per_call(systems: dict[str, Callable[[], Any]], rounds: int, min_seconds: float = 0.2
+                  ) -> dict[str, float]:
+    """Best-of-``rounds`` mean seconds per call of fast functions, interleaved round by round (each round
+    times every system over at least ``min_seconds``, alternating the order)."""
+    best = {name: float("inf") for name in systems}
+    names = list(systems)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            best[name] = min(best[name], per_call(systems[name], min_seconds))
+    return best
+
+
+# ---- memory ---------------------------------------------------------------------------------------------
+class RssSampler:
+    """Peak resident set size of a process *and its children*, sampled every ``interval`` seconds.
+
+    ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` would give the peak of the largest child ever waited for in
+    this process, so two runs in one script could not be told apart; sampling gives each run its own peak.
+
+    Use as a context manager around the process's lifetime; read ``peak_bytes`` afterwards.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_bytes = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            proc = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                rss = proc.memory_info().rss
+                for child in proc.children(recursive=True):
+                    try:
+                        rss += child.memory_info().rss
+                    except psutil.NoSuchProcess:
+                        pass
+            except psutil.NoSuchProcess:
+                return
+            self.peak_bytes = max(self.peak_bytes, rss)
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def rss_bytes() -> int:
+    """This process's current resident set size."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def codesearch_dir() -> Path:
+    """The codesearch-py suite dir (built on first use, then cached): corpus.jsonl, train.jsonl, ..."""
+    from eval.suites.build import build_suite
+    from towers.bases import cache_dir
+
+    return Path(build_suite("codesearch-py", cache_dir() / "suites" / "codesearch-py"))
+
+
+def load_corpus_texts(corpus: str | None, n: int) -> list[str]:
+    """First ``n`` docs of a BEIR corpus.jsonl as ``title + " " + text`` (default: codesearch-py's corpus)."""
+    path = Path(corpus) if corpus else codesearch_dir() / "corpus.jsonl"
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.append((row.get("title", "") + " " + row["text"]).strip())
+            if len(texts) >= n:
+                break
+    return texts
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as a fixed-width table; ``columns`` = (key, header, format spec like ``.2f``)."""
+    widths = [max(len(header), *(len(format(r.get(key, ""), spec)) if r.get(key) is not None else 1
+                                 for r in rows)) for key, header, spec in columns]
+    print("  ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths)))
+    for r in rows:
+        cells = [format(r[key], spec) if r.get(key) is not None else "-" for key, _, spec in columns]
+        print("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+
+
+def emit(bench: str, args: Any, results: Any, device: str = "cpu", json_out: str | None = None,
+         **extra: Any) -> dict[str, Any]:
+    """Print (and optionally append to ``json_out``) the script's one JSON line: what ran, where, with
+    which versions and options, and its results."""
+    line = {"bench": bench, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
+            "machine": machine(device), "versions": versions(),
+            "command": " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+            "args": {k: v for k, v in vars(args).items() if k != "json_out"}, **extra, "results": results}
+    text = json.dumps(line, default=str)
+    print(text)
+    if json_out:
+        with open(json_out, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    return line
