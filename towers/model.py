@@ -57,6 +57,47 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"unknown pooling '{pooling}': choose {', '.join(POOLINGS)}")
 
 
+def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = 8, group_cost: int = 64) -> list[np.ndarray]:
+    """Rows grouped by token count so each group is padded only to its own longest row.
+
+    Rows are sorted longest first and cut into at most ``max_groups`` contiguous runs that minimise the
+    padded tokens computed, ``sum(rows_g x longest_g)``, plus ``group_cost`` token-equivalents per group
+    (one more forward pass each); exact dynamic programme over the cut points.
+
+    Args:
+        lengths: real (non-pad) tokens per row, (n,).
+
+    Returns:
+        Row indices per group, longest group first; together a permutation of ``range(n)``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    if n <= 1 or max_groups <= 1:
+        return [order]
+    width = lengths[order].astype(np.float64)  # (n,) descending: group rows i..j-1 is padded to width[i]
+    pos = np.arange(n + 1)
+    # span[i, j] = tokens of one group of rows i..j-1 (inf unless i < j)
+    span = np.where(pos[None, 1:] > pos[:n, None], (pos[None, 1:] - pos[:n, None]) * width[:, None], np.inf)
+    best = np.full(n + 1, np.inf)  # best[j]: cheapest cover of rows 0..j-1 with the groups so far
+    best[0] = 0.0
+    cuts: list[np.ndarray] = []  # per round, the start of the last group ending at each j
+    results: list[float] = []
+    for _ in range(min(max_groups, n)):
+        total = best[:n, None] + span + group_cost  # (i, j - 1): last group = rows i..j-1
+        cuts.append(total.argmin(0))
+        best = np.concatenate([[np.inf], total.min(0)])
+        results.append(best[n])
+    rounds = int(np.argmin(results)) + 1
+    groups, end = [], n
+    for r in reversed(range(rounds)):
+        start = int(cuts[r][end - 1])
+        groups.append(order[start:end])
+        end = start
+    assert end == 0, "the groups cover every row"
+    return groups[::-1]
+
+
 class Tower(nn.Module):
     """One encoder tower. ``forward(input_ids, attention_mask) -> (B, dim)``."""
 
@@ -113,6 +154,35 @@ class Tower(nn.Module):
         if self.normalize:
             emb = nn.functional.normalize(emb, dim=-1)
         return emb
+
+    def forward_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_groups: int = 8,
+                        group_cost: int = 64) -> torch.Tensor:
+        """:meth:`forward` of a padded batch (B, T) run as length groups (see :func:`length_groups`): each
+        group drops the columns that are padding in all of its rows, so far fewer pad tokens are computed.
+
+        Same embeddings as :meth:`forward` up to float rounding (a row's outputs do not depend on trailing
+        padding or on the other rows); in train mode dropout draws its masks per group. A left-padding
+        tokenizer (decoder LLMs) has nothing to trim, so that batch runs as one.
+
+        Returns:
+            (B, dim) in the input row order.
+        """
+        if getattr(self.tokenizer, "padding_side", "right") == "left":
+            return self(input_ids, attention_mask)
+        groups = length_groups(attention_mask.sum(1).cpu().numpy(), max_groups, group_cost)
+        if len(groups) == 1:
+            return self(input_ids, attention_mask)
+        parts = []
+        for rows in groups:
+            idx = torch.as_tensor(rows, device=input_ids.device)
+            mask = attention_mask.index_select(0, idx)  # (b, T)
+            used = mask.bool().any(0).nonzero()
+            width = int(used.max()) + 1 if len(used) else 1  # trailing all-pad columns cut
+            parts.append(self(input_ids.index_select(0, idx)[:, :width], mask[:, :width]))
+        order = torch.as_tensor(np.concatenate(groups), device=input_ids.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return torch.cat(parts)[inverse]
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False,

