@@ -121,16 +121,38 @@ def per_call(fn: Callable[[], Any], min_seconds: float = 0.2, max_calls: int = 1
             return elapsed / calls
 
 
-def best_per_call(systems: dict[str, Callable[[], Any]], rounds: int, min_seconds: float = 0.2
-                  ) -> dict[str, float]:
-    """Best-of-``rounds`` mean seconds per call of fast functions, interleaved round by round (each round
-    times every system over at least ``min_seconds``, alternating the order)."""
-    best = {name: float("inf") for name in systems}
+def cycle_times(systems: dict[str, Callable[[], Any]], min_seconds: float = 1.0, min_rounds: int = 5,
+                max_rounds: int = 200_000) -> dict[str, list[float]]:
+    """Seconds of every single call, the systems called one after another round by round (the order
+    rotates each round), until ``min_seconds`` and ``min_rounds`` are both reached.
+
+    Round i of two systems ran within moments of each other, so ``median(b[i] - a[i])`` cancels the slow
+    drift of a shared machine's load that a comparison of separate timing windows would pick up.
+    """
+    times: dict[str, list[float]] = {name: [] for name in systems}
     names = list(systems)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            best[name] = min(best[name], per_call(systems[name], min_seconds))
-    return best
+    t_start = time.perf_counter()
+    for r in range(max_rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            systems[name]()
+            times[name].append(time.perf_counter() - t0)
+        if r + 1 >= min_rounds and time.perf_counter() - t_start >= min_seconds:
+            break
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    ordered = sorted(xs)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def paired_overhead(base: Sequence[float], other: Sequence[float]) -> float:
+    """``median(other[i] - base[i]) / median(base)``: the relative extra time of ``other`` over ``base``,
+    from calls timed in the same rounds (see :func:`cycle_times`)."""
+    return median([o - b for b, o in zip(base, other)]) / median(base)
 
 
 # ---- memory ---------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Search overhead: ``Retriever.search_vectors`` vs raw ``faiss`` ``index.search`` on the same index and vectors.
+
+The INDEX dirs are built with the project's own API (``index.build.build_index`` over a table encoder that
+returns precomputed vectors, then ``index.load.load_index``): ``--n`` synthetic normalised vectors
+(``index.synthetic.clustered_vectors``) in a Flat index and an IVF index. Queries are held-out draws from
+the same distribution. "raw faiss" is what a faiss user writes: ``index.search(xq, k)`` on the same
+loaded CPU index object, with ``nprobe`` set on the index to the manifest's default. Ours returns
+``Hit`` objects (id, score, text, title, metadata), raw faiss returns the two arrays; that work is part
+of the overhead, as it is what a caller of ours gets.
+
+Per index and batch size the systems are called one after another, round by round, for ``--seconds``;
+overhead % = median over rounds of (ours - raw) / median raw (paired: the two calls of a round ran
+moments apart, which cancels the drift of a shared machine's load). The breakdown columns show where
+ours spends it: ``LoadedIndex.search`` alone (validation, per-call parameter object, tombstone selector)
+and ``hits_from`` (doc rows + Hit objects). ``Retriever.search`` end to end (query encoding by the MiniLM
+query tower on codesearch-py queries, same pairing) vs sentence-transformers ``encode`` + raw faiss is
+printed for context: the encoder dominates.
+
+    python scripts/bench_search.py --n 100000 --batches 1,32,256 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench_common import check_device, codesearch_dir, cycle_times, emit, median, paired_overhead, print_table
+
+K = 10
+
+
+class VectorTable:
+    """Encoder-protocol object returning precomputed vectors: the text of doc i is ``"doc i"``."""
+
+    def __init__(self, xb: np.ndarray) -> None:
+        self.xb = xb
+        self.dim = int(xb.shape[1])
+
+    def encode(self, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return self.xb[[int(t.rsplit(" ", 1)[-1]) for t in texts]]
+
+
+def build(xb: np.ndarray, factory: str, out: Path) -> Path:
+    """An INDEX dir of ``xb`` built by ``index.build.build_index`` (docs: id ``d<i>``, text ``doc <i>``)."""
+    from index.build import IndexBuildConfig, build_index
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(len(xb))]
+    return build_index(VectorTable(xb), corpus, out, IndexBuildConfig(factory=factory, progress=False))
+
+
+def raw_search(index: Any, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return index.search(xq, k)
+
+
+def query_texts(n: int) -> list[str]:
+    texts = []
+    with open(codesearch_dir() / "queries.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"])
+            if len(texts) >= n:
+                break
+    return texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="vectors in the index")
+    ap.add_argument("--d", type=int, default=384, help="dimension (384 = MiniLM, so the query tower fits)")
+    ap.add_argument("--ivf", default="auto", help="IVF factory string, or auto (the nlist `index build` picks)")
+    ap.add_argument("--batches", default="1,32,256", help="query batch sizes")
+    ap.add_argument("--seconds", type=float, default=3.0, help="timing per index and batch size (all systems)")
+    ap.add_argument("--min-rounds", type=int, default=7, help="at least this many calls of each system")
+    ap.add_argument("--e2e-seconds", type=float, default=10.0, help="timing per batch size end to end")
+    ap.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time Retriever.search with query encoding (MiniLM query tower)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="device of the query tower (the faiss index is the CPU one: raw faiss-cpu vs ours)")
+    ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
+    args = ap.parse_args()
+    device = check_device(args.device)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import faiss
+
+    from index.factory import choose_nlist
+    from index.load import load_index
+    from index.synthetic import clustered_vectors
+    from retrieval.retriever import Retriever
+    from towers.bases import resolve_base
+    from towers.model import Tower
+
+    data = clustered_vectors(args.n + max(batches), args.d, seed=0)
+    xb, xq_all = data[: args.n], data[args.n:]
+    ivf = f"IVF{choose_nlist(args.n)},Flat" if args.ivf == "auto" else args.ivf
+    tower = Tower.from_base(resolve_base("minilm"), pooling="mean", max_length=64).to(device)
+    if tower.dim != args.d:
+        raise SystemExit(f"--d {args.d} must equal the query tower's dim {tower.dim}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    rows: list[dict[str, Any]] = []
+    for factory in ("Flat", ivf):
+        loaded = load_index(build(xb, factory, tmp / factory.replace(",", "_")), device="cpu")
+        nprobe = loaded.search_defaults.get("nprobe")
+        raw = loaded.cpu_index
+        if nprobe:
+            faiss.extract_index_ivf(raw).nprobe = nprobe
+        retriever = Retriever(loaded, tower)
+        for b in batches:
+            xq = np.ascontiguousarray(xq_all[:b])
+            assert np.array_equal(raw_search(raw, xq, K)[1], loaded.search(xq, K)[1]), "same index, same hits"
+            D, I = loaded.search(xq, K)
+            times = cycle_times({
+                "raw": lambda: raw_search(raw, xq, K),
+                "ours": lambda: retriever.search_vectors(xq, K),
+                "index_search": lambda: loaded.search(xq, K),
+            }, args.seconds, args.min_rounds)
+            hits_s = median(cycle_times({"hits_from": lambda: retriever.hits_from(D, I)}, 0.2, 5)["hits_from"])
+            raw_s, ours_s = median(times["raw"]), median(times["ours"])
+            rows.append({"index": factory, "nprobe": nprobe, "batch": b, "rounds": len(times["raw"]),
+                         "raw_ms": 1e3 * raw_s, "ours_ms": 1e3 * ours_s,
+                         "overhead_pct": 100 * paired_overhead(times["raw"], times["ours"]),
+                         "index_search_pct": 100 * paired_overhead(times["raw"], times["index_search"]),
+                         "extra_us": 1e6 * median([o - r for r, o in zip(times["raw"], times["ours"])]),
+                         "hits_from_us": 1e6 * hits_s, "raw_qps": b / raw_s, "ours_qps": b / ours_s})
+    print(f"n={args.n} d={args.d}, k={K}; medians of single calls, systems called in turn round by round "
+          f"(>= {args.seconds}s, >= {args.min_rounds} rounds); overhead = median paired difference / median raw; "
+          f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} OpenMP threads")
+    print_table(rows, [("index", "index", ""), ("nprobe", "nprobe", ""), ("batch", "batch", "d"),
+                       ("rounds", "rounds", "d"), ("raw_ms", "raw ms", ".3f"), ("ours_ms", "ours ms", ".3f"),
+                       ("overhead_pct", "overhead %", "+.1f"), ("extra_us", "extra us", ".0f"),
+                       ("index_search_pct", "LoadedIndex.search %", "+.1f"), ("hits_from_us", "hits_from us", ".0f")])
+
+    e2e: list[dict[str, Any]] = []
+    if args.end_to_end:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(resolve_base("minilm")), device=device)
+        st.max_seq_length = 64
+        texts = query_texts(max(batches))
+        retriever.search(texts[:8], K)  # warm-up (IVF retriever: the last one built)
+        st.encode(texts[:8])
+        for b in batches:
+            qs = texts[:b]
+            times = cycle_times({
+                "st+faiss": lambda: raw_search(raw, st.encode(qs, batch_size=64, convert_to_numpy=True,
+                                                              normalize_embeddings=True), K),
+                "retriever.search": lambda: retriever.search(qs, K)}, args.e2e_seconds, 3)
+            st_s, ours_s = median(times["st+faiss"]), median(times["retriever.search"])
+            e2e.append({"index": ivf, "batch": b, "rounds": len(times["st+faiss"]), "st_faiss_ms": 1e3 * st_s,
+                        "ours_ms": 1e3 * ours_s, "x_st": st_s / ours_s,
+                        "ours_vs_st_pct": 100 * paired_overhead(times["st+faiss"], times["retriever.search"])})
+        print("\nend to end with query encoding (MiniLM, max 64 tokens), IVF index:")
+        print_table(e2e, [("batch", "batch", "d"), ("rounds", "rounds", "d"), ("st_faiss_ms", "ST encode + faiss ms", ".1f"),
+                          ("ours_ms", "Retriever.search ms", ".1f"), ("x_st", "x ST", ".2f"),
+                          ("ours_vs_st_pct", "paired diff %", "+.1f")])
+    emit("search", args, rows, device, args.json_out, end_to_end=e2e)
+
+
+if __name__ == "__main__":
+    main()
