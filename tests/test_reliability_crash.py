@@ -239,22 +239,22 @@ def test_index_build_killed_between_chunks_keeps_previous_index_and_rerun_resume
     from towers.model import TwoTower
 
     towers, idx, xq, before = index_case
-    corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_rows(400))
+    corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_rows(240))
     work = tmp_path / ".idx.work"
     kill_when(build_args(towers, corpus, idx, "--keep-work"), lambda: len(chunk_records(work)) >= 3,
               tmp_path / "kill.log")
     before.assert_same(Snapshot(idx, xq))  # the previous index is untouched
     done = chunk_records(work)
-    assert 3 <= len(done) < 50
+    assert 3 <= len(done) < 30
     kept = {p.name: p.stat().st_ino for p in work.glob("emb-*.npy") if (work / f"chunk-{p.name[4:10]}.json").exists()}
     (work / "chunk-000001.json").unlink()  # a chunk without its completion record must be encoded again
 
     assert twotower_cli.main(build_args(towers, corpus, idx, "--keep-work")) == 0
     index = load_index(idx, "cpu")
-    assert index.ntotal == 400 and list(index.docs["id"]) == [f"p{i}" for i in range(400)]
+    assert index.ntotal == 240 and list(index.docs["id"]) == [f"p{i}" for i in range(240)]
     model = TwoTower.load(towers)
-    texts = [f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in corpus_rows(400)]
-    np.testing.assert_allclose(index.cpu_index.reconstruct_n(0, 400), model.encode_results(texts), atol=1e-5)
+    texts = [f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in corpus_rows(240)]
+    np.testing.assert_allclose(index.cpu_index.reconstruct_n(0, 240), model.encode_results(texts), atol=1e-5)
     # finished chunks were reused (same file, not rewritten); the one without a record was re-encoded
     for name, inode in kept.items():
         assert ((work / name).stat().st_ino == inode) == (name != "emb-000001.npy"), name
@@ -273,22 +273,40 @@ def test_index_build_killed_while_writing_the_index_dir_keeps_previous(index_cas
     assert load_index(idx, "cpu").ntotal == 100
 
 
+# What every INDEX write (build --overwrite, add, remove) ends with: towers.atomic.atomic_dir publishing a
+# finished temp dir over the old one. Run alone (no torch import) so the kill costs a fraction of a second.
+PUBLISH = r"""
+import shutil, sys
+from towers.atomic import atomic_dir
+src, dest = sys.argv[1:3]
+with atomic_dir(dest) as tmp:
+    for f in ("index.faiss", "manifest.json"):
+        shutil.copy2(f"{src}/{f}", tmp / f)
+    shutil.copytree(f"{src}/docs", tmp / "docs")
+"""
+
+
 @pytest.mark.xfail(strict=True, reason="towers.atomic._publish swaps the old dir out (os.replace dest -> "
                                        ".NAME.old-*) and then renames the new one in: a kill between the two "
                                        "renames leaves no dir under the final name")
-def test_index_build_killed_between_the_publishing_renames_keeps_an_index(index_case, tmp_path):
+def test_index_dir_killed_between_the_publishing_renames_keeps_an_index(index_case, tmp_path):
     towers, idx, xq, before = index_case
-    corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_rows(50))
-    kill_at_call(build_args(towers, corpus, idx), tmp_path / "kill.log", KILL_AFTER_RENAME_TO=".idx.old-")
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob(".idx.old-*")) == [".idx.old"]
-    before.assert_same(Snapshot(idx, xq))  # fails today: idx does not exist
+    hook = KILL_HOOK.replace("import twotower_cli\nsys.exit(twotower_cli.main(sys.argv[1:]))", PUBLISH)
+    with (tmp_path / "kill.log").open("wb") as out:
+        proc = subprocess.run([sys.executable, "-c", hook, str(idx), str(idx)], stdout=out, stderr=subprocess.STDOUT,
+                              env={**ENV, "KILL_AFTER_RENAME_TO": ".idx.old-"}, cwd=ROOT, timeout=TIMEOUT)
+    # Killed right after the old dir was renamed away (today), or finished when publishing no longer goes
+    # through such a rename (e.g. an atomic exchange): either way idx must hold a whole index (here the new
+    # one has the same content as the old).
+    assert proc.returncode in (0, -signal.SIGKILL), _tail(tmp_path / "kill.log")
+    before.assert_same(Snapshot(idx, xq))  # fails today: idx is gone, the old dir sits at .idx.old-*
 
 
 def test_index_add_killed_between_chunks_keeps_previous_index_and_rerun_adds(index_case, tmp_path):
     from index.load import load_index
 
     towers, idx, xq, before = index_case
-    new = write_corpus(tmp_path / "new.jsonl", corpus_rows(400, start=1000))
+    new = write_corpus(tmp_path / "new.jsonl", corpus_rows(200, start=1000))
     add = ["index", "add", str(idx), "--corpus", str(new), "--chunk-size", "8", "--batch-size", "8", "--device",
            "cpu", "--no-progress"]
     work = tmp_path / ".idx.add.work"
@@ -296,7 +314,7 @@ def test_index_add_killed_between_chunks_keeps_previous_index_and_rerun_adds(ind
     before.assert_same(Snapshot(idx, xq))
     assert twotower_cli.main(add) == 0
     index = load_index(idx, "cpu")
-    assert index.ntotal == 440 and list(index.docs["id"]) == before.ids + [f"p{i}" for i in range(1000, 1400)]
+    assert index.ntotal == 240 and list(index.docs["id"]) == before.ids + [f"p{i}" for i in range(1000, 1200)]
     assert [h["op"] for h in index.manifest["history"]] == ["build", "add"]
     assert not work.exists()
 
