@@ -49,7 +49,7 @@ def die():
     sys.stderr.write("kill hook: SIGKILL\n"); sys.stderr.flush(); os.kill(os.getpid(), signal.SIGKILL)
 if os.environ.get("KILL_AT"):
     target, attr, nth = os.environ["KILL_AT"].split(":")
-    mod, real, calls = importlib.import_module(target), None, [0]
+    mod, calls = importlib.import_module(target), [0]
     real = getattr(mod, attr)
     def hooked(*args, **kwargs):
         calls[0] += 1
