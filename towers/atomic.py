@@ -1,6 +1,8 @@
 """Write-to-temp-then-rename helpers: a crash never leaves half an artefact under the final name."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -30,13 +32,41 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         raise
 
 
-def _publish(tmp: Path, dest: Path, attempts: int = 5) -> None:
-    """Rename ``tmp`` to ``dest``, swapping out (then deleting) any existing ``dest``.
+_RENAME_EXCHANGE = 2  # linux/fs.h: atomically swap two existing paths
+_AT_FDCWD = -100
 
-    Retried because another process may publish the same ``dest`` between our swap-out and our rename
-    (two jobs building the same cached artefact); the last writer wins, and readers always see a whole dir.
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths with Linux ``renameat2(RENAME_EXCHANGE)``.
+
+    Returns False where the system or filesystem does not support it (the caller falls back).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2({a}, {b}, RENAME_EXCHANGE) failed: {os.strerror(err)}")
+
+
+def _publish(tmp: Path, dest: Path, attempts: int = 5) -> None:
+    """Move finished ``tmp`` to ``dest``; an existing ``dest`` is replaced and then deleted.
+
+    Where Linux offers ``renameat2(RENAME_EXCHANGE)`` the two dirs are swapped in one atomic step, so a kill
+    at any instant leaves a whole dir (old or new) under ``dest``. Elsewhere the old dir is renamed aside
+    first (``.NAME.old-*``: a kill between the two renames leaves it there, whole). Retried because another
+    process may publish the same ``dest`` meanwhile (two jobs building one cached artefact): last writer wins.
     """
     for _ in range(attempts):
+        if dest.exists() and _exchange(tmp, dest):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old dir
+            return
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
