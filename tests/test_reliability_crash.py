@@ -336,21 +336,47 @@ def test_index_add_and_remove_killed_while_writing_keep_previous(index_case, tmp
     assert index.ntotal == 60 and index.n_live == 57
 
 
-@pytest.mark.xfail(strict=True, reason="index.encode resumes a chunk when chunk-N.json matches the docs' digest "
-                                       "and the files exist; it does not check the embedding file's bytes")
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_a_corrupted_embedding_chunk_is_encoded_again(towers_and_index, tmp_path, damage):
+def _damage_chunk(work: Path, damage: str) -> None:
+    """Damage chunk 1 of an encode work dir on disk, the way a bad disk, a full disk or an old version would."""
+    emb, docs, record = work / "emb-000001.npy", work / "docs-000001.arrow", work / "chunk-000001.json"
+    if damage == "emb-flip":  # same size, last 64 bytes zeroed
+        data = emb.read_bytes()
+        emb.write_bytes(data[:-64] + bytes(64))
+    elif damage == "emb-truncate":
+        emb.write_bytes(emb.read_bytes()[: emb.stat().st_size // 2])
+    elif damage == "docs-flip":  # one character of a passage, same size: the Arrow file still reads
+        data = docs.read_bytes()
+        assert b"passage number 9" in data
+        docs.write_bytes(data.replace(b"passage number 9", b"passage number X"))
+    elif damage == "docs-missing":
+        docs.unlink()
+    elif damage == "record-without-sha256":  # a work dir written before chunk records carried file hashes
+        rec = json.loads(record.read_text())
+        del rec["sha256"]
+        record.write_text(json.dumps(rec))
+    else:
+        raise AssertionError(f"unknown damage {damage}")
+
+
+@pytest.mark.parametrize("damage", ["emb-flip", "emb-truncate", "docs-flip", "docs-missing", "record-without-sha256"])
+def test_a_damaged_chunk_is_encoded_again(towers_and_index, tmp_path, damage, capsys):
     from index.build import IndexBuildConfig, build_index, result_encoder
     from index.load import load_index
     from towers.model import TwoTower
 
     towers, _ = towers_and_index
     model = TwoTower.load(towers)
-    cfg = dict(chunk_size=8, keep_work=True, progress=False, work_dir=str(tmp_path / "work"))
+    work = tmp_path / "work"
+    cfg = dict(chunk_size=8, keep_work=True, progress=False, work_dir=str(work))
     build_index(result_encoder(model, "cpu"), corpus_rows(24), tmp_path / "a", IndexBuildConfig(**cfg))
-    emb = tmp_path / "work" / "emb-000001.npy"
-    data = emb.read_bytes()
-    emb.write_bytes(data[:-64] + bytes(64) if damage == "flip" else data[: len(data) // 2])
+    intact = {p.name: p.stat().st_ino for p in (work / "emb-000000.npy", work / "emb-000002.npy")}
+    _damage_chunk(work, damage)
     build_index(result_encoder(model, "cpu"), corpus_rows(24), tmp_path / "b", IndexBuildConfig(**cfg))
-    np.testing.assert_array_equal(load_index(tmp_path / "b", "cpu").cpu_index.reconstruct_n(0, 24),
-                                  load_index(tmp_path / "a", "cpu").cpu_index.reconstruct_n(0, 24))
+    a, b = load_index(tmp_path / "a", "cpu"), load_index(tmp_path / "b", "cpu")
+    np.testing.assert_array_equal(b.cpu_index.reconstruct_n(0, 24), a.cpu_index.reconstruct_n(0, 24))
+    assert b.docs.to_list() == a.docs.to_list()
+    assert {n: (work / n).stat().st_ino for n in intact} == intact, "the undamaged chunks were reused"
+    if damage != "record-without-sha256":
+        assert "chunk file" in capsys.readouterr().err
+    assert set(json.loads((work / "chunk-000001.json").read_text())["sha256"]) == {"emb-000001.npy",
+                                                                                   "docs-000001.arrow"}
