@@ -2,7 +2,9 @@
 
 Rows are ``{"_id" (or "id"), "title" (optional), "text", ...}``; every other field goes into a JSON
 ``metadata`` string. Rows are read one at a time so a corpus larger than RAM streams through; errors name
-the file and the line (JSONL) or row (other sources) and the field.
+the file and the line (JSONL) or row (other sources) and the field. JSONL is decoded line by line, so a byte
+that is not UTF-8 is named by its line too; text fields holding a lone UTF-16 surrogate (JSON can spell
+``"\ud800"``, Arrow and the tokenizers cannot take it) are refused here rather than deep inside a build.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from towers.data import iter_utf8_lines, lone_surrogate_at
 
 Corpus = str | Path | Iterable[Mapping[str, Any]]
 _RESERVED = ("_id", "id", "title", "text")
@@ -58,8 +62,7 @@ def count_rows(corpus: Corpus, split: str = "train") -> int | None:
             return pq.ParquetFile(path).metadata.num_rows
         if path.is_dir():
             return len(_load_saved(path))
-        with _open_text(path) as fh:
-            return sum(1 for line in fh if line.strip())
+        return sum(1 for _, line in _lines(path) if line.strip())
     return len(corpus) if hasattr(corpus, "__len__") else None  # type: ignore[arg-type]
 
 
@@ -164,7 +167,14 @@ def _validate(row: Any, corpus: Corpus, loc: int) -> Doc:
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
     if isinstance(extra.get("metadata"), Mapping):  # BEIR nests extras under "metadata": flatten one level
         extra = {**extra.pop("metadata"), **extra}
-    return Doc(str(doc_id), title, text, json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str))
+    metadata = json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
+    for name, value in ((key, str(doc_id)), ("title", title), ("text", text), ("metadata", metadata)):
+        at = lone_surrogate_at(value)
+        if at is not None:
+            what = f"field '{name}'" if name != "metadata" else "an extra (metadata) field"
+            raise ValueError(f"{_where(corpus, loc)}: {what} is not valid text: lone UTF-16 surrogate {value[at]!r} "
+                             f"at character {at} (id {str(doc_id)!r})")
+    return Doc(str(doc_id), title, text, metadata)
 
 
 def _resolve(corpus: str | Path) -> Path | None:
@@ -179,8 +189,19 @@ def _resolve(corpus: str | Path) -> Path | None:
     return path
 
 
-def _open_text(path: Path) -> Any:
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of a JSONL file, plain or ``.gz``; bytes that are not UTF-8
+    are a ValueError naming file:line (``towers.data.iter_utf8_lines``, which reads plain files only)."""
+    if path.suffix != ".gz":
+        yield from iter_utf8_lines(path)
+        return
+    with gzip.open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # the same words as iter_utf8_lines
+                raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the "
+                                 "line)") from None
 
 
 def _load_saved(path: Path) -> Any:
@@ -221,17 +242,19 @@ def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = Non
                 yield from enumerate(batch.slice(lo, hi - lo).to_pylist(), row + lo)
             row += batch.num_rows
     else:
-        with _open_text(path) as fh:
-            row = 0
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                if stop is not None and row >= stop:
-                    break
-                row += 1
-                if row <= start:
-                    continue
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+        row = 0
+        for lineno, line in _lines(path):
+            if not line.strip():
+                continue
+            if stop is not None and row >= stop:
+                break
+            row += 1
+            if row <= start:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
+                raise ValueError(f"{path}: line {lineno}: JSON nested too deeply") from None
+            yield lineno, obj

@@ -240,12 +240,7 @@ CLI_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
-# index.corpus reads corpus.jsonl in text mode and hands rows on unchecked for these: a UnicodeDecodeError
-# without file or line, a lone surrogate that fails later in the tokenizer or Arrow, and a RecursionError
-# traceback. Fix (index/corpus.py): read lines with towers.data.iter_utf8_lines (per-line decode -> "line N:
-# not UTF-8 text"), catch RecursionError next to JSONDecodeError in _iter_raw, and check id/title/text with
-# towers.data.lone_surrogate_at in _validate.
-_INDEX_CORPUS_BUG = pytest.mark.xfail(strict=True, reason="index.corpus: see the comment above CORPUS_TEXT_CASES")
+# Corpus text that is not UTF-8, holds a lone surrogate or nests too deep: named by file:line like any bad row.
 CORPUS_TEXT_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("corpus-not-utf8", lambda c: c.build(c.write("c.jsonl", json.dumps(DOC).encode() + b'\n{"_id": "\xff"}\n')),
      r"c\.jsonl: line 2: .*UTF-8"),
@@ -285,8 +280,7 @@ def _run(argv: list[str]) -> int:
         return int(exc.code or 0)
 
 
-@pytest.mark.parametrize("make, message", [pytest.param(m, msg, id=i) for i, m, msg in CLI_CASES] + [
-    pytest.param(m, msg, id=i, marks=_INDEX_CORPUS_BUG) for i, m, msg in CORPUS_TEXT_CASES])
+@pytest.mark.parametrize("make, message", [pytest.param(m, msg, id=i) for i, m, msg in CLI_CASES + CORPUS_TEXT_CASES])
 def test_bad_input_is_one_clear_error_and_leaves_nothing(ctx: Ctx, make, message, capsys) -> None:
     argv = make(ctx)
     before = set(ctx.tmp.rglob("*"))
@@ -329,3 +323,43 @@ def test_library_calls_name_the_bad_value(built, call, message) -> None:
     retriever = Retriever(index, Tower.load(built["towers"] / "query_tower"))
     with pytest.raises(ValueError, match=message):
         call(index, retriever)
+
+
+# ---- index.corpus on its own: every source, every text field, the row count -----------------------------------
+GOOD_LINE = json.dumps(DOC).encode() + b"\n"
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("c.jsonl.gz", GOOD_LINE + b'{"_id": "p2", "text": "caf\xe9"}\n', r"c\.jsonl\.gz: line 2: not UTF-8 text"),
+    ("c.jsonl", GOOD_LINE + b'{"_id": "p2", "title": "\\udfff", "text": "a"}\n',
+     r"c\.jsonl: line 2: field 'title' is not valid text: lone UTF-16 surrogate '\\udfff' at character 0"),
+    ("c.jsonl", GOOD_LINE + b'{"_id": "p\\ud800", "text": "a"}\n', r"c\.jsonl: line 2: field '_id' is not valid text"),
+    ("c.jsonl", GOOD_LINE + b'{"_id": "p2", "text": "a", "lang": ["\\ud800"]}\n',
+     r"c\.jsonl: line 2: an extra \(metadata\) field is not valid text"),
+    ("c.jsonl", GOOD_LINE + b"\n" + b"[" * 200_000 + b"\n", r"c\.jsonl: line 3: JSON nested too deeply"),
+], ids=["gz-not-utf8", "title-surrogate", "id-surrogate", "metadata-surrogate", "nested-after-blank-line"])
+def test_corpus_file_errors_name_file_and_line(tmp_path, name, data, message) -> None:
+    import gzip
+
+    from index.corpus import iter_docs
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(ValueError, match=message):
+        list(iter_docs(path))
+
+
+def test_corpus_row_count_names_the_line_that_is_not_utf8(tmp_path) -> None:
+    from index.corpus import count_rows
+
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(GOOD_LINE * 3 + b'{"_id": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl: line 4: not UTF-8 text"):
+        count_rows(path)
+
+
+def test_in_memory_rows_with_a_lone_surrogate_name_the_row() -> None:
+    from index.corpus import iter_docs
+
+    with pytest.raises(ValueError, match=r"row 1: field 'text' is not valid text: lone UTF-16 surrogate .* \(id 'b'\)"):
+        list(iter_docs([{"_id": "a", "text": "ok"}, {"_id": "b", "text": "x\ud83d"}]))
