@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ def run_index_build(args: argparse.Namespace) -> int:
     from towers.model import TwoTower
 
     config = resolve_shard(dataclass_from_args(IndexBuildConfig, args))  # under torchrun: shard RANK of WORLD_SIZE
+    _notice_stale_temp_dirs(args.out)
     encoder = result_encoder(TwoTower.load(args.towers), config.device)
     out = build_index(encoder, args.corpus, args.out, config, towers_dir=args.towers)
     if config.num_shards:
@@ -113,6 +115,18 @@ def run_index_build(args: argparse.Namespace) -> int:
     else:
         _print_info(out)
     return 0
+
+
+def _notice_stale_temp_dirs(out: str | Path) -> None:
+    """One line on stderr naming leftovers of killed writes of ``out`` (listed for the user, never deleted)."""
+    from index.store import STALE_AFTER_S, stale_temp_dirs
+
+    stale = stale_temp_dirs(out)
+    if stale:
+        listed = ", ".join(f"{path} ({age / 3600:.1f} h)" for path, age in stale)
+        print(f"twotower index build: notice: {len(stale)} temp dir(s) of interrupted writes beside '{out}', "
+              f"unchanged for over {STALE_AFTER_S / 3600:g} h; delete them if no twotower process is still "
+              f"writing there: {listed}", file=sys.stderr)
 
 
 def run_index_merge(args: argparse.Namespace) -> int:

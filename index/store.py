@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ REMOVED_FILE = "removed.npy"
 IVFDATA_FILE = "index.ivfdata"
 DOC_COLUMNS = ("id", "title", "text", "metadata")
 _REQUIRED_KEYS = ("format_version", "dim", "metric", "factory", "ntotal", "search_defaults")
+STALE_AFTER_S = 3600  # a temp dir untouched this long is reported by `index build` as a likely leftover
 
 
 def write_docs_chunk(path: str | Path, docs: Sequence[Doc]) -> None:
@@ -166,3 +168,30 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         os.link(src, dst)
     except OSError:  # filesystems without hard links, or src and dst on different devices
         shutil.copy2(src, dst)
+
+
+def stale_temp_dirs(dest: str | Path, older_than_s: float = STALE_AFTER_S) -> list[tuple[Path, float]]:
+    """Leftovers of interrupted writes of ``dest``: the ``.NAME.tmp-*`` / ``.NAME.old-*`` dirs beside it
+    (``towers.atomic`` names them so) in which nothing changed for ``older_than_s`` seconds.
+
+    They are only reported, never deleted: a slow write of another live process may look just like that, and
+    only the user can tell. Nothing reads them (``load_index`` and ``index info`` look inside ``dest`` only).
+
+    Returns:
+        (dir, seconds since its newest change) pairs, oldest first.
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    prefixes = (f".{dest.name}.tmp-", f".{dest.name}.old-")
+    now, found = time.time(), []
+    for path in dest.parent.iterdir():
+        if not path.name.startswith(prefixes) or path.is_symlink() or not path.is_dir():
+            continue
+        try:  # the newest change anywhere inside: a live write keeps touching its files
+            newest = max([path.stat().st_mtime] + [p.lstat().st_mtime for p in path.rglob("*")])
+        except FileNotFoundError:  # being renamed or deleted right now: someone is on it
+            continue
+        if now - newest > older_than_s:
+            found.append((path, now - newest))
+    return sorted(found, key=lambda pair: -pair[1])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,6 +272,44 @@ def test_index_build_killed_while_writing_the_index_dir_keeps_previous(index_cas
     assert len(tmp_dirs(tmp_path, "idx")) == 1  # the half-written dir never got the final name
     assert twotower_cli.main(build_args(towers, corpus, idx)) == 0
     assert load_index(idx, "cpu").ntotal == 100
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Set the mtime of ``path`` and everything inside it to ``seconds`` ago."""
+    then = time.time() - seconds
+    for p in [path, *path.rglob("*")]:
+        os.utime(p, (then, then))
+
+
+def test_leftover_temp_dirs_are_ignored_by_readers_and_listed_by_build(index_case, tmp_path, capsys):
+    towers, idx, xq, before = index_case
+    # What killed writes leave beside idx: a half-written new dir, an old dir swapped out, a write in progress.
+    half, old, live = tmp_path / ".idx.tmp-k1ll3d", tmp_path / ".idx.old-0ld0ld00", tmp_path / ".idx.tmp-l1ve"
+    shutil.copytree(idx, old)
+    for d in (half, live):
+        d.mkdir()
+        (d / "index.faiss").write_bytes(b"half a faiss file")
+        (d / "manifest.json").write_text("{")
+    _age(half, 2 * 3600)
+    _age(old, 30 * 3600)
+    _age(live, 3000)  # 50 minutes: perhaps a slow write of a live process, not reported
+    (tmp_path / ".other.tmp-x").mkdir()  # another artefact's temp dir
+    _age(tmp_path / ".other.tmp-x", 5 * 3600)
+
+    assert twotower_cli.main(["index", "info", str(idx), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ntotal"] == 40 and info["path"] == str(idx)
+    before.assert_same(Snapshot(idx, xq))
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_rows(16))
+    assert twotower_cli.main(build_args(towers, corpus, idx)) == 0
+    notices = [line for line in capsys.readouterr().err.splitlines() if "notice:" in line]
+    assert len(notices) == 1, notices
+    assert re.search(rf"2 temp dir\(s\) of interrupted writes beside '{re.escape(str(idx))}', unchanged for over 1 h; "
+                     rf"delete them if no twotower process is still writing there: {re.escape(str(old))} \(30\.0 h\), "
+                     rf"{re.escape(str(half))} \(2\.0 h\)$", notices[0]), notices[0]
+    assert half.is_dir() and old.is_dir() and live.is_dir(), "leftovers are listed, never deleted"
+    assert Snapshot(idx, xq).ids == [f"p{i}" for i in range(16)]
 
 
 # What every INDEX write (build --overwrite, add, remove) ends with: towers.atomic.atomic_dir publishing a
