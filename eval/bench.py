@@ -37,7 +37,7 @@ class BenchConfig:
                         choices=["auto", "cpu", "cuda"])
     max_queries: int | None = field(None, "evaluate on a random subset of this many queries")
     max_corpus: int | None = field(None, "keep at most this many docs (all relevant docs of kept queries stay)")
-    query_max_length: int = field(64, "query tokens for minilm (trained towers keep their own lengths)")
+    query_max_length: int = field(64, "query tokens for minilm and raw-llm (trained towers keep their own)")
     doc_max_length: int = field(256, "doc tokens for minilm and raw-llm (raw-llm's prompt comes on top)")
     prompt: str = field("promptEOL", "raw-llm prompt: promptEOL, none, or a template with {text}")
     n_random: int = field(10, "random docs per query for the similarity plot")

@@ -149,7 +149,7 @@ class RawLLMEncoder:
         self._model: Any = None
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
-        self._caches: dict[str, EmbeddingCache] = {}
+        self._caches: dict[tuple[str, int], EmbeddingCache] = {}
         self.last_stats: dict[str, int] = {}  # texts taken from the cache vs run through the model last call
         config = json.loads((self.model_dir / "config.json").read_text())
         text_config = config.get("text_config", config)
@@ -185,29 +185,35 @@ class RawLLMEncoder:
                 "pooling": self.pooling, "prompt": self.prompt_name, "prompt_template": self.template,
                 "max_length": self.max_length, "dtype": self.dtype_name, "normalize": True}
 
-    def _cache(self, pooling: str) -> EmbeddingCache:
+    def _cache(self, pooling: str, max_length: int) -> EmbeddingCache:
         from towers.bases import cache_dir
 
-        if pooling not in self._caches:
+        if (pooling, max_length) not in self._caches:
             key = {"model_fingerprint": self.fingerprint, "pooling": pooling, "prompt": self.template,
-                   "max_length": self.max_length, "dtype": self.dtype_name, "version": 1}
-            self._caches[pooling] = EmbeddingCache(cache_dir() / "emb", key)
-        return self._caches[pooling]
+                   "max_length": max_length, "dtype": self.dtype_name, "version": 1}
+            self._caches[pooling, max_length] = EmbeddingCache(cache_dir() / "emb", key)
+        return self._caches[pooling, max_length]
 
     def encode_all_poolings(self, texts: Sequence[str], poolings: Sequence[str] = LLM_POOLINGS,
-                            batch_size: int | None = None, show_progress: bool = False) -> dict[str, np.ndarray]:
+                            batch_size: int | None = None, show_progress: bool = False,
+                            max_length: int | None = None) -> dict[str, np.ndarray]:
         """One forward pass per batch serves every pooling.
+
+        Args:
+            max_length: text tokens kept for this call (default: the encoder's ``max_length``), e.g. a
+                shorter budget for queries than for docs.
 
         Returns:
             pooling -> float32 (n, dim_of(pooling)) L2-normalised, rows in input order.
         """
         poolings = check_llm_poolings(poolings)
+        max_length = max_length or self.max_length
         texts = list(texts)
         out = {p: np.empty((len(texts), self.dim_of(p)), dtype=np.float32) for p in poolings}
         todo = list(range(len(texts)))
         keys = [EmbeddingCache.text_key(t) for t in texts] if self.use_cache else []
         if self.use_cache:
-            hits = {p: self._cache(p).get(keys) for p in poolings}
+            hits = {p: self._cache(p, max_length).get(keys) for p in poolings}
             todo = [i for i in todo if any(hits[p][i] is None for p in poolings)]
             for p in poolings:
                 for i, row in enumerate(hits[p]):
@@ -217,7 +223,7 @@ class RawLLMEncoder:
         if not todo:
             return out
         self._load_model()
-        ids = self._prompt_ids([texts[i] for i in todo])
+        ids = self._prompt_ids([texts[i] for i in todo], max_length)
         order = np.argsort([-len(x) for x in ids], kind="stable")  # length-sorted batches: minimal padding
         bs = batch_size or self.batch_size
         pending: list[int] = []
@@ -231,7 +237,7 @@ class RawLLMEncoder:
                 bar.update(len(batch))
                 if self.use_cache and (len(pending) >= _FLUSH_EVERY or start + bs >= len(order)):
                     for p in poolings:
-                        self._cache(p).put([keys[i] for i in pending], out[p][pending])
+                        self._cache(p, max_length).put([keys[i] for i in pending], out[p][pending])
                     pending = []
         return out
 
@@ -250,7 +256,7 @@ class RawLLMEncoder:
         out_features = self._model.get_output_embeddings().out_features
         assert out_features == self.vocab_size, f"lm head has {out_features} outputs, config says {self.vocab_size}"
 
-    def _prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+    def _prompt_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids of special-prefix + prompt-head + text (first max_length tokens) + prompt-tail."""
         tok = self._tokenizer
         # Special tokens the tokenizer adds around a text (e.g. BOS for Llama/Gemma, none for SmolLM2).
@@ -261,7 +267,8 @@ class RawLLMEncoder:
         head, tail = (self.template.split("{text}", 1) if self.template else ("", ""))
         head_ids = tok(head, add_special_tokens=False)["input_ids"] if head else []
         tail_ids = tok(tail, add_special_tokens=False)["input_ids"] if tail else []
-        body = tok(list(texts), add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
+        body = tok(list(texts), add_special_tokens=False, truncation=True,
+                   max_length=max_length or self.max_length)["input_ids"]
         return [special_head + head_ids + b + tail_ids + special_tail for b in body]
 
     def _forward(self, ids: list[list[int]], poolings: Sequence[str]) -> dict[str, np.ndarray]:

@@ -175,32 +175,36 @@ class RawLLMSystem:
 
     dense = True
 
-    def __init__(self, spec: SystemSpec, device: str = "cpu", max_length: int = 256, prompt: str | None = "promptEOL",
-                 llm_batch_size: int = 16) -> None:
+    def __init__(self, spec: SystemSpec, device: str = "cpu", query_max_length: int = 64, doc_max_length: int = 256,
+                 prompt: str | None = "promptEOL", llm_batch_size: int = 16) -> None:
         from eval.raw_llm import RawLLMEncoder
 
         self.label = spec.label
         self.poolings = spec.poolings or LLM_POOLINGS
+        self.query_max_length = query_max_length
         self.encoder = RawLLMEncoder(spec.value or "smollm2", pooling=self.poolings[0], prompt=prompt,
-                                     max_length=max_length, batch_size=llm_batch_size, device=device)
+                                     max_length=doc_max_length, batch_size=llm_batch_size, device=device)
 
     @property
     def rows(self) -> list[str]:
         return [f"{self.label}-{p}" for p in self.poolings]
 
-    def _encode(self, texts: Sequence[str], show_progress: bool) -> dict[str, np.ndarray]:
+    def _encode(self, texts: Sequence[str], max_length: int, show_progress: bool) -> dict[str, np.ndarray]:
         # The LLM keeps its own (smaller) batch size: its activations are much larger than a MiniLM's.
-        out = self.encoder.encode_all_poolings(texts, self.poolings, show_progress=show_progress)
+        out = self.encoder.encode_all_poolings(texts, self.poolings, show_progress=show_progress,
+                                               max_length=max_length)
         return {f"{self.label}-{p}": v for p, v in out.items()}
 
     def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
-        return self._encode(texts, show_progress)
+        return self._encode(texts, self.query_max_length, show_progress)
 
     def encode_docs(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
-        return self._encode(texts, show_progress)
+        return self._encode(texts, self.encoder.max_length, show_progress)
 
     def config(self) -> dict[str, dict[str, Any]]:
         base = self.encoder.config()
+        base["query_max_length"] = self.query_max_length
+        base["result_max_length"] = base.pop("max_length")
         return {f"{self.label}-{p}": {"kind": "raw-llm", **base, "pooling": p} for p in self.poolings}
 
 
@@ -236,7 +240,7 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":
-            systems.append(RawLLMSystem(spec, device, doc_max_length, prompt, llm_batch_size))
+            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, llm_batch_size))
         elif spec.kind == "bm25":
             systems.append(BM25System(spec))
         else:

@@ -99,3 +99,12 @@ def test_errors_name_the_choices(tiny_llama_dir, cache_env) -> None:
         RawLLMEncoder(str(tiny_llama_dir), prompt="eol")
     with pytest.raises(ValueError, match="unknown base model"):
         RawLLMEncoder("no-such-model")
+
+
+def test_per_call_max_length_is_its_own_cache(tiny_llama_dir, cache_env) -> None:
+    enc = RawLLMEncoder(str(tiny_llama_dir), pooling="last", max_length=32)
+    short = enc.encode_all_poolings(TEXTS, ("last",), max_length=3)["last"]
+    ref = RawLLMEncoder(str(tiny_llama_dir), pooling="last", max_length=3, cache=False).encode(TEXTS)
+    np.testing.assert_allclose(short, ref, atol=1e-5)
+    long = enc.encode(TEXTS)
+    assert not np.allclose(long[1], short[1])  # the long text differs once truncated to 3 tokens
