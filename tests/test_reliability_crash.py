@@ -325,20 +325,17 @@ with atomic_dir(dest) as tmp:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="towers.atomic._publish swaps the old dir out (os.replace dest -> "
-                                       ".NAME.old-*) and then renames the new one in: a kill between the two "
-                                       "renames leaves no dir under the final name")
 def test_index_dir_killed_between_the_publishing_renames_keeps_an_index(index_case, tmp_path):
     towers, idx, xq, before = index_case
     hook = KILL_HOOK.replace("import twotower_cli\nsys.exit(twotower_cli.main(sys.argv[1:]))", PUBLISH)
     with (tmp_path / "kill.log").open("wb") as out:
         proc = subprocess.run([sys.executable, "-c", hook, str(idx), str(idx)], stdout=out, stderr=subprocess.STDOUT,
                               env={**ENV, "KILL_AFTER_RENAME_TO": ".idx.old-"}, cwd=ROOT, timeout=TIMEOUT)
-    # Killed right after the old dir was renamed away (today), or finished when publishing no longer goes
-    # through such a rename (e.g. an atomic exchange): either way idx must hold a whole index (here the new
-    # one has the same content as the old).
+    # The renameat2 exchange publishes in one step (no rename to .idx.old-*, so the run finishes); a publish
+    # that renamed the old dir aside first would be killed with no dir under idx. idx must hold a whole index
+    # (here the new one has the same content as the old).
     assert proc.returncode in (0, -signal.SIGKILL), _tail(tmp_path / "kill.log")
-    before.assert_same(Snapshot(idx, xq))  # fails today: idx is gone, the old dir sits at .idx.old-*
+    before.assert_same(Snapshot(idx, xq))
 
 
 def test_index_add_killed_between_chunks_keeps_previous_index_and_rerun_adds(index_case, tmp_path):
