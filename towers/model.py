@@ -146,8 +146,11 @@ class Tower(nn.Module):
         )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B,T,H)
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) - or their input embeddings (B, T, H) - and mask (B, T) -> (B, dim)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              inputs_embeds=inputs_embeds).last_hidden_state  # (B, T, H)
         emb = pool(hidden, attention_mask, self.pooling)  # (B, H)
         if self.proj is not None:
             emb = self.proj(emb)  # (B, dim)
@@ -172,13 +175,16 @@ class Tower(nn.Module):
         groups = length_groups(attention_mask.sum(1).cpu().numpy(), max_groups, group_cost)
         if len(groups) == 1:
             return self(input_ids, attention_mask)
+        # The token embeddings are looked up once for the whole batch: the backward of an embedding lookup
+        # writes a dense (vocab, H) gradient, which per group would cost a vocabulary-sized buffer each.
+        embeds = self.encoder.get_input_embeddings()(input_ids)  # (B, T, H)
         parts = []
         for rows in groups:
             idx = torch.as_tensor(rows, device=input_ids.device)
             mask = attention_mask.index_select(0, idx)  # (b, T)
             used = mask.bool().any(0).nonzero()
             width = int(used.max()) + 1 if len(used) else 1  # trailing all-pad columns cut
-            parts.append(self(input_ids.index_select(0, idx)[:, :width], mask[:, :width]))
+            parts.append(self(None, mask[:, :width], inputs_embeds=embeds.index_select(0, idx)[:, :width]))
         order = torch.as_tensor(np.concatenate(groups), device=input_ids.device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)
