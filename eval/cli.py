@@ -29,7 +29,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(BenchConfig, args)
     if not cfg.suite:
-        raise ValueError("--suite is required (a BEIR dir, e.g. the suite/ folder of `twotower demo`)")
+        raise ValueError("--suite is required: a BEIR dir, e.g. runs/demo/codesearch-py-cpu-small/codesearch-py (built by `twotower demo`)")
     results = bench(cfg.suite, cfg.systems, cfg.out, cfg.k_max, cfg.batch_size, cfg.device, cfg.max_queries,
                     cfg.max_corpus, llm_batch_size=cfg.llm_batch_size, query_max_length=cfg.query_max_length,
                     doc_max_length=cfg.doc_max_length, prompt=cfg.prompt, n_random=cfg.n_random, seed=cfg.seed)
