@@ -17,7 +17,7 @@ from bench_common import check_device, emit, interleaved, load_corpus_texts, pri
 from towers.bases import resolve_base
 from towers.model import Tower
 
-VARIANTS = ("fp32", "bf16", "fp16", "int8")
+VARIANTS = ("fp32", "bf16", "fp16", "bf16w", "fp16w", "int8")
 
 
 def main() -> None:
@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each system's best round is reported")
     ap.add_argument("--variants", default="fp32,bf16,int8",
                     help=f"twotower variants, comma-separated from {', '.join(VARIANTS)}: fp32 (default path), "
-                         "bf16/fp16 (autocast), int8 (CPU dynamic quantisation)")
+                         "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: Tower.cast_copy), "
+                         "int8 (CPU dynamic quantisation)")
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
     device = check_device(args.device)
@@ -48,18 +49,19 @@ def main() -> None:
     st = SentenceTransformer(str(base), device=device)
     st.max_seq_length = args.max_length
     tower = Tower.from_base(base, pooling="mean", max_length=args.max_length).to(device)
-    int8 = tower.quantized_int8() if "int8" in variants else None
+    models = {"int8": tower.quantized_int8() if "int8" in variants else None,
+              "bf16w": tower.cast_copy(torch.bfloat16) if "bf16w" in variants else None,
+              "fp16w": tower.cast_copy(torch.float16) if "fp16w" in variants else None}
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
     systems = {"sentence-transformers": lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
                                                           normalize_embeddings=True)}
+    st.encode(texts[:64], batch_size=args.batch_size)  # warm-up: first-call allocations, oneDNN kernel choice
     for v in variants:
-        model = int8 if v == "int8" else tower
+        model = models.get(v) or tower
+        model.encode(texts[:64], batch_size=args.batch_size, amp_dtype=amp.get(v))  # warm-up
         systems[f"twotower-{v}"] = (lambda m=model, a=amp.get(v): m.encode(texts, batch_size=args.batch_size,
                                                                           amp_dtype=a))
-    # warm-up both: first-call allocations, oneDNN kernel selection
-    st.encode(texts[:128], batch_size=args.batch_size)
-    tower.encode(texts[:128], batch_size=args.batch_size)
 
     times, outs = interleaved(systems, args.repeats, device)
     st_s = min(times["sentence-transformers"])
