@@ -23,14 +23,18 @@ def _minilm_tokenizer():
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box they lose a lot."""
+def _one_thread():
+    """Tiny models and small indexes gain nothing from intra-op threads, and on a loaded 2-core box torch's and
+    faiss's OpenMP spin-waiting loses a lot; one thread each keeps tests fast and stable."""
+    import faiss
     import torch
 
-    before = torch.get_num_threads()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
 
 
 @pytest.fixture(scope="session")

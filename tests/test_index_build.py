@@ -19,13 +19,6 @@ from index.synthetic import TableEncoder, brute_force, clustered_vectors  # noqa
 CFG = dict(progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
 
 def rows(n: int, start: int = 0) -> list[dict]:
     return [{"_id": f"d{i}", "title": "T" if i % 2 else "", "text": f"doc {i}", "lang": "en"}

@@ -12,14 +12,6 @@ from index.synthetic import ann_recall, brute_force, clustered_vectors  # noqa: 
 from index.torch_search import TorchFlatSearcher  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    """OpenMP spin-waits badly on a shared 2-core box; one thread keeps timings stable."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,13 +14,6 @@ from index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
 CFG = dict(progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
 
 def rows(ids: range) -> list[dict]:
     return [{"_id": f"d{i}", "text": f"doc {i}"} for i in ids]

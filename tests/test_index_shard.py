@@ -23,13 +23,6 @@ N = 3000
 XB = clustered_vectors(N, 16, seed=11)
 
 
-@pytest.fixture(autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
 
 def rows(n: int = N) -> list[dict]:
     return [{"_id": f"d{i}", "title": "T" if i % 2 else "", "text": f"doc {i}"} for i in range(n)]
