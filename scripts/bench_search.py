@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--e2e-seconds", type=float, default=10.0, help="timing per batch size end to end")
     ap.add_argument("--end-to-end", action=argparse.BooleanOptionalAction, default=True,
                     help="also time Retriever.search with query encoding (MiniLM query tower)")
+    ap.add_argument("--faiss-threads", type=int, default=0,
+                    help="faiss OpenMP threads (0 = faiss's default; 1 is steadier on a loaded shared machine)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="device of the query tower (the faiss index is the CPU one: raw faiss-cpu vs ours)")
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
@@ -93,6 +95,8 @@ def main() -> None:
     from towers.bases import resolve_base
     from towers.model import Tower
 
+    if args.faiss_threads:
+        faiss.omp_set_num_threads(args.faiss_threads)
     data = clustered_vectors(args.n + max(batches), args.d, seed=0)
     xb, xq_all = data[: args.n], data[args.n:]
     ivf = f"IVF{choose_nlist(args.n)},Flat" if args.ivf == "auto" else args.ivf

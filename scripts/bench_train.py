@@ -191,7 +191,9 @@ def run_st(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, b
 
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=clock.total,
-        learning_rate=2e-5, warmup_steps=0.1, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
+        # warm-up in whole steps as towers counts it, int(0.1 x total) (a float 0.1 would round up)
+        learning_rate=2e-5, warmup_steps=int(0.1 * clock.total), weight_decay=0.01, max_grad_norm=1.0,
+        lr_scheduler_type="linear",
         bf16=bf16, use_cpu=args.device == "cpu", logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=args.seed, dataloader_drop_last=True, batch_sampler=FixedBatches,
         router_mapping={"query": "query", "positive": "document"})
