@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval.metrics import evaluate, recall_curve
-from eval.systems import SystemSpec, build_systems, parse_systems
+from eval.systems import SystemSpec, build_systems, parse_systems, resolve_device
 from towers.cliargs import field
 
 
@@ -42,18 +42,6 @@ class BenchConfig:
     prompt: str = field("promptEOL", "raw-llm prompt: promptEOL, none, or a template with {text}")
     n_random: int = field(10, "random docs per query for the similarity plot")
     seed: int = field(0, "seed for the query/corpus subsample and the random docs")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device '{device}': choose auto, cpu, cuda")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU: use --device cpu")
-    return device
 
 
 def similarity_samples(xq: np.ndarray, xb: np.ndarray, relevant: Sequence[dict[int, int]],

@@ -112,9 +112,10 @@ def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, dev
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Suite -> towers -> index -> bench -> report; prints the table. Returns the bench results."""
-    from eval.bench import resolve_device, run_bench
+    from eval.bench import run_bench
     from eval.report import format_table
     from eval.suites.build import build_suite
+    from eval.systems import resolve_device
     from towers.train import TrainConfig
 
     if config.suite not in SUITE_NAMES:

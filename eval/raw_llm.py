@@ -145,7 +145,9 @@ class RawLLMEncoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.use_cache = cache
-        self.device = _pick_device(device)
+        from eval.systems import resolve_device  # here: eval.systems imports this module
+
+        self.device = resolve_device(device)
         self._model: Any = None
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
@@ -305,15 +307,3 @@ def _find_sub(seq: list[int], sub: list[int]) -> int:
         if seq[i:i + len(sub)] == sub:
             return i
     raise AssertionError(f"tokenizer adds tokens inside the text: {seq} does not contain {sub}")
-
-
-def _pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device '{device}': choose auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU: use --device cpu")
-    return device

@@ -82,6 +82,19 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
     return out
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; an unusable choice is a ValueError."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device '{device}': choose auto, cpu, cuda")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
 class TowersSystem:
     """Trained towers: query tower encodes queries, result tower encodes docs."""
 
