@@ -1,8 +1,9 @@
-"""Shared helpers of the ``scripts/bench_*.py`` scripts: machine facts, interleaved best-of-N timing, RSS
-sampling, the table and the one JSON line every script prints.
+"""Shared helpers of the ``scripts/bench_*.py`` scripts: machine facts, interleaved best-of-N timing, paired
+per-call timing, RSS sampling, the table and the one JSON line every script prints.
 
-Shared machines are noisy, so the scripts compare systems *side by side in one run*: ``interleaved`` runs
-every system once per round, round after round, and keeps each one's best time; a burst of load from a
+Shared machines are noisy, so the scripts compare systems *side by side in one run*: ``take_turns`` runs
+every system on one work item after another (best of N per item), ``cycle_times`` calls fast functions in
+turn round by round and ``paired_overhead`` compares calls of the same round; a burst of load from a
 neighbour then hits all systems alike instead of one of them. Absolute figures move with the load; the
 ratios are what the scripts report.
 """
@@ -90,35 +91,32 @@ def sync(device: str) -> None:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
-def interleaved(systems: dict[str, Callable[[], Any]], repeats: int, device: str = "cpu"
-                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Run every system once per round for ``repeats`` rounds (alternating order each round).
+def take_turns(systems: dict[str, Callable[[Any], Any]], items: Sequence[Any], repeats: int, device: str = "cpu"
+               ) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Best-of-``repeats`` seconds of every system on every item, the systems taking turns item by item.
+
+    For each item, every system runs once (the order rotates from item to item), then the next item;
+    the whole pass is repeated ``repeats`` times. Items should take seconds, not minutes: a turn that long
+    lets minute-scale swings of a shared machine's load land on one system only.
 
     Returns:
-        ``({name: [seconds of each round]}, {name: output of its last run}``; report ``min`` (best-of-N).
+        ``({name: best seconds per item}, {name: output per item (last round)})``; a system's time is the
+        sum of its per-item bests.
     """
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    outputs: dict[str, Any] = {}
     names = list(systems)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:  # no system always runs right after another
-            sync(device)
-            t0 = time.perf_counter()
-            outputs[name] = systems[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times, outputs
-
-
-def per_call(fn: Callable[[], Any], min_seconds: float = 0.2, max_calls: int = 100_000) -> float:
-    """Mean seconds per call of a fast ``fn`` over at least ``min_seconds`` (at least one call)."""
-    calls, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_seconds or calls >= max_calls:
-            return elapsed / calls
+    best = {name: [float("inf")] * len(items) for name in names}
+    outputs: dict[str, list[Any]] = {name: [None] * len(items) for name in names}
+    turn = 0
+    for _ in range(repeats):
+        for i, item in enumerate(items):
+            for name in names[turn % len(names):] + names[: turn % len(names)]:
+                sync(device)
+                t0 = time.perf_counter()
+                outputs[name][i] = systems[name](item)
+                sync(device)
+                best[name][i] = min(best[name][i], time.perf_counter() - t0)
+            turn += 1
+    return best, outputs
 
 
 def cycle_times(systems: dict[str, Callable[[], Any]], min_seconds: float = 1.0, min_rounds: int = 5,
@@ -201,13 +199,6 @@ class RssSampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def rss_bytes() -> int:
-    """This process's current resident set size."""
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 # ---- data -----------------------------------------------------------------------------------------------

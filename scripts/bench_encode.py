@@ -10,12 +10,11 @@ of each chunk's best time over ``--repeats`` rounds), the ratio to sentence-tran
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
-from bench_common import check_device, emit, load_corpus_texts, print_table, sync
+from bench_common import check_device, emit, load_corpus_texts, print_table, take_turns
 from towers.bases import resolve_base
 from towers.model import Tower
 
@@ -69,22 +68,10 @@ def main() -> None:
         systems[f"twotower-{v}"] = (lambda chunk, m=model, a=amp.get(v): m.encode(chunk, batch_size=args.batch_size,
                                                                                 amp_dtype=a))
 
-    # Chunk by chunk, every system in turn (rotating order): each system's time = the sum over chunks of its
-    # best time for that chunk over --repeats rounds. Each system still length-sorts inside a chunk.
+    # Chunk by chunk, every system in turn; each still length-sorts inside its chunk.
     chunks = [texts[i: i + args.chunk] for i in range(0, len(texts), args.chunk)]
+    best, outs = take_turns(systems, chunks, args.repeats, device)
     names = list(systems)
-    best = {name: [float("inf")] * len(chunks) for name in names}
-    outs: dict[str, list[np.ndarray]] = {name: [None] * len(chunks) for name in names}  # type: ignore[list-item]
-    turn = 0
-    for _ in range(args.repeats):
-        for c, chunk in enumerate(chunks):
-            for name in names[turn % len(names):] + names[: turn % len(names)]:
-                sync(device)
-                t0 = time.perf_counter()
-                outs[name][c] = systems[name](chunk)
-                sync(device)
-                best[name][c] = min(best[name][c], time.perf_counter() - t0)
-            turn += 1
     emb = {name: np.concatenate(parts) for name, parts in outs.items()}
     st_s = sum(best["sentence-transformers"])
     rows = []
