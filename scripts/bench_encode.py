@@ -14,11 +14,21 @@ import argparse
 import numpy as np
 import torch
 
-from bench_common import check_device, emit, load_corpus_texts, print_table, take_turns
+from bench_common import add_base_arg, check_device, emit, gpu_peaks, load_corpus_texts, print_table, take_turns
 from towers.bases import resolve_base
 from towers.model import Tower
 
 VARIANTS = ("fp32", "bf16", "fp16", "bf16w", "fp16w", "int8")
+
+
+def encoder_flops(tower: Tower, texts: list[str], max_length: int) -> float:
+    """Matmul FLOPs of one encoder pass over ``texts`` counting real tokens only (no padding): per text of
+    t tokens, 2 x t x (non-embedding parameters) for the dense layers plus 4 x t^2 x hidden per layer for
+    attention scores and the weighted sum."""
+    config = tower.encoder.config
+    dense = sum(p.numel() for n, p in tower.encoder.named_parameters() if "embeddings" not in n)
+    lengths = [len(ids) for ids in tower.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return float(sum(2 * t * dense + 4 * t * t * config.hidden_size * config.num_hidden_layers for t in lengths))
 
 
 def main() -> None:
@@ -35,6 +45,9 @@ def main() -> None:
                     help=f"twotower variants, comma-separated from {', '.join(VARIANTS)}: fp32 (default path), "
                          "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: Tower.cast_copy), "
                          "int8 (CPU dynamic quantisation)")
+    ap.add_argument("--st-half", action="store_true",
+                    help="also time sentence-transformers with fp16 weights (CUDA: what an ST user does on a GPU)")
+    add_base_arg(ap)
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
     device = check_device(args.device)
@@ -48,7 +61,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     texts = load_corpus_texts(args.corpus, args.n)
-    base = resolve_base("minilm")
+    base = resolve_base(args.base)
     st = SentenceTransformer(str(base), device=device)
     st.max_seq_length = args.max_length
     tower = Tower.from_base(base, pooling="mean", max_length=args.max_length).to(device)
@@ -62,6 +75,12 @@ def main() -> None:
 
     systems = {"sentence-transformers": st_encode}
     st_encode(texts[:64])  # warm-up: first-call allocations, oneDNN kernel choice
+    if args.st_half:
+        st16 = SentenceTransformer(str(base), device=device).half()
+        st16.max_seq_length = args.max_length
+        systems["sentence-transformers-fp16"] = lambda chunk: st16.encode(
+            chunk, batch_size=args.batch_size, convert_to_numpy=True, normalize_embeddings=True)
+        systems["sentence-transformers-fp16"](texts[:64])
     for v in variants:
         model = models.get(v) or tower
         model.encode(texts[:64], batch_size=args.batch_size, amp_dtype=amp.get(v))  # warm-up
@@ -81,10 +100,17 @@ def main() -> None:
         rows.append({"system": name, "seconds": seconds, "texts_per_s": len(texts) / seconds,
                      "ratio": st_s / seconds, "max_abs_cos_err": float(np.abs(cos - 1).max()),
                      "chunk_ratios": [b / s for b, s in zip(best["sentence-transformers"], best[name])]})
+    peaks = gpu_peaks(device)
+    if peaks:  # useful FLOPs (non-pad tokens) per second as a fraction of the GPU's dense bf16 peak
+        flops = encoder_flops(tower, texts, args.max_length)
+        for row in rows:
+            row["tflops"] = flops / row["seconds"] / 1e12
+            row["pct_bf16_peak"] = 100 * row["tflops"] / peaks[0]
     print(f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, {device}; chunks of "
           f"{args.chunk} texts, systems in turn per chunk, best of {args.repeats} rounds per chunk, summed")
     print_table(rows, [("system", "system", ""), ("texts_per_s", "texts/s", ".1f"), ("ratio", "x ST", ".2f"),
-                       ("max_abs_cos_err", "max|cos-1|", ".2e")])
+                       ("max_abs_cos_err", "max|cos-1|", ".2e")]
+                + ([("tflops", "TFLOP/s", ".1f"), ("pct_bf16_peak", "% bf16 peak", ".1f")] if peaks else []))
     emit("encode", args, rows, device, args.json_out, n=len(texts))
 
 

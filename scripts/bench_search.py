@@ -24,11 +24,13 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bench_common import check_device, codesearch_dir, cycle_times, emit, median, paired_overhead, print_table
+from bench_common import (add_base_arg, check_device, codesearch_dir, cycle_times, emit, gpu_peaks, median,
+                          paired_overhead, print_table)
 
 K = 10
 
@@ -56,9 +58,34 @@ def raw_search(index: Any, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return index.search(xq, k)
 
 
-def query_texts(n: int) -> list[str]:
+def raw_searcher(loaded: Any, faiss: Any) -> tuple[str, Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]]:
+    """What a user of the library underneath writes for the same search as ``loaded``: the CPU index object
+    itself (``nprobe`` set on it), faiss's GPU clone of it, or, for our torch GPU path, ``xb`` on the GPU
+    with one matmul + ``topk``."""
+    if loaded.device == "cpu":
+        index = loaded.cpu_index
+        nprobe = loaded.search_defaults.get("nprobe")
+        if nprobe:
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        return "faiss-cpu", lambda xq, k: raw_search(index, xq, k)
+    if loaded.device == "faiss-gpu":
+        gpu = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, loaded.cpu_index)
+        return "faiss-gpu", lambda xq, k: raw_search(gpu, xq, k)
+    import torch
+
+    xb = torch.from_numpy(loaded.cpu_index.reconstruct_n(0, loaded.ntotal)).cuda()
+
+    def torch_search(xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            d, i = (torch.from_numpy(xq).cuda() @ xb.T).topk(k, dim=1)
+            return d.cpu().numpy(), i.cpu().numpy()
+    return "torch matmul+topk", torch_search
+
+
+def query_texts(n: int, path: str | None = None) -> list[str]:
+    """The first ``n`` query texts of a BEIR queries.jsonl (default: the codesearch-py suite's)."""
     texts = []
-    with open(codesearch_dir() / "queries.jsonl", encoding="utf-8") as fh:
+    with open(path or codesearch_dir() / "queries.jsonl", encoding="utf-8") as fh:
         for line in fh:
             texts.append(json.loads(line)["text"])
             if len(texts) >= n:
@@ -80,7 +107,11 @@ def main() -> None:
     ap.add_argument("--faiss-threads", type=int, default=0,
                     help="faiss OpenMP threads (0 = faiss's default; 1 is steadier on a loaded shared machine)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="device of the query tower (the faiss index is the CPU one: raw faiss-cpu vs ours)")
+                    help="device of the query tower; cuda also searches the Flat index on the GPU (faiss-gpu, "
+                         "else our torch path) against the same library used directly")
+    add_base_arg(ap)
+    ap.add_argument("--queries", default=None,
+                    help="BEIR queries.jsonl for the end-to-end rows (default: the codesearch-py suite's)")
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
     device = check_device(args.device)
@@ -100,58 +131,70 @@ def main() -> None:
     data = clustered_vectors(args.n + max(batches), args.d, seed=0)
     xb, xq_all = data[: args.n], data[args.n:]
     ivf = f"IVF{choose_nlist(args.n)},Flat" if args.ivf == "auto" else args.ivf
-    tower = Tower.from_base(resolve_base("minilm"), pooling="mean", max_length=64).to(device)
+    tower = Tower.from_base(resolve_base(args.base), pooling="mean", max_length=64).to(device)
     if tower.dim != args.d:
         raise SystemExit(f"--d {args.d} must equal the query tower's dim {tower.dim}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     rows: list[dict[str, Any]] = []
-    for factory in ("Flat", ivf):
-        loaded = load_index(build(xb, factory, tmp / factory.replace(",", "_")), device="cpu")
+    runs = [("Flat", "cpu"), (ivf, "cpu")] + ([("Flat", "cuda")] if device == "cuda" else [])
+    dirs = {factory: build(xb, factory, tmp / factory.replace(",", "_")) for factory in dict(runs)}
+    peaks = gpu_peaks(device)
+    for factory, where in runs:
+        loaded = load_index(dirs[factory], device=where)
         nprobe = loaded.search_defaults.get("nprobe")
-        raw = loaded.cpu_index
-        if nprobe:
-            faiss.extract_index_ivf(raw).nprobe = nprobe
+        raw_name, raw = raw_searcher(loaded, faiss)
         retriever = Retriever(loaded, tower)
+        if (factory, where) == (ivf, "cpu"):
+            ivf_raw, ivf_retriever = raw, retriever  # the end-to-end comparison below uses these
         for b in batches:
             xq = np.ascontiguousarray(xq_all[:b])
-            assert np.array_equal(raw_search(raw, xq, K)[1], loaded.search(xq, K)[1]), "same index, same hits"
+            ref_d, ref_i = raw(xq, K)
             D, I = loaded.search(xq, K)
+            if where == "cpu":
+                assert np.array_equal(ref_i, I), "same index, same hits"
+            else:  # GPU reductions may order near-ties differently: same scores, ids may swap
+                assert np.allclose(ref_d, D, atol=1e-4), "same index, same scores"
             times = cycle_times({
-                "raw": lambda: raw_search(raw, xq, K),
+                "raw": lambda: raw(xq, K),
                 "ours": lambda: retriever.search_vectors(xq, K),
                 "index_search": lambda: loaded.search(xq, K),
             }, args.seconds, args.min_rounds)
             hits_s = median(cycle_times({"hits_from": lambda: retriever.hits_from(D, I)}, 0.2, 5)["hits_from"])
             raw_s, ours_s = median(times["raw"]), median(times["ours"])
-            rows.append({"index": factory, "nprobe": nprobe, "batch": b, "rounds": len(times["raw"]),
+            row = {"index": factory, "where": f"{loaded.device} vs {raw_name}", "nprobe": nprobe, "batch": b,
+                   "rounds": len(times["raw"]),
                          "raw_ms": 1e3 * raw_s, "ours_ms": 1e3 * ours_s,
                          "overhead_pct": 100 * paired_overhead(times["raw"], times["ours"]),
                          "index_search_pct": 100 * paired_overhead(times["raw"], times["index_search"]),
                          "extra_us": 1e6 * median([o - r for r, o in zip(times["raw"], times["ours"])]),
-                         "hits_from_us": 1e6 * hits_s, "raw_qps": b / raw_s, "ours_qps": b / ours_s})
+                         "hits_from_us": 1e6 * hits_s, "raw_qps": b / raw_s, "ours_qps": b / ours_s}
+            if where == "cuda" and peaks:  # exact search streams every base vector once per call
+                row["raw_hbm_pct"] = 100 * xb.nbytes / raw_s / 1e9 / peaks[1]
+            rows.append(row)
     print(f"n={args.n} d={args.d}, k={K}; medians of single calls, systems called in turn round by round "
           f"(>= {args.seconds}s, >= {args.min_rounds} rounds); overhead = median paired difference / median raw; "
           f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} OpenMP threads")
-    print_table(rows, [("index", "index", ""), ("nprobe", "nprobe", ""), ("batch", "batch", "d"),
+    print_table(rows, [("index", "index", ""), ("where", "ours vs raw", ""), ("nprobe", "nprobe", ""), ("batch", "batch", "d"),
                        ("rounds", "rounds", "d"), ("raw_ms", "raw ms", ".3f"), ("ours_ms", "ours ms", ".3f"),
                        ("overhead_pct", "overhead %", "+.1f"), ("extra_us", "extra us", ".0f"),
-                       ("index_search_pct", "LoadedIndex.search %", "+.1f"), ("hits_from_us", "hits_from us", ".0f")])
+                       ("index_search_pct", "LoadedIndex.search %", "+.1f"), ("hits_from_us", "hits_from us", ".0f")]
+                + ([("raw_hbm_pct", "raw % HBM peak", ".1f")] if peaks else []))
 
     e2e: list[dict[str, Any]] = []
     if args.end_to_end:
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(str(resolve_base("minilm")), device=device)
+        st = SentenceTransformer(str(resolve_base(args.base)), device=device)
         st.max_seq_length = 64
-        texts = query_texts(max(batches))
-        retriever.search(texts[:8], K)  # warm-up (IVF retriever: the last one built)
+        texts = query_texts(max(batches), args.queries)
+        ivf_retriever.search(texts[:8], K)  # warm-up
         st.encode(texts[:8])
         for b in batches:
             qs = texts[:b]
             times = cycle_times({
-                "st+faiss": lambda: raw_search(raw, st.encode(qs, batch_size=64, convert_to_numpy=True,
-                                                              normalize_embeddings=True), K),
-                "retriever.search": lambda: retriever.search(qs, K)}, args.e2e_seconds, 3)
+                "st+faiss": lambda: ivf_raw(st.encode(qs, batch_size=64, convert_to_numpy=True,
+                                                      normalize_embeddings=True), K),
+                "retriever.search": lambda: ivf_retriever.search(qs, K)}, args.e2e_seconds, 3)
             st_s, ours_s = median(times["st+faiss"]), median(times["retriever.search"])
             e2e.append({"index": ivf, "batch": b, "rounds": len(times["st+faiss"]), "st_faiss_ms": 1e3 * st_s,
                         "ours_ms": 1e3 * ours_s, "x_st": st_s / ours_s,

@@ -33,7 +33,7 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # both loops' progress bars; the table says what happened
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import check_device, codesearch_dir, emit, print_table  # noqa: E402
+from bench_common import add_base_arg, check_device, codesearch_dir, emit, print_table  # noqa: E402
 
 SYSTEMS = ("st-fp32", "st-bf16", "twotower-fp32", "twotower-bf16")
 
@@ -132,7 +132,7 @@ def global_batches(pairs: Path, batch_size: int, seed: int, steps: int) -> list[
 def run_twotower(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, amp: str) -> None:
     import towers.train as tt
 
-    config = tt.TrainConfig(pairs=str(pairs), out=str(out), base="minilm", shared=args.towers == "shared",
+    config = tt.TrainConfig(pairs=str(pairs), out=str(out), base=args.base, shared=args.towers == "shared",
                             query_max_length=args.query_max_length, result_max_length=args.result_max_length,
                             batch_size=args.batch_size, max_steps=clock.total, lr=2e-5, warmup_ratio=0.1,
                             weight_decay=0.01, max_grad_norm=1.0, temperature=0.05, seed=args.seed,
@@ -151,7 +151,7 @@ def run_st(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, b
 
     from towers.bases import resolve_base
 
-    base = str(resolve_base("minilm"))
+    base = str(resolve_base(args.base))
     if args.towers == "shared":
         model = SentenceTransformer(base, device=args.device)
         model[0].query_length, model[0].document_length = args.query_max_length, args.result_max_length
@@ -239,6 +239,7 @@ def main() -> None:
                     help=f"comma-separated from {', '.join(SYSTEMS)} (st-fp32 and st-bf16 need separate runs)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_base_arg(ap)
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
     device = check_device(args.device)
