@@ -151,13 +151,14 @@ class Tower(nn.Module):
         """Token ids (B, T) - or their input embeddings (B, T, H) - and mask (B, T) -> (B, dim)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               inputs_embeds=inputs_embeds).last_hidden_state  # (B, T, H)
-        if hidden.dtype != torch.float32 and not torch.is_autocast_enabled(hidden.device.type):
-            hidden = hidden.float()  # a half-precision copy (cast_copy): pool and normalise in float32
-        emb = pool(hidden, attention_mask, self.pooling)  # (B, H)
-        if self.proj is not None:
-            emb = self.proj(emb)  # (B, dim)
-        if self.normalize:
-            emb = nn.functional.normalize(emb, dim=-1)
+        # Pooling, projection and the L2 norm run in float32 whatever the encoder's precision (autocast or a
+        # half-precision cast_copy): a bf16 norm is unit only to ~4e-3, and inner-product scores need unit.
+        with torch.autocast(hidden.device.type, enabled=False):
+            emb = pool(hidden.float(), attention_mask, self.pooling)  # (B, H)
+            if self.proj is not None:
+                emb = self.proj(emb)  # (B, dim)
+            if self.normalize:
+                emb = nn.functional.normalize(emb, dim=-1)
         return emb
 
     def forward_grouped(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_groups: int = 8,
