@@ -119,7 +119,11 @@ def search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int 
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
         sub = search_params(index.index, nprobe, ef_search, sel)
-        return None if sub is None else faiss.SearchParametersPreTransform(index_params=sub)
+        if sub is None:
+            return None
+        params = faiss.SearchParametersPreTransform(index_params=sub)
+        params.referenced_objects = [sub]  # SWIG holds a bare pointer to sub: keep it alive with params
+        return params
     if isinstance(index, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe or index.nprobe))
     if isinstance(index, faiss.IndexHNSW):
@@ -184,6 +188,12 @@ def _search_post_filter(index: faiss.Index, xq: np.ndarray, k: int,
         row = np.flatnonzero(keep[q])[:k]
         Do[q, : len(row)], Io[q, : len(row)] = D[q, row], I[q, row]
     return Do, Io
+
+
+def takes_params(index: faiss.Index) -> bool:
+    """True when ``index`` is a CPU index whose class takes a per-call ``SearchParameters`` object (then
+    ``index.search(xq, k, params=search_params(index, ...))`` is the whole search, tombstones included)."""
+    return _is_cpu(index) and search_params(index) is not None
 
 
 def _is_cpu(index: faiss.Index) -> bool:

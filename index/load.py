@@ -35,6 +35,10 @@ class LoadedIndex:
         self.search_defaults: dict[str, int] = dict(manifest.get("search_defaults") or {})
         self._lock = threading.Lock()  # GPU indexes and parameter setting are not thread-safe
         self._sel = faiss_utils.exclusion_selector(removed)
+        # Per-call parameter objects by (nprobe, ef_search), built once: faiss only reads them, so threads
+        # share them, and a fast IVF search (tens of microseconds) no longer pays for building one each call.
+        self._cpu_takes_params = faiss_utils.takes_params(index)
+        self._params: dict[tuple[int | None, int | None], Any] = {}
         self._gpu_index = None
         self._torch = None
         self.device = device
@@ -77,6 +81,13 @@ class LoadedIndex:
         if self._gpu_index is not None:
             with self._lock:
                 return faiss_utils.search(self._gpu_index, xq, k, nprobe, ef_search, excluded=self.removed)
+        if self._cpu_takes_params:
+            params = self._params.get((nprobe, ef_search))
+            if params is None:
+                params = faiss_utils.search_params(self.cpu_index, nprobe, ef_search, self._sel)
+                if len(self._params) < 256:  # bounded: nprobe comes from callers
+                    self._params[(nprobe, ef_search)] = params
+            return self.cpu_index.search(xq, k, params=params)
         return faiss_utils.search(self.cpu_index, xq, k, nprobe, ef_search, excluded=self.removed, sel=self._sel)
 
     def check_fingerprint(self, fingerprint: str) -> None:

@@ -17,6 +17,20 @@ import pyarrow as pa
 DEFAULT_MAX_IN_MEMORY_BYTES = 1 << 30  # combine doc stores up to 1 GiB (string offsets stay int32)
 
 
+OPTIONAL_COLUMNS = ("title", "metadata")
+BLANK_VALUES = ("", "{}")  # an empty title, an empty metadata object
+
+
+def _all_blank(column: pa.ChunkedArray) -> bool:
+    """True when every value of a string column is null, "" or "{}" (vectorised: one pass in Arrow)."""
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return False
+    blank = pc.or_kleene(pc.is_null(column), pc.is_in(column, value_set=pa.array(BLANK_VALUES, column.type)))
+    return bool(pc.all(blank).as_py() if len(column) else True)
+
+
 class DocTable:
     """Read rows of the doc store by faiss id (row i = faiss id i).
 
@@ -36,6 +50,11 @@ class DocTable:
                 pa.RecordBatch.from_pylist([], schema=table.schema)]
         else:
             self._batches = [b for b in table.to_batches() if b.num_rows]
+        self._selected: dict[tuple[str, ...], pa.RecordBatch] = {}  # in-memory batch, per column selection
+        # Optional columns that are empty in every row (no titles, no metadata: the common corpus) are not
+        # read at all; a take then fetches only id and text.
+        self.blank_columns = frozenset(c for c in OPTIONAL_COLUMNS if c in self.column_names
+                                       and _all_blank(table.column(c)))
         # offsets[c] = first row of record batch c; offsets[-1] = num_rows.
         self._offsets = np.cumsum([0] + [b.num_rows for b in self._batches], dtype=np.int64)
         assert self._offsets[-1] == self.num_rows, f"doc table batches hold {self._offsets[-1]} != {self.num_rows} rows"
@@ -50,9 +69,17 @@ class DocTable:
         missing = [c for c in columns if c not in self.column_names]
         if missing:
             raise KeyError(f"doc store has no column(s) {missing}: it has {self.column_names}")
+        blank = [c for c in columns if c in self.blank_columns]
+        if blank:  # nothing to read: every value is empty (None here; callers treat it as "" / {})
+            out = self.take(rows, tuple(c for c in columns if c not in self.blank_columns)) \
+                if len(blank) < len(columns) else {}
+            return {c: out[c] if c in out else [None] * rows.size for c in columns}
         if len(self._batches) == 1:
-            table = self._batches[0].select(list(columns)).take(pa.array(rows))
-            return {c: table.column(c).to_pylist() for c in columns}
+            selected = self._selected.get(columns)
+            if selected is None:
+                selected = self._selected[columns] = self._batches[0].select(list(columns))
+            table = selected.take(pa.array(rows))
+            return {c: col.to_pylist() for c, col in zip(columns, table.columns)}
         # Memory-mapped path: sort rows, take once per touched record batch, then restore input order.
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]

@@ -21,7 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")  # query encoding: full precision, or torch.autocast to bf16/fp16
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     """One ranked result. ``rank`` starts at 1; ``score`` is the inner product (cosine for unit vectors)."""
 
@@ -230,21 +230,15 @@ class Retriever:
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""
         valid = I >= 0
+        ranks = np.cumsum(valid, axis=1)[valid].tolist()  # 1-based rank of each hit within its query
         cols = self.docs.take(I[valid])  # one batched take for every hit of every query
-        ids, texts, titles, metas = cols["id"], cols["text"], cols["title"], cols["metadata"]
-        scores = D[valid].tolist()
+        # Metadata is stored as JSON text; the common empty case costs no parse (and a fresh dict per hit).
+        hits = [Hit(i, s, t, ti or "", {} if not m or m == "{}" else json.loads(m), r)
+                for i, s, t, ti, m, r in zip(cols["id"], D[valid].tolist(), cols["text"], cols["title"],
+                                             cols["metadata"], ranks)]
         out: list[list[Hit]] = []
-        j = 0
-        for row_valid in valid.tolist():
-            hits = []
-            for rank in range(1, sum(row_valid) + 1):
-                hits.append(Hit(ids[j], scores[j], texts[j], titles[j] or "", _parse_metadata(metas[j]), rank))
-                j += 1
-            out.append(hits)
+        start = 0
+        for n in valid.sum(1).tolist():
+            out.append(hits[start: start + n])
+            start += n
         return out
-
-
-def _parse_metadata(raw: str | None) -> dict[str, Any]:
-    if not raw or raw == "{}":  # the common case costs no JSON parse
-        return {}
-    return json.loads(raw)
