@@ -39,7 +39,8 @@ class IndexBuildConfig:
     chunk_size: int = field(16384, "docs per embedding chunk on disk: the unit of resume and of encode memory")
     dtype: str = field("float32", "storage dtype of the embedding chunks (float16 halves the disk space)",
                        choices=DTYPES)
-    train_size: int = field(0, "vectors sampled to train IVF/PQ/OPQ (0 = auto: 64 per IVF list, >= 50k, <= n)")
+    train_size: int = field(0, "vectors sampled to train IVF/PQ/OPQ (0 = auto: 64 per IVF list, >= 50k, <= n, "
+                                  "the sample within a quarter of --memory-budget)")
     nprobe: int = field(0, "default IVF lists probed per query, stored in the manifest (0 = auto)")
     ef_search: int = field(0, "default HNSW search breadth, stored in the manifest (0 = auto)")
     corpus_split: str = field("train", "split to stream when --corpus is a hub dataset (hf:NAME[:CONFIG])")
@@ -165,9 +166,18 @@ def train_empty(enc: EncodedCorpus, factory: str, config: IndexBuildConfig) -> A
     index = make_index(factory, enc.dim)
     if not index.is_trained:
         ivf = ivf_of(index)
-        nt = config.train_size or max(64 * (ivf.nlist if ivf is not None else 0), 50_000)
+        nlist = ivf.nlist if ivf is not None else 0
+        nt = config.train_size or auto_train_size(enc.n, nlist, enc.dim, parse_memory(config.memory_budget))
         train_index(index, enc.sample(min(nt, enc.n), config.seed))
     return index
+
+
+def auto_train_size(n: int, nlist: int, dim: int, budget: int) -> int:
+    """Vectors to train on when ``--train-size 0``: 64 per IVF list and >= 50k (k-means quality), but the
+    float32 sample may take at most a quarter of the memory budget (never below faiss's 39 per list)."""
+    want = max(64 * nlist, 50_000)
+    cap = max(budget // 4 // (4 * dim), 39 * nlist, 1)
+    return min(want, cap, n)
 
 
 def add_chunks(index: Any, enc: EncodedCorpus, progress: bool = True, desc: str = "add") -> None:

@@ -304,3 +304,25 @@ def test_duplicate_ids_in_rows_and_in_a_generator():
     for corpus in (dup, (r for r in dup)):
         with pytest.raises(ValueError, match="row 2: duplicate id 'a'"):
             list(iter_docs(corpus))
+
+
+def test_auto_train_sample_fits_a_quarter_of_the_memory_budget(tmp_path, monkeypatch):
+    import index.faiss_utils as faiss_utils
+    from index.build import auto_train_size
+
+    gib = 1 << 30
+    # Plenty of memory: 64 per list, at least 50k, never more than n.
+    assert auto_train_size(10_000_000, 4096, 384, 64 * gib) == 64 * 4096
+    assert auto_train_size(10_000_000, 256, 384, 64 * gib) == 50_000
+    assert auto_train_size(30_000, 256, 384, 64 * gib) == 30_000
+    # 64 MiB budget, dim 384: a quarter is 16 MiB = 10,922 float32 vectors; faiss's 39 per list is the floor.
+    assert auto_train_size(10_000_000, 128, 384, 64 << 20) == (64 << 20) // 4 // (4 * 384)
+    assert auto_train_size(10_000_000, 4096, 384, 64 << 20) == 39 * 4096
+    # The build passes the budget through: the sample it trains on is the capped size.
+    seen = []
+    real = faiss_utils.train_index
+    monkeypatch.setattr(faiss_utils, "train_index", lambda index, xt: (seen.append(len(xt)), real(index, xt))[1])
+    xb = clustered_vectors(3000, 16, seed=1)
+    build_index(TableEncoder(xb), rows(3000), tmp_path / "i",
+                IndexBuildConfig(factory="IVF8,Flat", memory_budget="64K", progress=False))
+    assert seen == [max((64 << 10) // 4 // (4 * 16), 39 * 8)]
