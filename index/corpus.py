@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from towers.data import iter_utf8_lines, lone_surrogate_at
+from towers.data import iter_utf8_lines, lone_surrogate_at, parse_json_line
 
 Corpus = str | Path | Iterable[Mapping[str, Any]]
 _RESERVED = ("_id", "id", "title", "text")
@@ -251,10 +251,4 @@ def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = Non
             row += 1
             if row <= start:
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-            except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
-                raise ValueError(f"{path}: line {lineno}: JSON nested too deeply") from None
-            yield lineno, obj
+            yield lineno, parse_json_line(line, f"{path}: line {lineno}")

