@@ -26,8 +26,9 @@ class SearchConfig:
     json: bool = field(False, "print one JSON line per query instead of the readable listing")
     queries_file: str | None = field(None, "read queries from FILE, one per line ('-' = stdin)")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
-    precision: str = field("fp32", "query encoding precision: fp32, or bf16/fp16 autocast (faster on hardware "
-                                   "with bf16/fp16 units)", choices=["fp32", "bf16", "fp16"])
+    precision: str = field("fp32", "query encoding: fp32, bf16/fp16 autocast (faster on hardware with bf16/fp16 "
+                                   "units), or onnx (fp32 in ONNX Runtime on the CPU; extra .[onnx])",
+                           choices=["fp32", "bf16", "fp16", "onnx"])
     batch_size: int = field(64, "queries encoded per forward pass")
 
 
@@ -40,8 +41,9 @@ class ServeConfig:
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
     port: int = field(8000, "TCP port")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
-    precision: str = field("fp32", "query encoding precision: fp32, or bf16/fp16 autocast (faster on hardware "
-                                   "with bf16/fp16 units)", choices=["fp32", "bf16", "fp16"])
+    precision: str = field("fp32", "query encoding: fp32, bf16/fp16 autocast (faster on hardware with bf16/fp16 "
+                                   "units), or onnx (fp32 in ONNX Runtime on the CPU; extra .[onnx])",
+                           choices=["fp32", "bf16", "fp16", "onnx"])
     threads: int = field(0, "torch threads for query encoding (0 = torch's default, one per core)")
     max_batch: int = field(64, "most queries merged into one encode + search")
     max_wait_ms: float = field(2.0, "longest a request waits for others to join its batch (ms)")

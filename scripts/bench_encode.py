@@ -18,7 +18,7 @@ from bench_common import add_base_arg, check_device, comma_choices, emit, gpu_pe
 from towers.bases import resolve_base
 from towers.model import Tower
 
-VARIANTS = ("fp32", "bf16", "fp16", "bf16w", "fp16w", "int8")
+VARIANTS = ("fp32", "bf16", "fp16", "bf16w", "fp16w", "int8", "onnx")
 
 
 def encoder_flops(tower: Tower, texts: list[str], max_length: int) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--variants", default="fp32,bf16,int8",
                     help=f"twotower variants, comma-separated from {', '.join(VARIANTS)}: fp32 (default path), "
                          "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: Tower.cast_copy), "
-                         "int8 (CPU dynamic quantisation)")
+                         "int8 (CPU dynamic quantisation), onnx (Tower.onnx_copy: fp32 in ONNX Runtime, CPU)")
     ap.add_argument("--st-half", action="store_true",
                     help="also time sentence-transformers with fp16 weights (CUDA: what an ST user does on a GPU)")
     add_base_arg(ap)
@@ -52,8 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     device = check_device(args.device)
     variants = comma_choices(args.variants, VARIANTS, "variant")
-    if device == "cuda" and "int8" in variants:
-        raise SystemExit("variant int8 is CPU-only (torch dynamic quantisation); drop it with --device cuda")
+    if device == "cuda" and {"int8", "onnx"} & set(variants):
+        raise SystemExit("variants int8 and onnx are CPU-only; drop them with --device cuda")
 
     from sentence_transformers import SentenceTransformer
 
@@ -64,7 +64,8 @@ def main() -> None:
     tower = Tower.from_base(base, pooling="mean", max_length=args.max_length).to(device)
     models = {"int8": tower.quantized_int8() if "int8" in variants else None,
               "bf16w": tower.cast_copy(torch.bfloat16) if "bf16w" in variants else None,
-              "fp16w": tower.cast_copy(torch.float16) if "fp16w" in variants else None}
+              "fp16w": tower.cast_copy(torch.float16) if "fp16w" in variants else None,
+              "onnx": tower.onnx_copy() if "onnx" in variants else None}
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
     def st_encode(chunk: list[str]) -> np.ndarray:
