@@ -23,6 +23,7 @@ def test_onnx_copy_encodes_like_torch(tiny_bert_dir, tmp_path, pooling, proj_dim
     fast = tower.onnx_copy(tmp_path / "enc.onnx", threads=1)
     assert (tmp_path / "enc.onnx").is_file() and not (tmp_path / "enc.onnx.tmp").exists()
     assert type(fast.encoder).__name__ == "OnnxEncoder" and fast.dim == tower.dim
+    assert fast.fingerprint() == tower.fingerprint()  # same vector space: indexes and queries may mix them
     ref = tower.encode(TEXTS, batch_size=2)
     out = fast.encode(TEXTS, batch_size=2)  # several batches of different widths: dynamic axes
     assert out.dtype == np.float32 and out.shape == ref.shape

@@ -119,6 +119,7 @@ class Tower(nn.Module):
         hidden = encoder.config.hidden_size
         self.proj = nn.Linear(hidden, proj_dim) if proj_dim else None
         self.dim = proj_dim or hidden
+        self.source_fingerprint: str | None = None  # set on inference copies that keep the same vectors
         if tokenizer.pad_token is None:  # decoder LLMs ship without one; last-token pooling ignores pads
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -326,7 +327,10 @@ class Tower(nn.Module):
         return tower
 
     def fingerprint(self) -> str:
-        """sha256 over this tower's weights (sorted names, raw bytes): identifies the vector space."""
+        """sha256 over this tower's weights (sorted names, raw bytes): identifies the vector space. An
+        ``onnx_copy`` (same float32 vectors, weights inside ONNX Runtime) reports its source's."""
+        if self.source_fingerprint:
+            return self.source_fingerprint
         h = hashlib.sha256()
         for name, tensor in sorted(self.state_dict().items()):
             h.update(name.encode())

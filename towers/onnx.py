@@ -109,4 +109,5 @@ def onnx_copy(tower: Any, path: str | Path | None = None, threads: int | None = 
     if tower.proj is not None:
         clone.proj = copy.deepcopy(tower.proj).float().cpu()
         clone.dim = tower.dim
+    clone.source_fingerprint = tower.fingerprint()  # same vectors: an index built with it fits the source
     return clone.eval()
