@@ -50,7 +50,7 @@ class DocTable:
                 pa.RecordBatch.from_pylist([], schema=table.schema)]
         else:
             self._batches = [b for b in table.to_batches() if b.num_rows]
-        self._selected: dict[tuple[str, ...], pa.RecordBatch] = {}  # in-memory batch, per column selection
+        self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], pa.RecordBatch | None]] = {}  # see _plan
         # Optional columns that are empty in every row (no titles, no metadata: the common corpus) are not
         # read at all; a take then fetches only id and text.
         self.blank_columns = frozenset(c for c in OPTIONAL_COLUMNS if c in self.column_names
@@ -61,25 +61,22 @@ class DocTable:
 
     def take(self, rows: np.ndarray, columns: tuple[str, ...] = ("id", "text", "title", "metadata")
              ) -> dict[str, list[Any]]:
-        """Rows ``rows`` (int64 (n,), duplicates allowed, order kept) as ``{column: list of n values}``."""
+        """Rows ``rows`` (int64 (n,), duplicates allowed, order kept) as ``{column: list of n values}``.
+
+        Columns in ``blank_columns`` are not read: their values come back as None (callers read "" / {}).
+        """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             bad = int(rows[(rows < 0) | (rows >= self.num_rows)][0])
             raise IndexError(f"doc row {bad} out of range: the doc store has {self.num_rows} rows")
-        missing = [c for c in columns if c not in self.column_names]
-        if missing:
-            raise KeyError(f"doc store has no column(s) {missing}: it has {self.column_names}")
-        blank = [c for c in columns if c in self.blank_columns]
-        if blank:  # nothing to read: every value is empty (None here; callers treat it as "" / {})
-            out = self.take(rows, tuple(c for c in columns if c not in self.blank_columns)) \
-                if len(blank) < len(columns) else {}
-            return {c: out[c] if c in out else [None] * rows.size for c in columns}
-        if len(self._batches) == 1:
-            selected = self._selected.get(columns)
-            if selected is None:
-                selected = self._selected[columns] = self._batches[0].select(list(columns))
+        read, selected = self._plan(columns)
+        out: dict[str, list[Any]] = {c: [None] * rows.size for c in columns if c not in read}
+        if not read:
+            return out
+        if selected is not None:  # one in-memory batch: one take
             table = selected.take(pa.array(rows))
-            return {c: col.to_pylist() for c, col in zip(columns, table.columns)}
+            out.update(zip(read, (col.to_pylist() for col in table.columns)))
+            return {c: out[c] for c in columns}
         # Memory-mapped path: sort rows, take once per touched record batch, then restore input order.
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -87,11 +84,22 @@ class DocTable:
         parts = []
         for c in np.unique(chunk):
             local = sorted_rows[chunk == c] - self._offsets[c]
-            parts.append(self._batches[c].select(list(columns)).take(pa.array(local)))
-        out: dict[str, list[Any]] = {c: [None] * rows.size for c in columns}
-        sorted_values = {c: [v for p in parts for v in p.column(c).to_pylist()] for c in columns}
-        for c in columns:
-            dst = out[c]
+            parts.append(self._batches[c].select(list(read)).take(pa.array(local)))
+        sorted_values = {c: [v for p in parts for v in p.column(c).to_pylist()] for c in read}
+        for c in read:
+            dst = out[c] = [None] * rows.size
             for pos, value in zip(order.tolist(), sorted_values[c]):
                 dst[pos] = value
-        return out
+        return {c: out[c] for c in columns}
+
+    def _plan(self, columns: tuple[str, ...]) -> tuple[tuple[str, ...], pa.RecordBatch | None]:
+        """(columns to read, the in-memory batch cut to them or None), validated and cached per ``columns``."""
+        plan = self._plans.get(columns)
+        if plan is None:
+            missing = [c for c in columns if c not in self.column_names]
+            if missing:
+                raise KeyError(f"doc store has no column(s) {missing}: it has {self.column_names}")
+            read = tuple(c for c in columns if c not in self.blank_columns)
+            selected = self._batches[0].select(list(read)) if len(self._batches) == 1 and read else None
+            plan = self._plans[columns] = (read, selected)
+        return plan

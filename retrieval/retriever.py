@@ -236,16 +236,21 @@ class Retriever:
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""
+        nq, k = I.shape
         valid = I >= 0
-        ranks = np.cumsum(valid, axis=1)[valid].tolist()  # 1-based rank of each hit within its query
-        cols = self.docs.take(I[valid])  # one batched take for every hit of every query
+        if valid.all():  # every slot filled (the usual case): no masking, ranks repeat 1..k
+            rows, scores, ranks, counts = I.ravel(), D.ravel().tolist(), list(range(1, k + 1)) * nq, [k] * nq
+        else:
+            rows, scores = I[valid], D[valid].tolist()
+            ranks = np.cumsum(valid, axis=1)[valid].tolist()  # 1-based rank of each hit within its query
+            counts = valid.sum(1).tolist()
+        cols = self.docs.take(rows)  # one batched take for every hit of every query
         # Metadata is stored as JSON text; the common empty case costs no parse (and a fresh dict per hit).
         hits = [Hit(i, s, t, ti or "", {} if not m or m == "{}" else json.loads(m), r)
-                for i, s, t, ti, m, r in zip(cols["id"], D[valid].tolist(), cols["text"], cols["title"],
-                                             cols["metadata"], ranks)]
+                for i, s, t, ti, m, r in zip(cols["id"], scores, cols["text"], cols["title"], cols["metadata"], ranks)]
         out: list[list[Hit]] = []
         start = 0
-        for n in valid.sum(1).tolist():
+        for n in counts:
             out.append(hits[start: start + n])
             start += n
         return out
