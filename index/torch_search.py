@@ -47,7 +47,7 @@ class TorchFlatSearcher:
             if nq * self.n <= self.max_scores and self.mask is None:  # one block: one matmul, one topk
                 q = torch.from_numpy(xq).to(self.device, self.dtype)  # (nq, d)
                 scores = q @ self.xb.T  # (nq, n)
-                d, i = (scores if scores.dtype == torch.float32 else scores.float()).topk(kk, dim=1)
+                d, i = scores.float().topk(kk, dim=1)  # .float() returns float32 scores as they are
                 if kk == k:
                     return d.cpu().numpy(), i.cpu().numpy()
                 D[:, :kk], I[:, :kk] = d.cpu().numpy(), i.cpu().numpy()
@@ -56,9 +56,7 @@ class TorchFlatSearcher:
                 q = torch.from_numpy(xq[qs : qs + q_chunk]).to(self.device, self.dtype)  # (b, d)
                 best_d = best_i = None
                 for ds in range(0, self.n, db_chunk):
-                    scores = q @ self.xb[ds : ds + db_chunk].T  # (b, chunk)
-                    if scores.dtype != torch.float32:
-                        scores = scores.float()
+                    scores = (q @ self.xb[ds : ds + db_chunk].T).float()  # (b, chunk); no copy when float32
                     if self.mask is not None:
                         scores.masked_fill_(self.mask[ds : ds + db_chunk], float("-inf"))
                     d, i = scores.topk(min(kk, scores.shape[1]), dim=1)
