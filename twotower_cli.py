@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from common.cliargs import run_verb
+
 # verb -> "module:function" that registers the verb's subparser (and sets ``func``) on a subparsers object.
 VERBS: dict[str, str] = {
     "data": "eval.suites.cli:add_data_parser",
@@ -41,16 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        # User-facing errors: one clear line, no traceback. Internal bugs still raise.
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"twotower {args.verb}: error: {msg}", file=sys.stderr)
-        return 2
-    return int(result or 0)
+    args = build_parser().parse_args(argv)
+    return run_verb(args.func, args, args.verb)
 
 
 if __name__ == "__main__":

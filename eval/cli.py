@@ -4,12 +4,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from towers.cliargs import add_dataclass_args, dataclass_from_args
+from common.cliargs import add_dataclass_args, dataclass_from_args
+from eval.config import BenchConfig, DemoConfig
 
 
 def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from eval.bench import BenchConfig
-
     parser = subparsers.add_parser(
         "bench", help="benchmark systems on a BEIR suite and write a report",
         description="Run every system through the same encode -> exact faiss search -> metrics path on a BEIR "
@@ -23,24 +22,18 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from eval.bench import BenchConfig
+    cfg = dataclass_from_args(BenchConfig, args)  # options checked here, before any model loads
+    # Heavy imports (torch, faiss, transformers) stay out of `twotower --help`: loaded only to run.
     from eval.bench import run_bench as bench
     from eval.report import format_table
 
-    cfg = dataclass_from_args(BenchConfig, args)
-    if not cfg.suite:
-        raise ValueError("--suite is required: a BEIR dir, e.g. runs/demo/codesearch-py-cpu-small/codesearch-py (built by `twotower demo`)")
-    results = bench(cfg.suite, cfg.systems, cfg.out, cfg.k_max, cfg.batch_size, cfg.device, cfg.max_queries,
-                    cfg.max_corpus, llm_batch_size=cfg.llm_batch_size, query_max_length=cfg.query_max_length,
-                    doc_max_length=cfg.doc_max_length, prompt=cfg.prompt, n_random=cfg.n_random, seed=cfg.seed)
+    results = bench(cfg)
     print(format_table(results))
     print(f"report: {cfg.out}/report.md")
     return 0
 
 
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from eval.demo import DemoConfig
-
     parser = subparsers.add_parser(
         "demo", help="the main job: build data, train towers, index, benchmark, report",
         description="Build a suite (codesearch-py or nq), train two towers from MiniLM on its train pairs, index "
@@ -53,8 +46,8 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from eval.demo import DemoConfig
-    from eval.demo import run_demo as demo
+    config = dataclass_from_args(DemoConfig, args)
+    from eval.demo import run_demo as demo  # heavy imports only to run, not for --help
 
-    demo(dataclass_from_args(DemoConfig, args))
+    demo(config)
     return 0

@@ -16,47 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from towers.cliargs import field
-
-SUITE_NAMES = ("codesearch-py", "nq")
-
-
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    """Sizes and training settings of one demo profile."""
-
-    max_queries: int | None  # test queries kept (None = all)
-    max_corpus: int | None  # test corpus docs kept (all relevant docs of kept queries stay)
-    dev_size: int | None  # dev pairs for dev recall@10 before/after training (None = all)
-    max_steps: int  # training steps (0 = one epoch)
-    batch_size: int
-    lr: float
-    temperature: float
-    query_max_length: int  # for the towers and every baseline
-    doc_max_length: int  # for the towers and every baseline
-    eval_every: int
-
-
-PROFILES: dict[str, Profile] = {
-    "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
-                         temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0),
-    "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
-                    temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500),
-}
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    """Options of ``twotower demo`` (the CLI is generated from these fields)."""
-
-    suite: str = field("codesearch-py", "suite to build and benchmark", choices=list(SUITE_NAMES))
-    profile: str = field("cpu-small", "cpu-small (fits 20 min on 2 CPU cores) or full (whole suite, for a GPU)",
-                         choices=list(PROFILES))
-    workdir: str = field("runs/demo", "where the suite, towers, index and report go (one subdir per suite+profile)")
-    device: str = field("auto", "auto | cpu | cuda", choices=["auto", "cpu", "cuda"])
-    max_steps: int | None = field(None, "override the profile's training steps")
-    raw_llm: str = field("smollm2", "the raw decoder LLM baseline: smollm2, gemma3 or a causal-LM dir")
-
+from common.atomic import write_bytes_atomic
+from common.device import resolve_device
+from eval.bench import run_bench
+from eval.config import PROFILES, BenchConfig, DemoConfig
+from eval.report import format_table
+from eval.suites.build import build_suite
+from index.build import build_index
+from index.config import EncodeConfig, IndexBuildConfig
+from towers import checkpoint as ckpt
+from towers.inference import result_encoder
+from towers.model import TwoTower, read_towers_meta
+from towers.train import TrainConfig, train
 
 def _dev_subset(dev: Path, n: int | None, out: Path) -> Path:
     """The first ``n`` dev pairs (dev recall is measured twice; all 1000 would cost a minute on CPU)."""
@@ -65,18 +36,12 @@ def _dev_subset(dev: Path, n: int | None, out: Path) -> Path:
     lines = dev.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
     data = "".join(lines).encode()
     if not out.exists() or out.read_bytes() != data:
-        from towers.atomic import write_bytes_atomic
-
         write_bytes_atomic(out, data)
     return out
 
 
 def _train_towers(cfg: Any, out: Path) -> str:
     """Train unless ``out`` holds towers trained with the same settings; returns what happened."""
-    from towers import checkpoint as ckpt
-    from towers.model import read_towers_meta
-    from towers.train import train
-
     if (out / "twotower.json").exists():
         mismatches = cfg.resume_mismatches(read_towers_meta(out).get("train_config") or {})
         if not mismatches:
@@ -97,33 +62,20 @@ def _train_towers(cfg: Any, out: Path) -> str:
 
 
 def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, device: str) -> str:
-    from index.build import IndexBuildConfig, build_index, result_encoder
-    from towers.model import TwoTower, read_towers_meta
-
     manifest = out / "manifest.json"
     fingerprint = read_towers_meta(towers_dir)["fingerprint"]
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint:
         return "cached"
     encoder = result_encoder(TwoTower.load(towers_dir), device=device)
-    build_index(encoder, corpus, out, IndexBuildConfig(batch_size=batch_size, overwrite=True, device=device),
-                towers_dir=towers_dir)
+    build_index(encoder, corpus, out, IndexBuildConfig(overwrite=True),
+                EncodeConfig(batch_size=batch_size, device=device), towers_dir=towers_dir)
     return "built"
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Suite -> towers -> index -> bench -> report; prints the table. Returns the bench results."""
-    from eval.bench import run_bench
-    from eval.report import format_table
-    from eval.suites.build import build_suite
-    from eval.systems import resolve_device
-    from towers.train import TrainConfig
-
-    if config.suite not in SUITE_NAMES:
-        raise ValueError(f"unknown suite '{config.suite}': choose {', '.join(SUITE_NAMES)}")
-    if config.profile not in PROFILES:
-        raise ValueError(f"unknown profile '{config.profile}': choose {', '.join(PROFILES)}")
     prof = PROFILES[config.profile]
-    device = resolve_device(config.device)
+    device = str(resolve_device(config.device))
     work = Path(config.workdir) / f"{config.suite}-{config.profile}"
     steps: dict[str, dict[str, Any]] = {}
     t_all = time.perf_counter()
@@ -151,8 +103,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     systems = f"towers={towers_dir},raw-llm={config.raw_llm},minilm,bm25"
     extra = {"demo": {"suite": config.suite, "profile": config.profile, "profile_settings": dataclasses.asdict(prof),
                       "steps": steps, "towers": str(towers_dir), "index": str(work / "index")}}
-    results = step("bench", run_bench, suite_dir, systems, work / "report", 100, 64, device, None, None,
-                   query_max_length=prof.query_max_length, doc_max_length=prof.doc_max_length, extra=extra)
+    bench = BenchConfig(suite=str(suite_dir), systems=systems, out=str(work / "report"), k_max=100, batch_size=64,
+                        device=device, query_max_length=prof.query_max_length, doc_max_length=prof.doc_max_length)
+    results = step("bench", run_bench, bench, extra=extra)
     total = round(time.perf_counter() - t_all, 1)
     print(f"\n{format_table(results)}\n")
     print("steps: " + ", ".join(f"{k} {v['seconds']} s ({v['status']})" for k, v in steps.items())

@@ -11,7 +11,7 @@ Every vector is L2-normalised (cosine = inner product). Texts are wrapped in the
 (Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models"), which asks the model to
 compress the text into its next word. ``max_length`` counts the text's tokens (the prompt and special
 tokens come on top), so the prompt always survives and every pooling sees the same text as other systems.
-Embeddings are cached on disk (``towers.bases.cache_dir()/emb/``), keyed by model weights + pooling + prompt +
+Embeddings are cached on disk (``common.cache.cache_dir()/emb/``), keyed by model weights + pooling + prompt +
 max length + dtype, and per text by its sha256, so a rerun only encodes texts it has not seen.
 """
 from __future__ import annotations
@@ -25,9 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from towers.atomic import write_bytes_atomic
+from common.atomic import write_bytes_atomic
+from common.cache import cache_dir
+from common.device import autocast_dtype, resolve_device
+from towers.bases import resolve_base
 
 LLM_POOLINGS = ("last", "mean", "logits")
 PROMPTS = {"promptEOL": 'This sentence : "{text}" means in one word:"'}
@@ -127,14 +132,13 @@ class RawLLMEncoder:
         prompt: ``promptEOL``, None (raw text) or a template containing ``{text}``.
         max_length: tokens kept of each text; the prompt and special tokens are added on top.
         batch_size: texts per forward pass.
-        cache: keep embeddings on disk under ``towers.bases.cache_dir()/emb/``.
-        device: ``auto`` (cuda when available), ``cpu`` or ``cuda``. fp32 on CPU, bf16 on GPU.
+        cache: keep embeddings on disk under ``common.cache.cache_dir()/emb/``.
+        device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; fp32 on CPU, bf16 (fp16 without
+            bf16) on GPU.
     """
 
     def __init__(self, model_dir_or_name: str = "smollm2", pooling: str = "last", prompt: str | None = "promptEOL",
                  max_length: int = 256, batch_size: int = 16, cache: bool = True, device: str = "auto") -> None:
-        from towers.bases import resolve_base
-
         (self.pooling,) = check_llm_poolings([pooling])
         self.name = str(model_dir_or_name)
         self.model_dir = resolve_base(self.name)
@@ -145,9 +149,9 @@ class RawLLMEncoder:
         self.max_length = max_length
         self.batch_size = batch_size
         self.use_cache = cache
-        from eval.systems import resolve_device  # here: eval.systems imports this module
-
         self.device = resolve_device(device)
+        # Weights in the policy's half precision on a GPU (bf16, or fp16 where the GPU has no bf16), float32 on CPU.
+        self.dtype = autocast_dtype("auto", self.device) or torch.float32
         self._model: Any = None
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
@@ -179,7 +183,7 @@ class RawLLMEncoder:
 
     @property
     def dtype_name(self) -> str:
-        return "bfloat16" if self.device == "cuda" else "float32"
+        return str(self.dtype).removeprefix("torch.")
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rerun this system (goes into results.json)."""
@@ -188,8 +192,6 @@ class RawLLMEncoder:
                 "max_length": self.max_length, "dtype": self.dtype_name, "normalize": True}
 
     def _cache(self, pooling: str, max_length: int) -> EmbeddingCache:
-        from towers.bases import cache_dir
-
         if (pooling, max_length) not in self._caches:
             key = {"model_fingerprint": self.fingerprint, "pooling": pooling, "prompt": self.template,
                    "max_length": max_length, "dtype": self.dtype_name, "version": 1}
@@ -247,11 +249,7 @@ class RawLLMEncoder:
     def _load_model(self) -> None:
         if self._model is not None:
             return
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.device).eval()
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if self._tokenizer.pad_token is None:  # decoder LLMs often ship without one; pads are masked anyway
             self._tokenizer.pad_token = self._tokenizer.eos_token

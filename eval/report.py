@@ -1,6 +1,6 @@
 """The REPORT dir: report.md (system x metric table, best bolded), results.json, recall_at_k.png, similarity.png.
 
-Everything is written into a temp dir and renamed (``towers.atomic.atomic_dir``): a crash leaves either
+Everything is written into a temp dir and renamed (``common.atomic.atomic_dir``): a crash leaves either
 the previous report or none, never half of one. Plots use matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from towers.atomic import atomic_dir
+from common.atomic import atomic_dir
 
 METRIC_COLUMNS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "mrr@10", "ndcg@10", "map@100")
 PACKAGES = ("twotower", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "datasets", "numpy",

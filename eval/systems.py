@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from eval.raw_llm import LLM_POOLINGS, check_llm_poolings
+from eval.bm25 import BM25Retriever
+from eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
+from towers.bases import resolve_base
+from towers.inference import TowerEncoder, tower_encoder
+from towers.model import Tower, TwoTower, read_towers_meta
 
 SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25")
 
@@ -82,27 +86,12 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
     return out
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; an unusable choice is a ValueError."""
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device '{device}': choose auto, cpu, cuda")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU: use --device cpu")
-    return device
-
-
 class TowersSystem:
     """Trained towers: query tower encodes queries, result tower encodes docs."""
 
     dense = True
 
     def __init__(self, spec: SystemSpec, device: str = "cpu") -> None:
-        from towers.model import read_towers_meta
-
         self.label = spec.label
         self.path = Path(spec.value or "")
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
@@ -113,25 +102,16 @@ class TowersSystem:
     def rows(self) -> list[str]:
         return [self.label]
 
-    def _load(self) -> Any:
+    def _encoder(self, side: str) -> TowerEncoder:
         if self._model is None:
-            from towers.model import TwoTower
-
-            self._model = TwoTower.load(self.path).to(self.device)
-        return self._model
-
-    def _amp(self) -> Any:
-        import torch
-
-        return torch.bfloat16 if self.device == "cuda" else None
+            self._model = TwoTower.load(self.path)
+        return tower_encoder(self._model, side, self.device)
 
     def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
-        return {self.label: self._load().encode_queries(texts, batch_size, show_progress=show_progress,
-                                                        amp_dtype=self._amp())}
+        return {self.label: self._encoder("query").encode(texts, batch_size, show_progress)}
 
     def encode_docs(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
-        return {self.label: self._load().encode_results(texts, batch_size, show_progress=show_progress,
-                                                        amp_dtype=self._amp())}
+        return {self.label: self._encoder("result").encode(texts, batch_size, show_progress)}
 
     def config(self) -> dict[str, dict[str, Any]]:
         m = self.meta
@@ -160,16 +140,9 @@ class MiniLMSystem:
         return [self.label]
 
     def _encode(self, texts: Sequence[str], max_length: int, batch_size: int, show_progress: bool) -> np.ndarray:
-        import torch
-
-        from towers.bases import resolve_base
-        from towers.model import Tower
-
         if self._tower is None:
-            self._tower = Tower.from_base(resolve_base("minilm"), pooling="mean").to(self.device)
-        self._tower.max_length = max_length
-        amp = torch.bfloat16 if self.device == "cuda" else None
-        return self._tower.encode(texts, batch_size, show_progress=show_progress, amp_dtype=amp)
+            self._tower = Tower.from_base(resolve_base("minilm"), pooling="mean")
+        return TowerEncoder(self._tower, self.device, max_length=max_length).encode(texts, batch_size, show_progress)
 
     def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
         return {self.label: self._encode(texts, self.query_max_length, batch_size, show_progress)}
@@ -190,8 +163,6 @@ class RawLLMSystem:
 
     def __init__(self, spec: SystemSpec, device: str = "cpu", query_max_length: int = 64, doc_max_length: int = 256,
                  prompt: str | None = "promptEOL", llm_batch_size: int = 16) -> None:
-        from eval.raw_llm import RawLLMEncoder
-
         self.label = spec.label
         self.poolings = spec.poolings or LLM_POOLINGS
         self.query_max_length = query_max_length
@@ -227,8 +198,6 @@ class BM25System:
     dense = False
 
     def __init__(self, spec: SystemSpec) -> None:
-        from eval.bm25 import BM25Retriever
-
         self.label = spec.label
         self.retriever = BM25Retriever()
 

@@ -10,17 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from index.build import IndexBuildConfig
-from index.merge import MergeConfig
-from index.mine import MineConfig
-from towers.cliargs import add_dataclass_args, dataclass_from_args
-
-# Build-only options that make no sense when appending to an existing index.
-_BUILD_ONLY = ("factory", "memory_budget", "train_size", "nprobe", "ef_search", "overwrite", "seed", "shard_id",
-               "num_shards")
-# Encoding options that `index merge` (which reads finished shards) has no use for.
-_ENCODE_ONLY = ("batch_size", "chunk_size", "dtype", "corpus_split", "work_dir", "keep_work", "device", "shard_id",
-                "num_shards")
+from common.cliargs import add_dataclass_args, dataclass_from_args
+from index.config import EncodeConfig, IndexBuildConfig, MergeConfig, MineConfig, ShardConfig
 
 
 def add_index_parser(subparsers: Any) -> None:
@@ -43,6 +34,8 @@ def add_index_parser(subparsers: Any) -> None:
                             "or hf:NAME[:CONFIG]")
     build.add_argument("--out", required=True, help="INDEX dir to write (sharded: the dir holding the shard dirs)")
     add_dataclass_args(build, IndexBuildConfig)
+    add_dataclass_args(build, EncodeConfig)
+    add_dataclass_args(build, ShardConfig)
     build.set_defaults(func=run_index_build)
 
     merge = sub.add_parser("merge", help="build one INDEX dir from the shards of a sharded build",
@@ -57,7 +50,7 @@ def add_index_parser(subparsers: Any) -> None:
                        help="TOWERS dir to record in the manifest (default: the one the shards recorded); checked "
                             "against the shards' fingerprint")
     add_dataclass_args(merge, MergeConfig)
-    add_dataclass_args(merge, IndexBuildConfig, skip=_ENCODE_ONLY)
+    add_dataclass_args(merge, IndexBuildConfig)
     merge.set_defaults(func=run_index_merge)
 
     add = sub.add_parser("add", help="encode new docs and append them to an INDEX dir (atomic)",
@@ -66,7 +59,7 @@ def add_index_parser(subparsers: Any) -> None:
     add.add_argument("index", metavar="INDEX", help="INDEX dir")
     add.add_argument("--corpus", required=True, help="new docs (same formats as `index build --corpus`)")
     add.add_argument("--towers", default=None, help="TOWERS dir (default: the one recorded in the manifest)")
-    add_dataclass_args(add, IndexBuildConfig, skip=_BUILD_ONLY)
+    add_dataclass_args(add, EncodeConfig)
     add.set_defaults(func=run_index_add)
 
     remove = sub.add_parser("remove", help="remove docs by id (tombstones, atomic)",
@@ -93,27 +86,33 @@ def add_mine_parser(subparsers: Any) -> None:
                     "query tower, and write the pairs with a negatives column taken from ranks "
                     "[--range-min, --range-max) that excludes the positive and anything scoring within a margin "
                     "of it (false-negative guard, as sentence-transformers' mine_hard_negatives / NV-Retriever).")
-    parser.add_argument("--towers", required=True, help="TOWERS dir")
-    parser.add_argument("--pairs", required=True, help="pairs file with query and positive columns")
-    parser.add_argument("--out", required=True, help="output .jsonl or .parquet")
     add_dataclass_args(parser, MineConfig)
     parser.set_defaults(func=run_mine)
 
 
 def run_index_build(args: argparse.Namespace) -> int:
-    from index.build import build_index, result_encoder
-    from index.shard import resolve_shard
+    config = dataclass_from_args(IndexBuildConfig, args)  # every option checked before anything loads
+    encode = dataclass_from_args(EncodeConfig, args)
+    shard = dataclass_from_args(ShardConfig, args)
+    # Heavy imports (torch, faiss, transformers) only to run a verb, never for `twotower --help`.
+    from index.build import build_index
+    from index.shard import build_shard, resolve_shard
+    from towers.inference import result_encoder
     from towers.model import TwoTower
 
-    config = resolve_shard(dataclass_from_args(IndexBuildConfig, args))  # under torchrun: shard RANK of WORLD_SIZE
+    shard, encode = resolve_shard(shard, encode)  # under torchrun: shard RANK of WORLD_SIZE
+    if shard.sharded and config.index_options_given():
+        raise ValueError(f"{', '.join(config.index_options_given())}: the index is built once from all shards, so "
+                         f"pass index options to `twotower index merge`, not to a shard's build")
     _notice_stale_temp_dirs(args.out)
-    encoder = result_encoder(TwoTower.load(args.towers), config.device)
-    out = build_index(encoder, args.corpus, args.out, config, towers_dir=args.towers)
-    if config.num_shards:
-        print(f"shard {config.shard_id} of {config.num_shards}: {out}\nwhen all {config.num_shards} are done: "
+    encoder = result_encoder(TwoTower.load(args.towers), encode.device)
+    if shard.sharded:
+        out = build_shard(encoder, args.corpus, args.out, shard, encode, towers_dir=args.towers,
+                          overwrite=config.overwrite)
+        print(f"shard {shard.shard_id} of {shard.num_shards}: {out}\nwhen all {shard.num_shards} are done: "
               f"twotower index merge --shards {args.out} --out INDEX")
     else:
-        _print_info(out)
+        _print_info(build_index(encoder, args.corpus, args.out, config, encode, towers_dir=args.towers))
     return 0
 
 
@@ -130,24 +129,24 @@ def _notice_stale_temp_dirs(out: str | Path) -> None:
 
 
 def run_index_merge(args: argparse.Namespace) -> int:
-    from index.merge import merge_shards
+    config, merge = dataclass_from_args(IndexBuildConfig, args), dataclass_from_args(MergeConfig, args)
+    from index.merge import merge_shards  # heavy (faiss): only to run
 
-    out = merge_shards(args.shards, args.out, dataclass_from_args(IndexBuildConfig, args),
-                       dataclass_from_args(MergeConfig, args), towers_dir=args.towers)
+    out = merge_shards(args.shards, args.out, config, merge, towers_dir=args.towers)
     _print_info(out)
     return 0
 
 
 def run_index_add(args: argparse.Namespace) -> int:
-    from index.build import result_encoder
-    from index.mutate import add_docs
+    config = dataclass_from_args(EncodeConfig, args)
+    from index.mutate import add_docs  # heavy (torch, faiss): only to run
     from index.store import read_manifest
+    from towers.inference import result_encoder
     from towers.model import TwoTower
 
     towers = args.towers or read_manifest(args.index).get("towers_dir")
     if not towers:
         raise ValueError(f"index '{args.index}' records no towers dir; pass --towers")
-    config = dataclass_from_args(IndexBuildConfig, args)
     n = add_docs(args.index, result_encoder(TwoTower.load(towers), config.device), args.corpus, config)
     print(f"added {n} docs to {args.index}")
     _print_info(args.index)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from towers.data import iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
 
 Corpus = str | Path | Iterable[Mapping[str, Any]]
 _RESERVED = ("_id", "id", "title", "text")

@@ -1,7 +1,7 @@
 """Streamed, resumable corpus encoding: embeddings go to disk in chunks, so memory stays bounded.
 
 The corpus is read row by row and cut into chunks of ``chunk_size`` docs. For each chunk the encoder runs
-once (it length-sorts and batches inside, see ``towers.encoder``), then three files are written, each
+once (it length-sorts and batches inside, see ``common.encoder``), then three files are written, each
 atomically, the completion record last::
 
     WORK/emb-000042.npy     float32|float16 (rows, dim)
@@ -15,7 +15,7 @@ finished chunk. A chunk whose docs changed, whose files were damaged, truncated 
 record predates the ``sha256`` field is re-encoded (hashing a 50 MB chunk takes ~0.05 s; encoding it,
 minutes). ``state.json`` pins the encoder fingerprint, dim, chunk size and dtype: a work dir written with
 different ones is cleared (with a message) rather than mixed in. Only encoders with a ``fingerprint()``
-(towers, via ``index.build.result_encoder``) resume; for others old chunks cannot be attributed to a model.
+(towers, via ``towers.inference.result_encoder``) resume; for others old chunks cannot be attributed to a model.
 """
 from __future__ import annotations
 
@@ -31,14 +31,20 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from common.atomic import write_json_atomic
+from common.encoder import Encoder
+from common.hashing import file_sha256
+from index.config import DTYPES
 from index.corpus import Corpus, Doc, hash_doc, iter_docs
 from index.store import write_docs_chunk, write_npy_atomic
-from eval.suites.beir import file_sha256
-from towers.atomic import write_json_atomic
-from towers.encoder import Encoder
 
 WORK_VERSION = 1
-DTYPES = ("float32", "float16")
+
+
+def default_work_dir(out: str | Path) -> Path:
+    """Where the chunks of a build of ``out`` go unless ``--work-dir`` says otherwise: ``.<out>.work`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
 
 
 @dataclass

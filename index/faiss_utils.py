@@ -251,7 +251,7 @@ def c_stdout_to_stderr() -> Iterator[None]:
 
 
 def serialize(index: faiss.Index) -> bytes:
-    """The index file's bytes (CPU form), for ``towers.atomic.write_bytes_atomic``."""
+    """The index file's bytes (CPU form), for ``common.atomic.write_bytes_atomic``."""
     return faiss.serialize_index(index).tobytes()
 
 

@@ -26,25 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.build import (IndexBuildConfig, add_chunks, default_work_dir, new_manifest, train_empty, tuned_defaults,
+from index.build import (add_chunks, new_manifest, train_empty, tuned_defaults,
                          write_index_dir)
-from index.encode import EncodedCorpus
+from index.encode import EncodedCorpus, default_work_dir
 from index.factory import auto_factory, parse_memory
 from index.shard import SHARD_MANIFEST, read_shard, shard_dir_name, shard_range
 from index.store import IVFDATA_FILE
-from towers.cliargs import field
+from index.config import MERGE_METHODS, IndexBuildConfig, MergeConfig
 
-MERGE_METHODS = ("add", "merge_from", "ondisk")
-
-
-@dataclass
-class MergeConfig:
-    """How ``twotower index merge`` puts the shards together (index options are ``IndexBuildConfig``'s)."""
-
-    method: str = field("add", "add: one index, shards added in order; merge_from: one index per shard from the "
-                               "shared trained index, joined by faiss merge_from; ondisk: IVF only, per-shard "
-                               "indexes joined by faiss merge_ondisk into index.ivfdata (memory-mapped)",
-                        choices=MERGE_METHODS)
 
 
 @dataclass
@@ -239,13 +228,13 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
     extra: dict[str, Path] = {}
     if merge.method == "add":
         index = trained
-        add_chunks(index, whole, config.progress)
+        add_chunks(index, whole, merge.progress)
     elif merge.method == "merge_from":
         index = faiss.clone_index(trained)
-        for part in shard_indexes(trained, parts, config.progress):
+        for part in shard_indexes(trained, parts, merge.progress):
             index.merge_from(part, index.ntotal if ivf_of(index) is not None else 0)  # IVF ids: shift to rows
     else:
-        index, extra = _merge_ondisk(trained, parts, scratch, config.progress), {IVFDATA_FILE: scratch / IVFDATA_FILE}
+        index, extra = _merge_ondisk(trained, parts, scratch, merge.progress), {IVFDATA_FILE: scratch / IVFDATA_FILE}
     assert index.ntotal == n, f"merged {index.ntotal} vectors for {n} corpus rows"
     manifest = new_manifest(
         dim=dim, factory=factory, ntotal=int(index.ntotal), search_defaults=tuned_defaults(index, config),

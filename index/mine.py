@@ -16,49 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from towers.cliargs import field
-from towers.encoder import Encoder
-
-SAMPLING = ("top", "random")
-
-
-@dataclass
-class MineConfig:
-    """Where to mine and how to guard against false negatives (CLI: ``twotower mine``)."""
-
-    towers: str = field("", "TOWERS dir: the query tower searches, the result tower encodes candidates", cli=False)
-    pairs: str = field("", "pairs file (JSONL/CSV/Parquet) or dataset with query and positive columns", cli=False)
-    out: str = field("", "output file (.jsonl or .parquet): the pairs plus a negatives column", cli=False)
-    corpus: str = field("", "extra corpus (BEIR corpus.jsonl / parquet) to mine from besides the positives")
-    query_column: str = field("query", "query column of --pairs")
-    positive_column: str = field("positive", "positive column of --pairs")
-    negatives_column: str = field("negatives", "negatives column of --pairs (replaced by the mined ones)")
-    num_negatives: int = field(5, "negatives per query (NV-Retriever: 10 or fewer)")
-    range_min: int = field(0, "skip candidates ranked above this (0 = start at the top)")
-    range_max: int = field(50, "consider candidates up to this rank (exclusive)")
-    relative_margin: float | None = field(0.05, "drop candidates scoring above (1 - margin) * positive score "
-                                                "(NV-Retriever TopK-PercPos: 0.05)")
-    absolute_margin: float | None = field(None, "drop candidates scoring above positive score - margin")
-    max_score: float | None = field(None, "drop candidates scoring above this")
-    sampling: str = field("top", "take the top candidates or a random sample of them", choices=SAMPLING)
-    keep_short: bool = field(False, "keep rows that got fewer than --num-negatives negatives (default: drop them)")
-    factory: str = field("auto", "faiss index over the candidates ('auto': Flat below 100k, IVF beyond)")
-    batch_size: int = field(64, "texts per encoder forward pass")
-    device: str = field("auto", "device for the towers: auto, cpu, cuda", choices=("auto", "cpu", "cuda"))
-    seed: int = field(0, "seed for --sampling random")
-    progress: bool = field(True, "show progress bars")
-
-    def validate(self) -> None:
-        if self.num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
-        if not 0 <= self.range_min < self.range_max:
-            raise ValueError(f"need 0 <= range_min < range_max, got range_min={self.range_min}, "
-                             f"range_max={self.range_max}")
-        if self.num_negatives > self.range_max - self.range_min:
-            raise ValueError(f"cannot mine {self.num_negatives} negatives from ranks [{self.range_min}, "
-                             f"{self.range_max}): widen the range or lower num_negatives")
-        if self.sampling not in SAMPLING:
-            raise ValueError(f"unknown sampling '{self.sampling}': choose {', '.join(SAMPLING)}")
+from common.cliargs import check_required
+from common.encoder import Encoder
+from index.config import MineConfig
 
 
 @dataclass
@@ -147,14 +107,12 @@ def mine_negatives(query_encoder: Encoder, result_encoder: Encoder, queries: Seq
 
 def mine(config: MineConfig) -> tuple[Path, MineStats]:
     """Load towers and pairs, mine, write ``config.out`` (JSONL or Parquet) atomically."""
-    from index.build import TowerEncoder
+    from towers.inference import tower_encoder
     from index.corpus import iter_docs
     from towers.data import load_pairs
     from towers.model import TwoTower
 
-    for name in ("towers", "pairs", "out"):
-        if not getattr(config, name):
-            raise ValueError(f"mine needs --{name}")
+    check_required(config)
     out = Path(config.out)
     if out.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"output '{out}' must end in .jsonl or .parquet")
@@ -162,8 +120,8 @@ def mine(config: MineConfig) -> tuple[Path, MineStats]:
     pairs = load_pairs(config.pairs, query_column=config.query_column, positive_column=config.positive_column,
                        negatives_column=config.negatives_column)
     extra = [d.encode_text for d in iter_docs(config.corpus)] if config.corpus else []
-    negatives, stats = mine_negatives(TowerEncoder(model, "query", config.device),
-                                      TowerEncoder(model, "result", config.device),
+    negatives, stats = mine_negatives(tower_encoder(model, "query", config.device),
+                                      tower_encoder(model, "result", config.device),
                                       pairs["query"], pairs["positive"], config, extra)
     rows = [{"query": q, "positive": p, "negatives": n} for q, p, n in zip(pairs["query"], pairs["positive"], negatives)
             if config.keep_short or len(n) == config.num_negatives]
@@ -175,7 +133,7 @@ def mine(config: MineConfig) -> tuple[Path, MineStats]:
 
 
 def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
-    from towers.atomic import write_bytes_atomic
+    from common.atomic import write_bytes_atomic
 
     if out.suffix == ".jsonl":
         write_bytes_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())

@@ -14,28 +14,28 @@ from pathlib import Path
 
 import numpy as np
 
-from index.build import IndexBuildConfig, add_chunks, default_work_dir, write_index_dir
+from index.build import add_chunks, write_index_dir
+from index.faiss_utils import read_index
 from index.corpus import Corpus, describe, iter_docs
-from index.encode import encode_corpus, encoder_fingerprint
+from index.config import EncodeConfig
+from index.encode import default_work_dir, encode_corpus, encoder_fingerprint
 from index.store import (INDEX_FILE, REMOVED_FILE, link_or_copy, live_rows, load_docs, read_manifest, read_removed,
                          write_manifest, write_npy_atomic)
-from towers.atomic import atomic_dir
-from towers.encoder import Encoder
+from common.atomic import atomic_dir
+from common.encoder import Encoder
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: IndexBuildConfig | None = None) -> int:
+def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig | None = None) -> int:
     """Encode ``corpus`` with ``encoder`` (same towers as the index) and append it. Returns rows added.
 
     Raises:
         ValueError: the encoder's fingerprint or dim differs from the index's, or an id is already live.
     """
-    from index.faiss_utils import read_index
-
-    config = config or IndexBuildConfig()
+    config = config or EncodeConfig()
     path = Path(index_dir)
     manifest = read_manifest(path)
     if manifest.get("ivfdata"):

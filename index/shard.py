@@ -22,6 +22,7 @@ corpus does nothing, so relaunching a whole torchrun job after one rank failed e
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -30,19 +31,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from index.build import IndexBuildConfig, default_work_dir
+import numpy as np
+
+from common.atomic import atomic_dir, write_json_atomic
+from common.encoder import Encoder
 from index.corpus import Corpus, corpus_identity, describe, iter_docs
-from index.encode import encode_corpus, encoder_fingerprint, encoder_name
+from index.config import EncodeConfig, ShardConfig
+from index.encode import default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
 from index.store import link_or_copy
-from towers.atomic import atomic_dir, write_json_atomic
-from towers.encoder import Encoder
 
 SHARD_MANIFEST = "shard.json"
 SHARD_KIND = "twotower-index-shard"
 SHARD_FORMAT_VERSION = 1
 SLICING = "contiguous"
-# Options that belong to `index merge` (the index is built once, from all shards), not to a shard's encoding.
-MERGE_OPTIONS = ("factory", "memory_budget", "train_size", "nprobe", "ef_search", "seed")
 
 
 def shard_range(n_rows: int, shard_id: int, num_shards: int) -> tuple[int, int]:
@@ -60,10 +61,11 @@ def shard_dir(out: str | Path, shard_id: int, num_shards: int) -> Path:
     return Path(out) / shard_dir_name(shard_id, num_shards)
 
 
-def resolve_shard(config: IndexBuildConfig, env: Mapping[str, str] = os.environ) -> IndexBuildConfig:
+def resolve_shard(config: ShardConfig, encode: EncodeConfig,
+                  env: Mapping[str, str] = os.environ) -> tuple[ShardConfig, EncodeConfig]:
     """``config`` with ``shard_id``/``num_shards`` checked, or taken from torchrun's RANK/WORLD_SIZE when unset.
 
-    Under torchrun a ``cuda``/``auto`` device becomes ``cuda:LOCAL_RANK`` (one GPU per process).
+    Under torchrun a ``cuda``/``auto`` device of ``encode`` becomes ``cuda:LOCAL_RANK`` (one GPU per process).
 
     Raises:
         ValueError: only one of the two options given, or a shard id outside ``[0, num_shards)``.
@@ -77,44 +79,43 @@ def resolve_shard(config: IndexBuildConfig, env: Mapping[str, str] = os.environ)
                          f"n, 0 <= i < n), or neither (under torchrun they default to RANK and WORLD_SIZE)")
     if num_shards and not 0 <= shard_id < num_shards:
         raise ValueError(f"--shard-id {shard_id} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
-    device = config.device
+    device = encode.device
     if torchrun and device in ("auto", "cuda"):
-        import torch
+        import torch  # only under torchrun, to see whether this process has a GPU of its own
 
         if torch.cuda.is_available():
             device = f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
-    return dataclasses.replace(config, shard_id=shard_id, num_shards=num_shards, device=device)
+    return ShardConfig(shard_id, num_shards), dataclasses.replace(encode, device=device)
 
 
-def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, config: IndexBuildConfig,
-                towers_dir: str | Path | None = None) -> Path:
-    """Encode shard ``config.shard_id`` of ``config.num_shards`` of ``corpus`` into ``out/shard-I-of-N``.
+def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, shard: ShardConfig,
+                encode: EncodeConfig | None = None, towers_dir: str | Path | None = None,
+                overwrite: bool = False) -> Path:
+    """Encode shard ``shard.shard_id`` of ``shard.num_shards`` of ``corpus`` into ``out/shard-I-of-N``.
 
     Args:
         encoder: must have a ``fingerprint()`` (towers do), so ``index merge`` can check all shards match.
         out: the shards dir (shared by all shards of the build; ``index merge --shards out`` finds them).
-        config: encoding options; the index options (``--factory`` ...) belong to ``index merge``.
+        shard: which shard; encode: the encoding options. The index options (``--factory`` ...) belong to
+            ``index merge``.
+        overwrite: re-encode a SHARD dir that exists from another corpus or encoder.
 
     Returns:
         The SHARD dir (complete; an existing identical one is kept as it is).
 
     Raises:
-        ValueError: bad shard options, index options given, an encoder without fingerprint, fewer corpus rows
-            than shards, or a corpus that changed while it was read.
+        ValueError: bad shard options, an encoder without fingerprint, fewer corpus rows than shards, or a
+            corpus that changed while it was read.
         FileExistsError: the SHARD dir exists from another corpus/encoder and ``overwrite`` is off.
     """
-    defaults = IndexBuildConfig()
-    given = [f"--{k.replace('_', '-')}" for k in MERGE_OPTIONS if getattr(config, k) != getattr(defaults, k)]
-    if given:
-        raise ValueError(f"{', '.join(given)}: the index is built once from all shards, so pass index options to "
-                         f"`twotower index merge`, not to a shard's build")
-    shard_id, num_shards = config.shard_id, config.num_shards
+    config = encode or EncodeConfig()
+    shard_id, num_shards = shard.shard_id, shard.num_shards
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"--shard-id {shard_id} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
     fingerprint = encoder_fingerprint(encoder)
     if fingerprint is None:
         raise ValueError(f"encoder {encoder_name(encoder)} has no fingerprint(): shards must be checked to come from "
-                         f"the same towers; index with towers (`index.build.result_encoder`)")
+                         f"the same towers; index with towers (`towers.inference.result_encoder`)")
     path = shard_dir(out, shard_id, num_shards)
     if not isinstance(corpus, (str, Path)) and not hasattr(corpus, "__len__"):
         raise ValueError("a sharded build reads the corpus more than once: pass a file, dir, hf:NAME or a list of "
@@ -126,7 +127,7 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
     lo, hi = shard_range(total, shard_id, num_shards)
     expected = {"shard_id": shard_id, "num_shards": num_shards, "rows": [lo, hi], "fingerprint": fingerprint,
                 "dim": int(encoder.dim), "dtype": config.dtype}
-    if path.exists() and not config.overwrite:
+    if path.exists() and not overwrite:
         _keep_existing(path, expected, identity)
         return path
     # one work dir per shard, also under an explicit --work-dir (torchrun gives every rank the same options)
@@ -147,7 +148,8 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
         "corpus": {**identity, "split": config.corpus_split},
         "chunks": [{"rows": _npy_rows(e), "emb_bytes": e.stat().st_size, "docs_bytes": d.stat().st_size}
                    for e, d in zip(enc.emb_paths(), enc.docs_paths())],
-        "build_config": {**dataclasses.asdict(config), "encode_seconds": round(time.time() - t0, 1)},
+        "build_config": {**dataclasses.asdict(config), **dataclasses.asdict(shard), "overwrite": overwrite,
+                         "encode_seconds": round(time.time() - t0, 1)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with atomic_dir(path) as tmp:
@@ -167,8 +169,6 @@ def read_shard(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: no ``shard.json`` (not a shard dir, or a shard whose build has not finished).
         ValueError: malformed or newer manifest, or a chunk file missing or of the wrong size (a partial copy).
     """
-    import json
-
     path = Path(path)
     manifest_path = path / SHARD_MANIFEST
     if not manifest_path.is_file():
@@ -195,8 +195,6 @@ def read_shard(path: str | Path) -> dict[str, Any]:
 
 
 def _npy_rows(path: Path) -> int:
-    import numpy as np
-
     return int(np.load(path, mmap_mode="r").shape[0])
 
 

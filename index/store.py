@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from index.corpus import Doc
-from towers.atomic import write_bytes_atomic, write_json_atomic
+from common.atomic import write_bytes_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -172,7 +172,7 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 def stale_temp_dirs(dest: str | Path, older_than_s: float = STALE_AFTER_S) -> list[tuple[Path, float]]:
     """Leftovers of interrupted writes of ``dest``: the ``.NAME.tmp-*`` / ``.NAME.old-*`` dirs beside it
-    (``towers.atomic`` names them so) in which nothing changed for ``older_than_s`` seconds.
+    (``common.atomic`` names them so) in which nothing changed for ``older_than_s`` seconds.
 
     They are only reported, never deleted: a slow write of another live process may look just like that, and
     only the user can tell. Nothing reads them (``load_index`` and ``index info`` look inside ``dest`` only).

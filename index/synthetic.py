@@ -46,7 +46,7 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 def ann_recall(I: np.ndarray, gt: np.ndarray, k: int) -> float:
     """recall@k of ``I`` against exact top-k ids ``gt`` (the faiss benchmark "k-recall@k")."""
-    from eval.metrics import recall_at_k
+    from common.metrics import recall_at_k
 
     return recall_at_k(I, [{int(j): 1.0 for j in row[:k] if j >= 0} for row in gt], k)
 

@@ -1,13 +1,13 @@
 """Config dataclasses of the query-time verbs (light module: imported by the CLI before any heavy package).
 
 The ``twotower search`` / ``twotower serve`` options are generated from these fields
-(``towers.cliargs.add_dataclass_args``), so names, defaults and help live in one place.
+(``common.cliargs.add_dataclass_args``), so names, defaults and help live in one place.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from towers.cliargs import field
+from common.cliargs import field
 
 DEFAULT_MAX_K = 1000  # the cap on k: beyond it a request is an export, not a search
 # nprobe above the IVF list count is clamped by faiss, so no real request needs more; faiss keeps it in a

@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from common.device import check_device, check_precision, resolve_device
+from index.load import load_index
 from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE
 from retrieval.doctable import DocTable
+from towers.inference import TowerEncoder
+from towers.model import Tower, read_towers_meta
+from towers.onnx import onnx_copy
 
-DEVICES = ("auto", "cpu", "cuda")
 # query encoding: full precision, torch.autocast to bf16/fp16, or the float32 encoder in ONNX Runtime (CPU)
 PRECISIONS = ("fp32", "bf16", "fp16", "onnx")
 
@@ -39,25 +43,9 @@ class Hit:
                 "metadata": self.metadata, "rank": self.rank}
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``/``cuda``/``cuda:N`` pass through."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
-        return device
-    raise ValueError(f"unknown device '{device}': choose {', '.join(DEVICES)} or cuda:N")
-
-
-def amp_dtype(precision: str) -> Any:
-    """``fp32``/``onnx`` -> None (no autocast); ``bf16``/``fp16`` -> the torch dtype to autocast to."""
-    import torch
-
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "onnx": None}
-    if precision not in dtypes:
-        raise ValueError(f"unknown precision '{precision}': choose {', '.join(PRECISIONS)}")
-    return dtypes[precision]
+def check_retrieval_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS` (checked before any model loads)."""
+    return check_precision(precision, PRECISIONS)
 
 
 def check_k(k: Any, max_k: int) -> int:
@@ -109,25 +97,33 @@ class Retriever:
 
     Args:
         index: a ``index.load.LoadedIndex``.
-        tower: the query ``towers.model.Tower`` (already on its device).
+        tower: the query ``towers.model.Tower`` (already on its device; wrapped in the
+            ``towers.inference.TowerEncoder`` every stage encodes through), or any encoder-protocol object
+            (``dim``, ``encode(texts, batch_size)``), used as is.
         towers_meta: the TOWERS dir's ``twotower.json`` (reported by ``info``).
         max_k: the cap on ``k``.
         batch_size: encode batch size for long query lists.
-        precision: ``fp32``, or ``bf16``/``fp16`` autocast for the query tower (see ``amp_dtype``).
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast for the query tower; ``onnx`` for a tower made by
+            ``towers.onnx.onnx_copy`` (float32).
     """
 
     def __init__(self, index: Any, tower: Any, towers_meta: dict[str, Any] | None = None,
                  max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> None:
+        check_retrieval_precision(precision)
         if tower.dim != index.dim:
             raise ValueError(f"query tower dim {tower.dim} != index dim {index.dim}: "
                              "the towers and the index belong to different models")
         self.index = index
-        self.tower = tower.eval()
+        if isinstance(tower, Tower):
+            autocast = "fp32" if precision == "onnx" else precision
+            self.encoder: Any = TowerEncoder(tower, str(tower.device), autocast)
+            self.tower = tower
+        else:
+            self.encoder = self.tower = tower
         self.towers_meta = towers_meta or {}
         self.max_k = max_k
         self.batch_size = batch_size
         self.precision = precision
-        self._amp_dtype = amp_dtype(precision)
         self.docs = DocTable(index.docs)
         # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
         # shared mutable state is the fast tokenizer's Rust-side truncation setting, which a concurrent
@@ -154,11 +150,9 @@ class Retriever:
             ValueError: the towers' fingerprint differs from the index's (vectors from another model),
                 or the index records no towers dir and none was given.
         """
-        from index.load import load_index
-        from towers.model import Tower, read_towers_meta
-
-        amp_dtype(precision)  # a bad name fails before the load
-        tower_device = "cpu" if precision == "onnx" and device == "auto" else resolve_device(device)
+        check_retrieval_precision(precision)  # a bad name fails before the load
+        check_device(device)
+        tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
         # The index picks its own GPU path under "auto" (faiss-gpu, torch exact search, or the CPU index).
         index = load_index(index_dir, device="auto" if device == "auto" else tower_device.split(":")[0])
         if towers_dir is None:
@@ -178,7 +172,7 @@ class Retriever:
             if tower_device != "cpu":
                 raise ValueError(f"precision 'onnx' runs the query tower on the CPU; got device '{device}' "
                                  "(use --device cpu, or bf16/fp16 on a GPU)")
-            tower = tower.onnx_copy()
+            tower = onnx_copy(tower)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size, precision=precision)
 
@@ -194,13 +188,13 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         """Index manifest + towers meta (no weights): what ``GET /info`` returns."""
         return {"index": self.index.manifest, "towers": self.towers_meta, "max_k": self.max_k,
-                "device": str(self.tower.device), "precision": self.precision, "ntotal": self.ntotal,
+                "device": str(getattr(self.encoder, "device", "cpu")), "precision": self.precision, "ntotal": self.ntotal,
                 "dim": self.dim}
 
     # ---- query time -------------------------------------------------------------------------------
     def encode(self, queries: str | Sequence[str]) -> np.ndarray:
         """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
-        return self.tower.encode(check_queries(queries), batch_size=self.batch_size, amp_dtype=self._amp_dtype)
+        return self.encoder.encode(check_queries(queries), batch_size=self.batch_size)
 
     def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
         """Top-``k`` hits per query (one encode + one faiss search for all of them).

@@ -242,7 +242,7 @@ class RssSampler:
 def codesearch_dir() -> Path:
     """The codesearch-py suite dir (built on first use, then cached): corpus.jsonl, train.jsonl, ..."""
     from eval.suites.build import build_suite
-    from towers.bases import cache_dir
+    from common.cache import cache_dir
 
     return Path(build_suite("codesearch-py", cache_dir() / "suites" / "codesearch-py"))
 

@@ -16,7 +16,9 @@ import torch
 
 from bench_common import add_base_arg, check_device, comma_choices, emit, gpu_peaks, load_corpus_texts, print_table, take_turns
 from towers.bases import resolve_base
+from towers.inference import cast_copy, int8_copy
 from towers.model import Tower
+from towers.onnx import onnx_copy
 
 VARIANTS = ("fp32", "bf16", "fp16", "bf16w", "fp16w", "int8", "onnx")
 
@@ -43,8 +45,8 @@ def main() -> None:
                     help="texts per turn: the systems take turns chunk by chunk, so load bursts hit all alike")
     ap.add_argument("--variants", default="fp32,bf16,int8",
                     help=f"twotower variants, comma-separated from {', '.join(VARIANTS)}: fp32 (default path), "
-                         "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: Tower.cast_copy), "
-                         "int8 (CPU dynamic quantisation), onnx (Tower.onnx_copy: fp32 in ONNX Runtime, CPU)")
+                         "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: towers.inference.cast_copy), "
+                         "int8 (CPU dynamic quantisation), onnx (towers.onnx.onnx_copy: fp32 in ONNX Runtime, CPU)")
     ap.add_argument("--st-half", action="store_true",
                     help="also time sentence-transformers with fp16 weights (CUDA: what an ST user does on a GPU)")
     add_base_arg(ap)
@@ -62,10 +64,10 @@ def main() -> None:
     st = SentenceTransformer(str(base), device=device)
     st.max_seq_length = args.max_length
     tower = Tower.from_base(base, pooling="mean", max_length=args.max_length).to(device)
-    models = {"int8": tower.quantized_int8() if "int8" in variants else None,
-              "bf16w": tower.cast_copy(torch.bfloat16) if "bf16w" in variants else None,
-              "fp16w": tower.cast_copy(torch.float16) if "fp16w" in variants else None,
-              "onnx": tower.onnx_copy() if "onnx" in variants else None}
+    models = {"int8": int8_copy(tower) if "int8" in variants else None,
+              "bf16w": cast_copy(tower, torch.bfloat16) if "bf16w" in variants else None,
+              "fp16w": cast_copy(tower, torch.float16) if "fp16w" in variants else None,
+              "onnx": onnx_copy(tower) if "onnx" in variants else None}
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
     def st_encode(chunk: list[str]) -> np.ndarray:

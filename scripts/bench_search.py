@@ -48,10 +48,11 @@ class VectorTable:
 
 def build(xb: np.ndarray, factory: str, out: Path) -> Path:
     """An INDEX dir of ``xb`` built by ``index.build.build_index`` (docs: id ``d<i>``, text ``doc <i>``)."""
-    from index.build import IndexBuildConfig, build_index
+    from index.build import build_index
+    from index.config import EncodeConfig, IndexBuildConfig
 
     corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(len(xb))]
-    return build_index(VectorTable(xb), corpus, out, IndexBuildConfig(factory=factory, progress=False))
+    return build_index(VectorTable(xb), corpus, out, IndexBuildConfig(factory=factory), EncodeConfig(progress=False))
 
 
 def raw_search(index: Any, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -124,7 +124,7 @@ def cached_vectors(work: Path, towers: Path, texts: Sequence[str], args: argpars
     t0 = time.perf_counter()
     xb = corpus_vectors(towers, texts, min(args.encode_docs, args.docs), args.device, args.seed)
     print(f"corpus vectors: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    from towers.atomic import write_bytes_atomic
+    from common.atomic import write_bytes_atomic
 
     buf = io.BytesIO()
     np.save(buf, xb)
@@ -144,7 +144,7 @@ def bench_towers(args: argparse.Namespace) -> Path:
 
 
 def work_dir(args: argparse.Namespace) -> Path:
-    from towers.bases import cache_dir
+    from common.cache import cache_dir
 
     return Path(args.work) if args.work else cache_dir() / "bench-serve"
 
@@ -154,7 +154,8 @@ def bench_index(args: argparse.Namespace, towers: Path, factory: str) -> Path:
     work = work_dir(args)
     index_dir = work / f"index-{args.docs}-{args.encode_docs}-{factory.replace(',', '_')}"
     if not (index_dir / "manifest.json").exists():
-        from index.build import IndexBuildConfig, build_index
+        from index.build import build_index
+        from index.config import IndexBuildConfig
         from towers.model import read_towers_meta
 
         texts = corpus_texts(args.corpus, args.docs, vocabulary(), args.seed)

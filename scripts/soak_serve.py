@@ -249,7 +249,9 @@ def tiny_base(root: Path) -> Path:
 
 def build(root: Path, base: str, n_docs: int, factory: str, seed: int) -> tuple[Path, Path, list[str]]:
     """(TOWERS, INDEX, query texts) under ``root``."""
-    from index.build import IndexBuildConfig, build_index, result_encoder
+    from index.build import build_index
+    from index.config import EncodeConfig, IndexBuildConfig
+    from towers.inference import result_encoder
     from towers.model import TwoTower
 
     base_dir = str(tiny_base(root)) if base == "tiny" else base
@@ -259,7 +261,7 @@ def build(root: Path, base: str, n_docs: int, factory: str, seed: int) -> tuple[
     texts = synthetic_texts(n_docs, words, 8, 30, seed)
     corpus = [{"_id": f"doc-{i}", "title": "", "text": t} for i, t in enumerate(texts)]
     index = build_index(result_encoder(TwoTower.load(towers), "cpu"), corpus, root / "index",
-                        IndexBuildConfig(factory=factory, progress=True), towers_dir=towers)
+                        IndexBuildConfig(factory=factory), EncodeConfig(progress=True), towers_dir=towers)
     return towers, Path(index), synthetic_texts(500, words, 2, 7, seed + 1)
 
 

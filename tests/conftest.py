@@ -124,7 +124,9 @@ QUERIES = ["sort a list", "open a json file", "thread lock queue", "hash the byt
 
 def build_tiny_index(root: Path, base: Path, n_docs: int = 60, factory: str = "Flat") -> tuple[Path, Path]:
     """A TOWERS dir (tiny random BERT, separate towers) and an INDEX dir built from ``make_corpus``."""
-    from index.build import IndexBuildConfig, build_index, result_encoder
+    from index.build import build_index
+    from index.config import IndexBuildConfig
+    from towers.inference import result_encoder
     from towers.model import TwoTower
 
     towers = root / "towers"

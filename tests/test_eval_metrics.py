@@ -1,10 +1,10 @@
-"""eval.metrics against ranx (the reference) on random runs with several graded relevant docs per query."""
+"""common.metrics against ranx (the reference) on random runs with several graded relevant docs per query."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from eval.metrics import evaluate, map_at_k, mrr_at_k, ndcg_at_k, recall_at_k, recall_curve
+from common.metrics import evaluate, map_at_k, mrr_at_k, ndcg_at_k, recall_at_k, recall_curve
 
 ranx = pytest.importorskip("ranx")
 

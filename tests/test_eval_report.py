@@ -1,6 +1,8 @@
 """run_bench end to end on a tiny BEIR suite: every system through the same path, every report file written."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -34,12 +36,13 @@ def tiny_towers(tiny_bert_dir, tmp_path):
 
 def test_run_bench_writes_every_file(tiny_suite, tiny_towers, tiny_llama_dir, tmp_path, monkeypatch) -> None:
     from eval.bench import run_bench
+    from eval.config import BenchConfig
 
     monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "REPORT"
     systems = f"towers={tiny_towers},raw-llm:llm={tiny_llama_dir}:last+logits,bm25"
-    results = run_bench(tiny_suite, systems, out, k_max=10, batch_size=8, device="cpu", show_progress=False,
-                        doc_max_length=32, n_random=5)
+    results = run_bench(BenchConfig(suite=str(tiny_suite), systems=systems, out=str(out), k_max=10, batch_size=8,
+                                    device="cpu", doc_max_length=32, n_random=5), show_progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
         "recall_at_k.png", "report.md", "results.json", "similarity.npz", "similarity.png"]
     for png in ("recall_at_k.png", "similarity.png"):
@@ -69,11 +72,13 @@ def test_run_bench_writes_every_file(tiny_suite, tiny_towers, tiny_llama_dir, tm
 
 def test_rerun_replaces_the_report_atomically(tiny_suite, tmp_path) -> None:
     from eval.bench import run_bench
+    from eval.config import BenchConfig
 
     out = tmp_path / "R"
-    run_bench(tiny_suite, "bm25", out, k_max=5, device="cpu", show_progress=False)
+    cfg = BenchConfig(suite=str(tiny_suite), systems="bm25", out=str(out), k_max=5, device="cpu")
+    run_bench(cfg, show_progress=False)
     (out / "stale.txt").write_text("from an older run")
-    run_bench(tiny_suite, "bm25", out, k_max=5, device="cpu", show_progress=False, max_queries=3)
+    run_bench(dataclasses.replace(cfg, max_queries=3), show_progress=False)
     assert not (out / "stale.txt").exists()
     assert json.loads((out / "results.json").read_text())["suite"]["queries"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".R")]  # no temp dirs left behind

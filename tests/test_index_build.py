@@ -9,14 +9,15 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.build import IndexBuildConfig, build_index  # noqa: E402
+from index.build import build_index  # noqa: E402
+from index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
 from index.corpus import iter_docs  # noqa: E402
 from index.faiss_utils import build_faiss, search  # noqa: E402
 from index.load import load_index  # noqa: E402
 from index.store import FORMAT_VERSION, read_manifest  # noqa: E402
 from index.synthetic import TableEncoder, brute_force, clustered_vectors  # noqa: E402
 
-CFG = dict(progress=False)
+ENC = EncodeConfig(progress=False)
 
 
 
@@ -32,7 +33,7 @@ def write_jsonl(path: Path, items: list) -> Path:
 
 def test_flat_build_load_search_equals_brute_force(tmp_path):
     xb = clustered_vectors(1000, 16, seed=1)
-    out = build_index(TableEncoder(xb), rows(1000), tmp_path / "idx", IndexBuildConfig(chunk_size=300, **CFG))
+    out = build_index(TableEncoder(xb), rows(1000), tmp_path / "idx", IndexBuildConfig(), EncodeConfig(chunk_size=300, progress=False))
     index = load_index(out, device="cpu")
     assert index.ntotal == index.n_live == 1000 and index.dim == 16 and index.device == "cpu"
     m = index.manifest
@@ -51,7 +52,7 @@ def test_flat_build_load_search_equals_brute_force(tmp_path):
 @pytest.mark.parametrize("factory", ["IVF32,Flat", "HNSW16"])
 def test_save_load_round_trip_identical(tmp_path, factory):
     xb = clustered_vectors(3000, 16, seed=2)
-    out = build_index(TableEncoder(xb), rows(3000), tmp_path / "idx", IndexBuildConfig(factory=factory, **CFG))
+    out = build_index(TableEncoder(xb), rows(3000), tmp_path / "idx", IndexBuildConfig(factory=factory), ENC)
     a, b = load_index(out, "cpu"), load_index(out, "cpu")
     D1, I1 = a.search(xb[:50], 10)
     D2, I2 = b.search(xb[:50], 10)
@@ -67,8 +68,9 @@ def test_save_load_round_trip_identical(tmp_path, factory):
 def test_float16_chunks_and_auto_compressed_factory(tmp_path):
     xb = clustered_vectors(3000, 16, seed=3)
     # 3000 x 16 floats = 192 KB do not fit 100 KB, 1-byte scalar codes do
-    cfg = IndexBuildConfig(memory_budget="100KB", dtype="float16", **CFG)
-    index = load_index(build_index(TableEncoder(xb), rows(3000), tmp_path / "idx", cfg), "cpu")
+    cfg = IndexBuildConfig(memory_budget="100KB")
+    enc = EncodeConfig(dtype="float16", progress=False)
+    index = load_index(build_index(TableEncoder(xb), rows(3000), tmp_path / "idx", cfg, enc), "cpu")
     assert index.manifest["factory"] == "IVF64,SQ8" and index.search_defaults == {"nprobe": 8}
     assert "float vectors exceed the budget" in index.manifest["build_config"]["factory_reason"]
     _, I = index.search(xb[:100], 1)
@@ -85,7 +87,7 @@ def test_jsonl_parquet_and_beir_dir_corpora(tmp_path):
     write_jsonl(beir / "corpus.jsonl", rows(40))
     pq.write_table(pa.Table.from_pylist(rows(40)), tmp_path / "c.parquet")
     for i, corpus in enumerate([beir / "corpus.jsonl", beir, tmp_path / "c.parquet"]):
-        index = load_index(build_index(TableEncoder(xb), corpus, tmp_path / f"i{i}", IndexBuildConfig(**CFG)), "cpu")
+        index = load_index(build_index(TableEncoder(xb), corpus, tmp_path / f"i{i}", IndexBuildConfig(), ENC), "cpu")
         assert index.docs["id"] == [f"d{j}" for j in range(40)] and index.docs[1]["title"] == "T"
 
 
@@ -102,24 +104,24 @@ def test_corpus_validation_names_line_and_field(tmp_path, lines, message):
     with pytest.raises(ValueError, match=message):
         list(iter_docs(corpus))
     with pytest.raises(ValueError, match=message):
-        build_index(TableEncoder(np.eye(3, dtype=np.float32)), corpus, tmp_path / "idx", IndexBuildConfig(**CFG))
+        build_index(TableEncoder(np.eye(3, dtype=np.float32)), corpus, tmp_path / "idx", IndexBuildConfig(), ENC)
     assert not (tmp_path / "idx").exists()
 
 
 def test_killed_build_keeps_previous_index_and_rerun_resumes(tmp_path):
     xb = clustered_vectors(350, 8, seed=4)
     out = tmp_path / "idx"
-    build_index(TableEncoder(xb[:100]), rows(100), out, IndexBuildConfig(**CFG))
+    build_index(TableEncoder(xb[:100]), rows(100), out, IndexBuildConfig(), ENC)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    cfg = IndexBuildConfig(chunk_size=100, overwrite=True, **CFG)
+    cfg, enc = IndexBuildConfig(overwrite=True), EncodeConfig(chunk_size=100, progress=False)
     crashing = TableEncoder(xb, fail_after=250)  # chunks 0 and 1 finish, chunk 2 crashes
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_index(crashing, rows(350), out, cfg)
+        build_index(crashing, rows(350), out, cfg, enc)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert load_index(out, "cpu").ntotal == 100
     assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.work", "idx"]  # no half-written index dir
     rerun = TableEncoder(xb)
-    build_index(rerun, rows(350), out, cfg)
+    build_index(rerun, rows(350), out, cfg, enc)
     # finished chunks were not re-encoded (text encoded = title + " " + text when there is a title)
     assert rerun.encoded == [("T " if i % 2 else "") + f"doc {i}" for i in range(200, 350)]
     index = load_index(out, "cpu")
@@ -130,13 +132,13 @@ def test_killed_build_keeps_previous_index_and_rerun_resumes(tmp_path):
 
 def test_resume_reencodes_a_changed_chunk(tmp_path):
     xb = clustered_vectors(300, 8, seed=5)
-    cfg = IndexBuildConfig(chunk_size=100, keep_work=True, **CFG)
-    build_index(TableEncoder(xb), rows(300), tmp_path / "a", cfg)
+    cfg = EncodeConfig(chunk_size=100, keep_work=True, progress=False)
+    build_index(TableEncoder(xb), rows(300), tmp_path / "a", IndexBuildConfig(), cfg)
     changed = rows(300)
     changed[150]["text"] = "doc 299"  # chunk 1 now differs
     enc = TableEncoder(xb)
-    build_index(enc, changed, tmp_path / "a", IndexBuildConfig(chunk_size=100, overwrite=True,
-                                                                 work_dir=str(tmp_path / ".a.work"), **CFG))
+    build_index(enc, changed, tmp_path / "a", IndexBuildConfig(overwrite=True),
+                EncodeConfig(chunk_size=100, work_dir=str(tmp_path / ".a.work"), progress=False))
     assert len(enc.encoded) == 100 and "doc 299" in enc.encoded and "T doc 151" in enc.encoded
 
 
@@ -144,19 +146,19 @@ def test_errors_before_any_encoding(tmp_path):
     xb = clustered_vectors(10, 8)
     enc = TableEncoder(xb)
     with pytest.raises(ValueError, match="faiss rejected factory string 'IVF8,Nope'"):
-        build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(factory="IVF8,Nope", **CFG))
+        build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(factory="IVF8,Nope"), ENC)
     with pytest.raises(ValueError, match="memory budget 10 B is too small"):
-        build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(memory_budget="10", **CFG))
+        build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(memory_budget="10"), ENC)
     assert enc.encoded == []
-    build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(**CFG))
+    build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(), ENC)
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
-        build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(**CFG))
+        build_index(enc, rows(10), tmp_path / "a", IndexBuildConfig(), ENC)
 
 
 @pytest.fixture
 def small_index(tmp_path) -> Path:
     xb = clustered_vectors(50, 8)
-    return build_index(TableEncoder(xb), rows(50), tmp_path / "idx", IndexBuildConfig(**CFG))
+    return build_index(TableEncoder(xb), rows(50), tmp_path / "idx", IndexBuildConfig(), ENC)
 
 
 def test_truncated_or_corrupt_index_file_is_named(small_index):
@@ -236,14 +238,14 @@ def test_crash_while_writing_the_index_dir_keeps_previous(tmp_path, monkeypatch)
     import index.build
 
     xb = clustered_vectors(60, 8)
-    out = build_index(TableEncoder(xb), rows(50), tmp_path / "idx", IndexBuildConfig(**CFG))
+    out = build_index(TableEncoder(xb), rows(50), tmp_path / "idx", IndexBuildConfig(), ENC)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(index.build, "save_docs", crash)
     with pytest.raises(OSError, match="disk full"):
-        build_index(TableEncoder(xb), rows(60), out, IndexBuildConfig(overwrite=True, **CFG))
+        build_index(TableEncoder(xb), rows(60), out, IndexBuildConfig(overwrite=True), ENC)
     assert load_index(out, "cpu").ntotal == 50
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".idx.tmp")] == []
 
@@ -273,7 +275,7 @@ def test_concurrent_searches_with_different_params_match_serial(tmp_path):
 
     xb = clustered_vectors(4000, 16, seed=6)
     index = load_index(build_index(TableEncoder(xb), rows(4000), tmp_path / "idx",
-                                   IndexBuildConfig(factory="IVF64,Flat", **CFG)), "cpu")
+                                   IndexBuildConfig(factory="IVF64,Flat"), ENC), "cpu")
     jobs = [(xb[i * 10 : i * 10 + 10], 1 + i % 8) for i in range(32)]
     serial = [index.search(xq, 5, nprobe=p) for xq, p in jobs]
     with ThreadPoolExecutor(8) as pool:
@@ -286,7 +288,7 @@ def test_concurrent_searches_with_different_params_match_serial(tmp_path):
 @pytest.mark.gpu
 def test_gpu_load_matches_cpu(tmp_path):
     xb = clustered_vectors(5000, 32, seed=7)
-    out = build_index(TableEncoder(xb), rows(5000), tmp_path / "idx", IndexBuildConfig(**CFG))
+    out = build_index(TableEncoder(xb), rows(5000), tmp_path / "idx", IndexBuildConfig(), ENC)
     from index.mutate import remove_docs
 
     remove_docs(out, ["d1", "d2"])
@@ -307,7 +309,7 @@ def test_duplicate_ids_in_rows_and_in_a_generator():
 
 
 def test_auto_train_sample_fits_a_quarter_of_the_memory_budget(tmp_path, monkeypatch):
-    import index.faiss_utils as faiss_utils
+    import index.build as build_module
     from index.build import auto_train_size
 
     gib = 1 << 30
@@ -320,9 +322,9 @@ def test_auto_train_sample_fits_a_quarter_of_the_memory_budget(tmp_path, monkeyp
     assert auto_train_size(10_000_000, 4096, 384, 64 << 20) == 39 * 4096
     # The build passes the budget through: the sample it trains on is the capped size.
     seen = []
-    real = faiss_utils.train_index
-    monkeypatch.setattr(faiss_utils, "train_index", lambda index, xt: (seen.append(len(xt)), real(index, xt))[1])
+    real = build_module.train_index
+    monkeypatch.setattr(build_module, "train_index", lambda index, xt: (seen.append(len(xt)), real(index, xt))[1])
     xb = clustered_vectors(3000, 16, seed=1)
     build_index(TableEncoder(xb), rows(3000), tmp_path / "i",
-                IndexBuildConfig(factory="IVF8,Flat", memory_budget="64K", progress=False))
+                IndexBuildConfig(factory="IVF8,Flat", memory_budget="64K"), ENC)
     assert seen == [max((64 << 10) // 4 // (4 * 16), 39 * 8)]

@@ -6,12 +6,13 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.build import IndexBuildConfig, build_index  # noqa: E402
+from index.build import build_index  # noqa: E402
+from index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
 from index.load import load_index  # noqa: E402
 from index.mutate import add_docs, remove_docs  # noqa: E402
 from index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
 
-CFG = dict(progress=False)
+ENC = EncodeConfig(progress=False)
 
 
 
@@ -29,8 +30,8 @@ def self_hits(index, xb: np.ndarray) -> set[int]:
 def test_add_then_remove_leaves_exactly_the_expected_ids(tmp_path, factory):
     xb = clustered_vectors(700, 8, seed=1)
     enc = TableEncoder(xb)
-    out = build_index(enc, rows(range(500)), tmp_path / "idx", IndexBuildConfig(factory=factory, **CFG))
-    assert add_docs(out, enc, rows(range(500, 700)), IndexBuildConfig(**CFG)) == 200
+    out = build_index(enc, rows(range(500)), tmp_path / "idx", IndexBuildConfig(factory=factory), ENC)
+    assert add_docs(out, enc, rows(range(500, 700)), ENC) == 200
     removed = ["d3", "d499", "d500", "d650"]
     assert remove_docs(out, removed) == 4
     index = load_index(out, "cpu")
@@ -51,7 +52,7 @@ def test_add_then_remove_leaves_exactly_the_expected_ids(tmp_path, factory):
 
 def test_remove_is_all_or_nothing(tmp_path):
     xb = clustered_vectors(20, 8)
-    out = build_index(TableEncoder(xb), rows(range(20)), tmp_path / "idx", IndexBuildConfig(**CFG))
+    out = build_index(TableEncoder(xb), rows(range(20)), tmp_path / "idx", IndexBuildConfig(), ENC)
     before = (out / "manifest.json").read_text()
     with pytest.raises(KeyError, match=r"1 id\(s\) not in index .*'nope'"):
         remove_docs(out, ["d1", "nope"])
@@ -65,11 +66,11 @@ def test_remove_is_all_or_nothing(tmp_path):
 def test_removed_id_can_be_added_again_and_live_ids_are_refused(tmp_path):
     xb = clustered_vectors(30, 8)
     enc = TableEncoder(xb)
-    out = build_index(enc, rows(range(20)), tmp_path / "idx", IndexBuildConfig(**CFG))
+    out = build_index(enc, rows(range(20)), tmp_path / "idx", IndexBuildConfig(), ENC)
     with pytest.raises(ValueError, match=r"1 id\(s\) .* already in index .*'d5'"):
-        add_docs(out, enc, [{"_id": "d5", "text": "doc 25"}, {"_id": "x", "text": "doc 26"}], IndexBuildConfig(**CFG))
+        add_docs(out, enc, [{"_id": "d5", "text": "doc 25"}, {"_id": "x", "text": "doc 26"}], ENC)
     remove_docs(out, ["d5"])
-    add_docs(out, enc, [{"_id": "d5", "text": "doc 25"}], IndexBuildConfig(**CFG))
+    add_docs(out, enc, [{"_id": "d5", "text": "doc 25"}], ENC)
     index = load_index(out, "cpu")
     assert index.ntotal == 21 and index.n_live == 20
     np.testing.assert_array_equal(index.rows_of(["d5"]), [20])  # the live copy, not the tombstone
@@ -79,10 +80,10 @@ def test_removed_id_can_be_added_again_and_live_ids_are_refused(tmp_path):
 
 def test_add_with_other_towers_is_refused(tmp_path):
     xb = clustered_vectors(30, 8)
-    out = build_index(TableEncoder(xb), rows(range(20)), tmp_path / "idx", IndexBuildConfig(**CFG))
+    out = build_index(TableEncoder(xb), rows(range(20)), tmp_path / "idx", IndexBuildConfig(), ENC)
     other = TableEncoder(xb * -1)
     with pytest.raises(ValueError, match=rf"encoder fingerprint {other.fingerprint()} differs"):
-        add_docs(out, other, rows(range(20, 30)), IndexBuildConfig(**CFG))
+        add_docs(out, other, rows(range(20, 30)), ENC)
     assert other.encoded == [] and load_index(out, "cpu").ntotal == 20
 
 
@@ -90,7 +91,7 @@ def test_cli_remove_and_info(tmp_path, capsys):
     from twotower_cli import main
 
     xb = clustered_vectors(10, 8)
-    out = build_index(TableEncoder(xb), rows(range(10)), tmp_path / "idx", IndexBuildConfig(**CFG))
+    out = build_index(TableEncoder(xb), rows(range(10)), tmp_path / "idx", IndexBuildConfig(), ENC)
     (tmp_path / "ids.txt").write_text("d1\n\nd2\n")
     assert main(["index", "remove", str(out), "--ids", "d0", "--ids-file", str(tmp_path / "ids.txt")]) == 0
     assert main(["index", "remove", str(out), "--ids", "d0"]) == 2

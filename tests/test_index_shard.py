@@ -11,14 +11,16 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.build import IndexBuildConfig, build_index, train_empty  # noqa: E402
+from index.build import build_index, train_empty  # noqa: E402
+from index.config import EncodeConfig, IndexBuildConfig, MergeConfig, ShardConfig  # noqa: E402
 from index.load import load_index  # noqa: E402
-from index.merge import MergeConfig, index_shards, merge_shards, open_shards, shard_indexes  # noqa: E402
+from index.merge import index_shards, merge_shards, open_shards, shard_indexes  # noqa: E402
 from index.mutate import add_docs, remove_docs  # noqa: E402
-from index.shard import read_shard, resolve_shard, shard_dir, shard_range  # noqa: E402
+from index.shard import build_shard, read_shard, resolve_shard, shard_dir, shard_range  # noqa: E402
 from index.synthetic import TableEncoder, ann_recall, brute_force, clustered_vectors  # noqa: E402
 
-CFG = dict(progress=False)
+ENC = EncodeConfig(progress=False)
+QUIET = dict(progress=False)
 N = 3000
 XB = clustered_vectors(N, 16, seed=11)
 
@@ -29,10 +31,10 @@ def rows(n: int = N) -> list[dict]:
 
 
 def build_shards(root: Path, n_shards: int = 3, encoder: TableEncoder | None = None, corpus: list | Path | None = None,
-                 ids: range | None = None, **cfg) -> Path:
+                 ids: range | None = None) -> Path:
     for i in ids if ids is not None else range(n_shards):
-        build_index(encoder or TableEncoder(XB), corpus or rows(), root,
-                    IndexBuildConfig(shard_id=i, num_shards=n_shards, chunk_size=400, **CFG, **cfg))
+        build_shard(encoder or TableEncoder(XB), corpus or rows(), root, ShardConfig(i, n_shards),
+                    EncodeConfig(chunk_size=400, progress=False))
     return root
 
 
@@ -52,8 +54,8 @@ def test_shard_ranges_tile_the_corpus():
 
 @pytest.mark.parametrize("method", ["add", "merge_from"])
 def test_flat_merge_equals_single_build(tmp_path, shards, method):
-    single = load_index(build_index(TableEncoder(XB), rows(), tmp_path / "single", IndexBuildConfig(**CFG)), "cpu")
-    out = merge_shards([shards], tmp_path / "merged", IndexBuildConfig(**CFG), MergeConfig(method))
+    single = load_index(build_index(TableEncoder(XB), rows(), tmp_path / "single", IndexBuildConfig(), ENC), "cpu")
+    out = merge_shards([shards], tmp_path / "merged", IndexBuildConfig(), MergeConfig(method, **QUIET))
     merged = load_index(out, "cpu")  # the load checks (ntotal = docs = manifest) pass
     assert merged.manifest["factory"] == "Flat" and merged.ntotal == N
     assert merged.docs["id"] == single.docs["id"] == [f"d{i}" for i in range(N)]  # faiss id i = corpus row i
@@ -71,9 +73,9 @@ def test_flat_merge_equals_single_build(tmp_path, shards, method):
 @pytest.mark.parametrize("method", ["add", "merge_from", "ondisk"])
 def test_ivf_merge_trains_once_and_equals_single_ivf_build(tmp_path, shards, method):
     # train_size < N: the sample drawn across shards is the very sample a single build with the same seed draws
-    cfg = IndexBuildConfig(factory="IVF32,Flat", train_size=1500, seed=3, **CFG)
-    single = load_index(build_index(TableEncoder(XB), rows(), tmp_path / "single", cfg), "cpu")
-    merged = load_index(merge_shards([shards], tmp_path / "merged", cfg, MergeConfig(method)), "cpu")
+    cfg = IndexBuildConfig(factory="IVF32,Flat", train_size=1500, seed=3)
+    single = load_index(build_index(TableEncoder(XB), rows(), tmp_path / "single", cfg, ENC), "cpu")
+    merged = load_index(merge_shards([shards], tmp_path / "merged", cfg, MergeConfig(method, **QUIET)), "cpu")
     np.testing.assert_array_equal(faiss.extract_index_ivf(merged.cpu_index).quantizer.reconstruct_n(0, 32),
                                   faiss.extract_index_ivf(single.cpu_index).quantizer.reconstruct_n(0, 32))
     xq = XB[::15] + 0.01
@@ -90,8 +92,8 @@ def test_ivf_merge_trains_once_and_equals_single_ivf_build(tmp_path, shards, met
 
 
 def test_ondisk_index_moves_supports_remove_and_refuses_add(tmp_path, shards):
-    cfg = IndexBuildConfig(factory="IVF16,Flat", **CFG)
-    out = merge_shards([shards], tmp_path / "a", cfg, MergeConfig("ondisk"))
+    cfg = IndexBuildConfig(factory="IVF16,Flat")
+    out = merge_shards([shards], tmp_path / "a", cfg, MergeConfig("ondisk", **QUIET))
     moved = tmp_path / "elsewhere" / "idx"
     moved.parent.mkdir()
     shutil.move(str(out), moved)  # the lists are found next to index.faiss, not at the path they were written to
@@ -101,12 +103,12 @@ def test_ondisk_index_moves_supports_remove_and_refuses_add(tmp_path, shards):
     index = load_index(moved, "cpu")
     assert index.n_live == N - 1 and 3 not in index.search(XB[:20], 5)[1]
     with pytest.raises(ValueError, match="keeps its IVF lists on disk"):
-        add_docs(moved, TableEncoder(XB), [{"_id": "new", "text": "doc 0"}], IndexBuildConfig(**CFG))
+        add_docs(moved, TableEncoder(XB), [{"_id": "new", "text": "doc 0"}], ENC)
 
 
 def test_index_shards_serves_per_shard_indexes_like_the_merged_index(tmp_path, shards):
-    cfg = IndexBuildConfig(factory="IVF32,Flat", **CFG)
-    merged = load_index(merge_shards([shards], tmp_path / "m", cfg), "cpu")
+    cfg = IndexBuildConfig(factory="IVF32,Flat")
+    merged = load_index(merge_shards([shards], tmp_path / "m", cfg, MergeConfig(**QUIET)), "cpu")
     whole = open_shards([shards])
     assert whole.n == N and [p.n for p in whole.parts] == [1000, 1000, 1000]
     served = index_shards(list(shard_indexes(train_empty(whole, "IVF32,Flat", cfg), whole.parts, progress=False)))
@@ -118,7 +120,7 @@ def test_index_shards_serves_per_shard_indexes_like_the_merged_index(tmp_path, s
 
 def test_missing_duplicate_and_foreign_shards_are_named(tmp_path, shards):
     s = [shard_dir(shards, i, 3) for i in range(3)]
-    cfg = IndexBuildConfig(**CFG)
+    cfg = IndexBuildConfig()
     with pytest.raises(ValueError, match=r"shard\(s\) 2 of 3 missing \(have 0, 1\)"):
         merge_shards(s[:2], tmp_path / "m", cfg)
     with pytest.raises(ValueError, match=rf"shard 1 of 3 given twice: '{s[1]}' and '{s[1]}'"):
@@ -154,7 +156,7 @@ def test_duplicate_id_across_shards_is_named_at_merge(tmp_path):
     corpus.write_text("".join(json.dumps(r) + "\n" for r in dup))
     root = build_shards(tmp_path / "shards", corpus=corpus)
     with pytest.raises(ValueError, match=r"duplicate id 'd5' at corpus row 5 \(shard 0\) and row 2500 \(shard 2\)"):
-        merge_shards([root], tmp_path / "m", IndexBuildConfig(**CFG))
+        merge_shards([root], tmp_path / "m", IndexBuildConfig(), MergeConfig(**QUIET))
 
 
 def test_row_slices_of_every_corpus_format(tmp_path):
@@ -189,14 +191,14 @@ def test_damaged_or_unfinished_shards_are_refused(tmp_path, shards):
     emb = shard_dir(copy, 1, 3) / "emb-000001.npy"
     emb.write_bytes(emb.read_bytes()[:100])  # an interrupted copy
     with pytest.raises(ValueError, match=r"shard '.*shard-00001-of-00003' is damaged: emb-000001.npy has 100 bytes"):
-        merge_shards([copy], tmp_path / "m", IndexBuildConfig(**CFG))
+        merge_shards([copy], tmp_path / "m", IndexBuildConfig(), MergeConfig(**QUIET))
     # a shard whose build was killed leaves only its work dir: merge says which shard and where it is
     shutil.rmtree(shard_dir(copy, 1, 3))
     (copy / ".shard-00001-of-00003.work").mkdir()
     with pytest.raises(ValueError, match=r"shard\(s\) 1 of 3 missing .*unfinished: .*shard-00001-of-00003.work"):
-        merge_shards([copy], tmp_path / "m", IndexBuildConfig(**CFG))
+        merge_shards([copy], tmp_path / "m", IndexBuildConfig(), MergeConfig(**QUIET))
     with pytest.raises(FileNotFoundError, match="is not a finished shard: no shard.json"):
-        merge_shards([copy / ".shard-00001-of-00003.work"], tmp_path / "m", IndexBuildConfig(**CFG))
+        merge_shards([copy / ".shard-00001-of-00003.work"], tmp_path / "m", IndexBuildConfig(), MergeConfig(**QUIET))
 
 
 def test_killed_shard_build_resumes_and_rerun_is_a_no_op(tmp_path, capsys):
@@ -219,20 +221,23 @@ def test_killed_shard_build_resumes_and_rerun_is_a_no_op(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="already exists with corpus .*pass --overwrite"):
         build_shards(root, corpus=edited, ids=range(1, 2))
     build_shards(root, ids=(0, 2))
-    merged = load_index(merge_shards([root], tmp_path / "idx", IndexBuildConfig(**CFG)), "cpu")
+    merged = load_index(merge_shards([root], tmp_path / "idx", IndexBuildConfig(), MergeConfig(**QUIET)), "cpu")
     np.testing.assert_array_equal(merged.search(XB, 1)[1][:, 0], np.arange(N))
 
 
-def test_shard_options_are_checked_before_encoding(tmp_path):
+def test_shard_options_are_checked_before_encoding(tmp_path, capsys):
+    from twotower_cli import main
+
     enc = TableEncoder(XB)
-    with pytest.raises(ValueError, match="--factory: the index is built once from all shards"):
-        build_shards(tmp_path, encoder=enc, factory="IVF8,Flat")
+    cli = ["index", "build", "--towers", str(tmp_path / "no-towers"), "--corpus", "c.jsonl", "--out", str(tmp_path)]
+    assert main([*cli, "--shard-id", "0", "--num-shards", "3", "--factory", "IVF8,Flat"]) == 2
+    assert "--factory: the index is built once from all shards" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--shard-id 3 is outside 0..2"):
-        build_index(enc, rows(), tmp_path, IndexBuildConfig(shard_id=3, num_shards=3, **CFG))
+        build_shard(enc, rows(), tmp_path, ShardConfig(3, 3), ENC)
     with pytest.raises(ValueError, match="has 5 rows, fewer than --num-shards 8"):
-        build_index(enc, rows(5), tmp_path, IndexBuildConfig(shard_id=0, num_shards=8, **CFG))
+        build_shard(enc, rows(5), tmp_path, ShardConfig(0, 8), ENC)
     with pytest.raises(ValueError, match="one-shot iterator"):
-        build_index(enc, iter(rows(5)), tmp_path, IndexBuildConfig(shard_id=0, num_shards=2, **CFG))
+        build_shard(enc, iter(rows(5)), tmp_path, ShardConfig(0, 2), ENC)
 
     class Plain:
         dim = 16
@@ -241,19 +246,19 @@ def test_shard_options_are_checked_before_encoding(tmp_path):
             return XB[: len(texts)]
 
     with pytest.raises(ValueError, match="has no fingerprint"):
-        build_index(Plain(), rows(), tmp_path, IndexBuildConfig(shard_id=0, num_shards=3, **CFG))
+        build_shard(Plain(), rows(), tmp_path, ShardConfig(0, 3), ENC)
     assert enc.encoded == [] and list(tmp_path.iterdir()) == []
 
 
 def test_shard_from_torchrun_environment():
-    base = IndexBuildConfig()
-    assert resolve_shard(base, {}) == base  # not sharded
-    got = resolve_shard(base, {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
+    base = ShardConfig()
+    assert resolve_shard(base, ENC, {}) == (base, ENC)  # not sharded
+    got, _ = resolve_shard(base, ENC, {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
     assert (got.shard_id, got.num_shards) == (2, 4)
-    explicit = resolve_shard(IndexBuildConfig(shard_id=1, num_shards=8), {"RANK": "2", "WORLD_SIZE": "4"})
+    explicit, _ = resolve_shard(ShardConfig(shard_id=1, num_shards=8), ENC, {"RANK": "2", "WORLD_SIZE": "4"})
     assert (explicit.shard_id, explicit.num_shards) == (1, 8)
     with pytest.raises(ValueError, match="--shard-id 1 and --num-shards 0 go together"):
-        resolve_shard(IndexBuildConfig(shard_id=1), {})
+        resolve_shard(ShardConfig(shard_id=1), ENC, {})
 
 
 def test_cli_sharded_build_and_merge_with_real_towers(tiny_bert_dir, tmp_path, monkeypatch, capsys):
@@ -318,7 +323,8 @@ def test_torchrun_one_shard_per_rank(tiny_bert_dir, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
-    merged = load_index(merge_shards([tmp_path / "shards"], tmp_path / "merged", IndexBuildConfig(**CFG)), "cpu")
+    merged = load_index(merge_shards([tmp_path / "shards"], tmp_path / "merged", IndexBuildConfig(),
+                                     MergeConfig(**QUIET)), "cpu")
     single = load_index(_cli_single(args, tmp_path / "single"), "cpu")
     np.testing.assert_allclose(merged.cpu_index.reconstruct_n(0, 30), single.cpu_index.reconstruct_n(0, 30), atol=1e-6)
     assert merged.docs["id"] == single.docs["id"]

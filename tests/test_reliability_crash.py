@@ -105,7 +105,7 @@ def kill_at_call(args: list[str], log: Path, **hook: str) -> None:
 
 
 def tmp_dirs(parent: Path, name: str) -> list[Path]:
-    """Leftover ``.NAME.tmp-*`` dirs of an interrupted ``towers.atomic.atomic_dir`` write."""
+    """Leftover ``.NAME.tmp-*`` dirs of an interrupted ``common.atomic.atomic_dir`` write."""
     return sorted(parent.glob(f".{name}.tmp-*"))
 
 
@@ -185,14 +185,16 @@ def write_corpus(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def towers_and_index(_tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     """TOWERS (tiny random BERT) and a 40-doc INDEX built from them (copied per test)."""
-    from index.build import IndexBuildConfig, build_index, result_encoder
+    from index.build import build_index
+    from index.config import EncodeConfig, IndexBuildConfig
+    from towers.inference import result_encoder
     from towers.model import TwoTower
 
     root = tmp_path_factory.mktemp("crash-index")
     towers = root / "towers"
     TwoTower.from_base(str(_tiny_models["bert"]), query_max_length=16, result_max_length=32).save(towers)
     index = build_index(result_encoder(TwoTower.load(towers), "cpu"), corpus_rows(40), root / "index",
-                        IndexBuildConfig(progress=False), towers_dir=towers)
+                        IndexBuildConfig(), EncodeConfig(progress=False), towers_dir=towers)
     return towers, Path(index)
 
 
@@ -312,11 +314,11 @@ def test_leftover_temp_dirs_are_ignored_by_readers_and_listed_by_build(index_cas
     assert Snapshot(idx, xq).ids == [f"p{i}" for i in range(16)]
 
 
-# What every INDEX write (build --overwrite, add, remove) ends with: towers.atomic.atomic_dir publishing a
+# What every INDEX write (build --overwrite, add, remove) ends with: common.atomic.atomic_dir publishing a
 # finished temp dir over the old one. Run alone (no torch import) so the kill costs a fraction of a second.
 PUBLISH = r"""
 import shutil, sys
-from towers.atomic import atomic_dir
+from common.atomic import atomic_dir
 src, dest = sys.argv[1:3]
 with atomic_dir(dest) as tmp:
     for f in ("index.faiss", "manifest.json"):
@@ -365,7 +367,7 @@ def test_index_add_and_remove_killed_while_writing_keep_previous(index_case, tmp
     kill_at_call(add, tmp_path / "kill-add.log", KILL_AT="index.build:save_docs:1")
     before.assert_same(Snapshot(idx, xq))
     remove = ["index", "remove", str(idx), "--ids", "p1", "p2", "p3"]
-    kill_at_call(remove, tmp_path / "kill-remove.log", KILL_AT="towers.atomic:fsync_tree:1")
+    kill_at_call(remove, tmp_path / "kill-remove.log", KILL_AT="common.atomic:fsync_tree:1")
     before.assert_same(Snapshot(idx, xq))
     assert twotower_cli.main(add) == 0 and twotower_cli.main(remove) == 0
     index = load_index(idx, "cpu")
@@ -396,7 +398,9 @@ def _damage_chunk(work: Path, damage: str) -> None:
 
 @pytest.mark.parametrize("damage", ["emb-flip", "emb-truncate", "docs-flip", "docs-missing", "record-without-sha256"])
 def test_a_damaged_chunk_is_encoded_again(towers_and_index, tmp_path, damage, capsys):
-    from index.build import IndexBuildConfig, build_index, result_encoder
+    from index.build import build_index
+    from index.config import EncodeConfig, IndexBuildConfig
+    from towers.inference import result_encoder
     from index.load import load_index
     from towers.model import TwoTower
 
@@ -404,10 +408,10 @@ def test_a_damaged_chunk_is_encoded_again(towers_and_index, tmp_path, damage, ca
     model = TwoTower.load(towers)
     work = tmp_path / "work"
     cfg = dict(chunk_size=8, keep_work=True, progress=False, work_dir=str(work))
-    build_index(result_encoder(model, "cpu"), corpus_rows(24), tmp_path / "a", IndexBuildConfig(**cfg))
+    build_index(result_encoder(model, "cpu"), corpus_rows(24), tmp_path / "a", IndexBuildConfig(), EncodeConfig(**cfg))
     intact = {p.name: p.stat().st_ino for p in (work / "emb-000000.npy", work / "emb-000002.npy")}
     _damage_chunk(work, damage)
-    build_index(result_encoder(model, "cpu"), corpus_rows(24), tmp_path / "b", IndexBuildConfig(**cfg))
+    build_index(result_encoder(model, "cpu"), corpus_rows(24), tmp_path / "b", IndexBuildConfig(), EncodeConfig(**cfg))
     a, b = load_index(tmp_path / "a", "cpu"), load_index(tmp_path / "b", "cpu")
     np.testing.assert_array_equal(b.cpu_index.reconstruct_n(0, 24), a.cpu_index.reconstruct_n(0, 24))
     assert b.docs.to_list() == a.docs.to_list()

@@ -34,11 +34,12 @@ class NoTower:
 
 
 def _build(xb: np.ndarray, factory: str, out: Path, titles: bool = False) -> Path:
-    from index.build import IndexBuildConfig, build_index
+    from index.build import build_index
+    from index.config import EncodeConfig, IndexBuildConfig
 
     corpus = [{"_id": f"d{i}", "title": f"t{i}" if titles and i % 2 else "", "text": f"doc {i}",
                **({"source": f"s{i}"} if titles and i == 3 else {})} for i in range(len(xb))]
-    return build_index(VectorTable(xb), corpus, out, IndexBuildConfig(factory=factory, progress=False))
+    return build_index(VectorTable(xb), corpus, out, IndexBuildConfig(factory=factory), EncodeConfig(progress=False))
 
 
 @pytest.fixture(scope="module")

@@ -190,7 +190,7 @@ def test_overloaded_queue_answers_503(retriever) -> None:
 def test_serve_parser_builds_config() -> None:
     import twotower_cli
     from retrieval.config import ServeConfig
-    from towers.cliargs import dataclass_from_args
+    from common.cliargs import dataclass_from_args
 
     args = twotower_cli.build_parser().parse_args(
         ["serve", "--index", "IDX", "--port", "9001", "--max-batch", "8", "--max-wait-ms", "0.5", "--max-k", "50"])

@@ -254,7 +254,7 @@ def test_torchrun_command_rebuilds_the_config_without_nproc():
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers())
     child = cmd[cmd.index("towers.cli") + 1:]
-    from towers.cliargs import dataclass_from_args
+    from common.cliargs import dataclass_from_args
 
     rebuilt = dataclass_from_args(TrainConfig, parser.parse_args(["train", *child]))
     assert rebuilt == TrainConfig(**{**config.to_dict(), "nproc": 1})

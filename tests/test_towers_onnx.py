@@ -12,6 +12,7 @@ pytest.importorskip("onnxruntime")
 
 from tests.conftest import QUERIES, build_tiny_index  # noqa: E402
 from towers.model import Tower  # noqa: E402
+from towers.onnx import onnx_copy  # noqa: E402
 
 TEXTS = ["a", "sort a list of numbers in place and return it", "open a json file " * 12, "x y", "graph tree path"]
 
@@ -20,7 +21,7 @@ TEXTS = ["a", "sort a list of numbers in place and return it", "open a json file
 def test_onnx_copy_encodes_like_torch(tiny_bert_dir, tmp_path, pooling, proj_dim) -> None:
     torch.manual_seed(0)
     tower = Tower.from_base(tiny_bert_dir, pooling=pooling, max_length=32, proj_dim=proj_dim).eval()
-    fast = tower.onnx_copy(tmp_path / "enc.onnx", threads=1)
+    fast = onnx_copy(tower, tmp_path / "enc.onnx", threads=1)
     assert (tmp_path / "enc.onnx").is_file() and not (tmp_path / "enc.onnx.tmp").exists()
     assert type(fast.encoder).__name__ == "OnnxEncoder" and fast.dim == tower.dim
     assert fast.fingerprint() == tower.fingerprint()  # same vector space: indexes and queries may mix them
@@ -37,8 +38,8 @@ def test_onnx_copy_refuses_left_padding_and_embeddings_input(tiny_llama_dir, tin
     llm = Tower.from_base(tiny_llama_dir, pooling="last", max_length=16)
     llm.tokenizer.padding_side = "left"
     with pytest.raises(ValueError, match="right-padding"):
-        llm.onnx_copy(tmp_path / "llm.onnx")
-    fast = Tower.from_base(tiny_bert_dir, max_length=16).onnx_copy(tmp_path / "b.onnx")
+        onnx_copy(llm, tmp_path / "llm.onnx")
+    fast = onnx_copy(Tower.from_base(tiny_bert_dir, max_length=16), tmp_path / "b.onnx")
     ids = torch.ones((1, 4), dtype=torch.long)
     with pytest.raises(ValueError, match="input_ids and attention_mask"):
         fast.encoder(input_ids=None, attention_mask=ids, inputs_embeds=torch.zeros(1, 4, 8))
@@ -48,7 +49,7 @@ def test_missing_onnxruntime_is_a_clear_error(tiny_bert_dir, tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     tower = Tower.from_base(tiny_bert_dir, max_length=16)
     with pytest.raises(ImportError, match=r"pip install 'twotower\[onnx\]'"):
-        tower.onnx_copy(tmp_path / "x.onnx")
+        onnx_copy(tower, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from towers.model import Tower, length_groups
+from common.encoder import length_groups
+from towers.inference import cast_copy, int8_copy
+from towers.model import Tower
 
 FAST = settings(max_examples=80, deadline=None, database=None, derandomize=True)
 
@@ -232,7 +234,7 @@ def test_cast_copy_bf16_is_a_close_float32_output_copy(tiny_bert_dir, proj):
     before = _snapshot(tower)
     ref = tower.encode(MIXED, batch_size=4)
 
-    half = tower.cast_copy(torch.bfloat16)
+    half = cast_copy(tower, torch.bfloat16)
 
     assert half is not tower and not half.training
     _assert_unchanged(tower, before)  # the original keeps its float32 weights
@@ -264,7 +266,7 @@ def test_quantized_int8_copy_close_to_float32_original_untouched(tiny_bert_dir, 
     ref = tower.encode(MIXED, batch_size=4)
     n_linear = sum(isinstance(m, nn.Linear) for m in tower.modules())
 
-    q = tower.quantized_int8()
+    q = int8_copy(tower)
 
     assert isinstance(q, Tower) and q is not tower and not q.training
     assert q.device.type == "cpu"

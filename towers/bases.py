@@ -15,14 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common.cache import cache_dir
+
 BASE_NAMES = ("minilm", "smollm2", "gemma3")
 # Bases that are decoder LLMs: their natural pooling is the last token's hidden state.
 DECODER_BASES = ("smollm2", "gemma3")
-
-
-def cache_dir() -> Path:
-    """Where converted models and embedding caches live (``$TWOTOWER_CACHE`` or ``~/.cache/twotower``)."""
-    return Path(os.environ.get("TWOTOWER_CACHE", Path.home() / ".cache" / "twotower"))
 
 
 def _package_dir(module: str, pip_hint: str) -> Path:

@@ -10,13 +10,12 @@ Layout of ``<out>/checkpoints/step-N/``::
                         data fingerprint
     COMPLETE.json       written last: sha256 of every file above
 
-The directory is built under a temp name and renamed into place (``towers.atomic.atomic_dir``); on top of
+The directory is built under a temp name and renamed into place (``common.atomic.atomic_dir``); on top of
 that, a checkpoint only counts when ``COMPLETE.json`` exists and every checksum matches, so a half-copied
 or truncated one is skipped rather than resumed from. Only rank 0 of a data-parallel run calls the writers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from towers.atomic import atomic_dir, write_bytes_atomic
+from common.hashing import file_sha256
+from common.atomic import atomic_dir, write_bytes_atomic
 
 if TYPE_CHECKING:
     from towers.loss import Temperature
@@ -43,14 +43,6 @@ RUN_FILES = ("query_tower", "result_tower", "twotower.json", CKPT_DIR, LOG_NAME)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor], trainer: dict[str, Any],
                     state: dict[str, Any]) -> Path:
     """Write ``root/step-<step>`` atomically, completion marker last. Returns its path."""
@@ -59,7 +51,7 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
         torch.save(trainer, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n")
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": files}, indent=2, sort_keys=True) + "\n")
     return dest
 
@@ -79,7 +71,7 @@ def check_complete(path: Path) -> str | None:
     for name, digest in files.items():
         if not (path / name).is_file():
             return f"{name} is missing"
-        if sha256_file(path / name) != digest:
+        if file_sha256(path / name) != digest:
             return f"{name} does not match its checksum"
     return None
 

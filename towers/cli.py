@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from towers.cliargs import add_dataclass_args, dataclass_from_args
+from common.cliargs import add_dataclass_args, dataclass_from_args, run_verb
 from towers.config import TrainConfig
 
 _EXAMPLE = """example:
@@ -34,11 +34,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train two towers with InfoNCE over in-batch (and optional hard) negatives; writes a TOWERS "
                     "dir with train_log.jsonl and resumable checkpoints.",
         epilog=_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    required = ("pairs", "out")
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
-    for name in required:  # TrainConfig needs a default for them; the command line must give them
-        parser.add_argument(f"--{name}", dest=name, required=True, help=helps[name])
-    add_dataclass_args(parser, TrainConfig, skip=required)
+    add_dataclass_args(parser, TrainConfig)
     parser.set_defaults(func=run_train)
     return parser
 
@@ -100,10 +96,11 @@ def config_argv(config: TrainConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m towers.cli [train] --pairs ... --out ...``: ``twotower train`` (the module torchrun runs)."""
-    import twotower_cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    return twotower_cli.main(argv if argv[:1] == ["train"] else ["train", *argv])
+    parser = argparse.ArgumentParser(prog="twotower")
+    add_train_parser(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv if argv[:1] == ["train"] else ["train", *argv])
+    return run_verb(args.func, args, "train")
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:

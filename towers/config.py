@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from towers.cliargs import field
+from common.cliargs import check_required, field
+from common.device import check_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 BACKEND_CHOICES = ("auto", "gloo", "nccl")  # towers.distributed.BACKENDS (not imported: keeps --help free of torch)
@@ -20,8 +21,10 @@ BACKEND_CHOICES = ("auto", "gloo", "nccl")  # towers.distributed.BACKENDS (not i
 class TrainConfig:
     """Configuration of one contrastive training run (see ``twotower train --help``)."""
 
-    pairs: str = field("", "training pairs: .jsonl/.csv/.parquet file or a datasets hub name", resume_ok=True)
-    out: str = field("", "output TOWERS dir (also holds checkpoints/ and train_log.jsonl)", resume_ok=True)
+    pairs: str = field("", "training pairs: .jsonl/.csv/.parquet file or a datasets hub name", required=True,
+                       resume_ok=True)
+    out: str = field("", "output TOWERS dir (also holds checkpoints/ and train_log.jsonl)", required=True,
+                     resume_ok=True)
     base: str = field("minilm", "base model: minilm, smollm2, gemma3 or a local Hugging Face model dir")
     dev: str | None = field(None, "dev pairs file: dev recall@10 is measured every --eval-every steps",
                             resume_ok=True)
@@ -83,9 +86,8 @@ class TrainConfig:
                             resume_ok=True)
 
     def __post_init__(self) -> None:
-        for name in ("pairs", "out"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+        check_required(self)
+        check_device(self.device)
         positive = ("batch_size", "lr", "temperature", "query_max_length", "result_max_length", "log_every",
                     "eval_batch_size", "temperature_lr")
         for name in positive:

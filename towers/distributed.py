@@ -66,22 +66,6 @@ def check_launch(nproc: int) -> None:
                          "at 1 when launching torchrun yourself")
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun, ``cuda`` without an
-    index becomes ``cuda:LOCAL_RANK``: one GPU per process."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}': choose auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' asked for, but torch sees no CUDA GPU; use --device cpu")
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> nccl for CUDA devices, gloo otherwise; a backend that cannot work is refused."""
     if backend not in BACKENDS:

@@ -15,87 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from towers.atomic import atomic_dir
-from towers.encoder import encode_batched
+from common.atomic import atomic_dir
+from common.encoder import encode_batched, length_groups
+from towers.bases import resolve_base
+from towers.pooling import check_pooling, pool
+from towers.st_format import read_st_files, write_json, write_st_files
 
-POOLINGS = ("mean", "cls", "last", "max")
 TOWERS_FORMAT_VERSION = 1
-# sentence-transformers Pooling config key for each of our pooling modes.
-_ST_POOLING_KEYS = {
-    "mean": "pooling_mode_mean_tokens",
-    "cls": "pooling_mode_cls_token",
-    "last": "pooling_mode_lasttoken",
-    "max": "pooling_mode_max_tokens",
-}
-
-
-def check_pooling(pooling: str) -> str:
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling '{pooling}': choose {', '.join(POOLINGS)}")
-    return pooling
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool token states (B, T, H) with attention mask (B, T) into (B, H).
-
-    ``last`` takes the last non-pad token and works with left or right padding.
-    """
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "last":
-        # Position of the last 1 in each row: T-1 minus the first 1 of the reversed mask.
-        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if pooling == "max":
-        return hidden.masked_fill(~mask.bool().unsqueeze(-1), -1e9).max(1).values
-    raise ValueError(f"unknown pooling '{pooling}': choose {', '.join(POOLINGS)}")
-
-
-def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = 8, group_cost: int = 64) -> list[np.ndarray]:
-    """Rows grouped by token count so each group is padded only to its own longest row.
-
-    Rows are sorted longest first and cut into at most ``max_groups`` contiguous runs that minimise the
-    padded tokens computed, ``sum(rows_g x longest_g)``, plus ``group_cost`` token-equivalents per group
-    (one more forward pass each); exact dynamic programme over the cut points.
-
-    Args:
-        lengths: real (non-pad) tokens per row, (n,).
-
-    Returns:
-        Row indices per group, longest group first; together a permutation of ``range(n)``.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    n = len(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    if n <= 1 or max_groups <= 1:
-        return [order]
-    width = lengths[order].astype(np.float64)  # (n,) descending: group rows i..j-1 is padded to width[i]
-    pos = np.arange(n + 1)
-    # span[i, j] = tokens of one group of rows i..j-1 (inf unless i < j)
-    span = np.where(pos[None, 1:] > pos[:n, None], (pos[None, 1:] - pos[:n, None]) * width[:, None], np.inf)
-    best = np.full(n + 1, np.inf)  # best[j]: cheapest cover of rows 0..j-1 with the groups so far
-    best[0] = 0.0
-    cuts: list[np.ndarray] = []  # per round, the start of the last group ending at each j
-    results: list[float] = []
-    for _ in range(min(max_groups, n)):
-        total = best[:n, None] + span + group_cost  # (i, j - 1): last group = rows i..j-1
-        cuts.append(total.argmin(0))
-        best = np.concatenate([[np.inf], total.min(0)])
-        results.append(best[n])
-    rounds = int(np.argmin(results)) + 1
-    groups, end = [], n
-    for r in reversed(range(rounds)):
-        start = int(cuts[r][end - 1])
-        groups.append(order[start:end])
-        end = start
-    assert end == 0, "the groups cover every row"
-    return groups[::-1]
 
 
 class Tower(nn.Module):
@@ -197,7 +125,7 @@ class Tower(nn.Module):
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False,
-        amp_dtype: torch.dtype | None = None,
+        amp_dtype: torch.dtype | None = None, max_length: int | None = None,
     ) -> np.ndarray:
         """Encoder protocol: texts -> float32 (n, dim), input order kept.
 
@@ -206,11 +134,12 @@ class Tower(nn.Module):
 
         Args:
             amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for full precision.
+            max_length: token cap per text (default: the tower's ``max_length``).
         """
         was_training = self.training
         self.eval()
         device = self.device
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)["input_ids"]
         pad_id = self.tokenizer.pad_token_id
 
         def run(batch: list[list[int]]) -> np.ndarray:
@@ -229,71 +158,16 @@ class Tower(nn.Module):
         finally:
             self.train(was_training)
 
-    def quantized_int8(self) -> Tower:
-        """A CPU copy with int8 dynamic quantisation of every Linear layer (inference only).
-
-        Weights are stored int8 and activations quantised on the fly; see BENCHMARKS.md for the speed-up and
-        the cosine error it costs on this machine.
-        """
-        import copy
-
-        from torch.ao.quantization import quantize_dynamic
-
-        clone = copy.deepcopy(self).cpu().eval()
-        return quantize_dynamic(clone, {nn.Linear}, dtype=torch.qint8)
-
-    def cast_copy(self, dtype: torch.dtype) -> Tower:
-        """An inference copy with every weight in ``dtype`` (``torch.bfloat16`` on CPUs with AVX512-BF16 or
-        AMX, ``torch.float16``/``torch.bfloat16`` on GPUs), on this tower's device.
-
-        Faster than ``encode(amp_dtype=...)``: autocast keeps layer norms, residual adds and softmax in
-        float32 and casts activations back and forth around every matmul, a cast of pure bf16 weights does
-        not. Pooling, the projection and the L2 norm stay in float32 (a bf16 norm is only unit to ~4e-3).
-        The cost is a little accuracy (MiniLM on code, bf16: max |cos - 1| ~7e-5 vs float32, against ~3e-5
-        with autocast); see BENCHMARKS.md.
-        """
-        import copy
-
-        clone = copy.deepcopy(self).to(dtype).eval()
-        if clone.proj is not None:
-            clone.proj.float()
-        return clone
-
-    def onnx_copy(self, path: str | Path | None = None, threads: int | None = None) -> Tower:
-        """An inference copy whose encoder runs in ONNX Runtime on the CPU (extra ``.[onnx]``): float32
-        results, ~1.5x faster than torch fp32 on the CPU of BENCHMARKS.md. See ``towers.onnx``."""
-        from towers.onnx import onnx_copy
-
-        return onnx_copy(self, path, threads)
-
     # ---- persistence: plain HF dir + sentence-transformers module files -----------------------------
-    def save(self, path: str | Path) -> None:
-        """Write this tower as an HF model dir loadable by AutoModel and SentenceTransformer."""
+    def save(self, path: str | Path, max_length: int | None = None) -> None:
+        """Write this tower as an HF model dir loadable by AutoModel and SentenceTransformer (``max_length``
+        overrides the recorded token cap: a shared tower is saved once per side)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        hidden = self.encoder.config.hidden_size
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-        pooling_cfg = {"word_embedding_dimension": hidden, "pooling_mode_mean_sqrt_len_tokens": False,
-                       "pooling_mode_weightedmean_tokens": False, "include_prompt": True}
-        pooling_cfg.update({key: mode == self.pooling for mode, key in _ST_POOLING_KEYS.items()})
-        _write_json(path / "1_Pooling" / "config.json", pooling_cfg)
-        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
-        if self.proj is not None:
-            _write_json(path / "2_Dense" / "config.json", {
-                "in_features": hidden, "out_features": self.dim, "bias": True,
-                "activation_function": "torch.nn.modules.linear.Identity"})
-            save_file({"linear.weight": self.proj.weight.detach().cpu().contiguous(),
-                       "linear.bias": self.proj.bias.detach().cpu().contiguous()},
-                      path / "2_Dense" / "model.safetensors")
-            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-        if self.normalize:
-            (path / "3_Normalize").mkdir(exist_ok=True)
-            modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
-                            "type": "sentence_transformers.models.Normalize"})
-        _write_json(path / "modules.json", modules)
-        _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length, "do_lower_case": False})
+        write_st_files(path, self.encoder.config.hidden_size, self.pooling, max_length or self.max_length,
+                       self.normalize, self.proj)
 
     @classmethod
     def load(cls, path: str | Path) -> Tower:
@@ -301,29 +175,13 @@ class Tower(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path)
-        for required in ("config.json", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json"):
-            if not (path / required).exists():
-                raise FileNotFoundError(f"tower dir '{path}' is missing {required} (expected a twotower tower dir)")
-        if not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(f"tower dir '{path}' has no .safetensors weights")
-        pooling_cfg = json.loads((path / "1_Pooling" / "config.json").read_text())
-        pooling = next((m for m, key in _ST_POOLING_KEYS.items() if pooling_cfg.get(key)), None)
-        if pooling is None:
-            raise ValueError(f"{path / '1_Pooling' / 'config.json'}: no supported pooling mode set "
-                             f"(choose one of {', '.join(_ST_POOLING_KEYS.values())})")
-        modules = json.loads((path / "modules.json").read_text())
-        paths = {m["path"] for m in modules}
-        max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+        st = read_st_files(path)
         encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        proj_dim = None
-        dense = None
-        if "2_Dense" in paths:
-            dense = load_file(path / "2_Dense" / "model.safetensors")
-            proj_dim = dense["linear.weight"].shape[0]
-        tower = cls(encoder, tokenizer, pooling, max_length, proj_dim, normalize="3_Normalize" in paths)
-        if dense is not None:
-            tower.proj.load_state_dict({"weight": dense["linear.weight"], "bias": dense["linear.bias"]})
+        proj_dim = st.proj["weight"].shape[0] if st.proj is not None else None
+        tower = cls(encoder, tokenizer, st.pooling, st.max_length, proj_dim, normalize=st.normalize)
+        if st.proj is not None:
+            tower.proj.load_state_dict(st.proj)
         return tower
 
     def fingerprint(self) -> str:
@@ -360,8 +218,6 @@ class TwoTower(nn.Module):
 
         ``pooling=None`` picks ``last`` for decoder LLM bases and ``mean`` otherwise.
         """
-        from towers.bases import resolve_base
-
         path = resolve_base(base)
         if pooling is None:
             pooling = _default_pooling(path)
@@ -377,13 +233,8 @@ class TwoTower(nn.Module):
         return self.query_tower.encode(texts, batch_size, **kw)
 
     def encode_results(self, texts: Sequence[str], batch_size: int = 64, **kw: Any) -> np.ndarray:
-        if self.shared:  # same weights, but results get their own (longer) max length
-            saved = self.query_tower.max_length
-            self.query_tower.max_length = self.result_max_length
-            try:
-                return self.query_tower.encode(texts, batch_size, **kw)
-            finally:
-                self.query_tower.max_length = saved
+        # A shared tower is the query tower: results get their own (longer) max length.
+        kw.setdefault("max_length", self.result_max_length)
         return self.result_tower.encode(texts, batch_size, **kw)
 
     @property
@@ -412,16 +263,8 @@ class TwoTower(nn.Module):
         """Write the TOWERS dir (query_tower/, result_tower/, twotower.json) atomically: temp dir + rename."""
         with atomic_dir(path) as tmp:
             self.query_tower.save(tmp / "query_tower")
-            if self.shared:
-                saved = self.query_tower.max_length
-                self.query_tower.max_length = self.result_max_length
-                try:
-                    self.query_tower.save(tmp / "result_tower")
-                finally:
-                    self.query_tower.max_length = saved
-            else:
-                self.result_tower.save(tmp / "result_tower")
-            _write_json(tmp / "twotower.json", self.metadata())
+            self.result_tower.save(tmp / "result_tower", max_length=self.result_max_length)
+            write_json(tmp / "twotower.json", self.metadata())
 
     @classmethod
     def load(cls, path: str | Path) -> TwoTower:
@@ -457,8 +300,3 @@ def _default_pooling(model_dir: Path) -> str:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return "last" if config.get("is_decoder") or any("CausalLM" in a for a in config.get("architectures") or []) \
         or config.get("model_type") in ("llama", "gpt2", "gemma3_text", "gemma3", "qwen2", "mistral") else "mean"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -5,7 +5,7 @@ batch and sequence axes) and returns a ``Tower`` whose encoder runs in an ONNX R
 same tokenizer, pooling, projection and L2 norm in torch, so ``encode`` and everything built on it
 (``index build``'s encoder protocol, ``Retriever``) work unchanged. On the 2-core AVX-512 CPU of
 BENCHMARKS.md it encodes MiniLM ~1.5x faster than torch fp32 at the same float32 results (max |cos - 1|
-2.4e-7 vs sentence-transformers); ``Tower.cast_copy(torch.bfloat16)`` is faster still where the CPU has
+2.4e-7 vs sentence-transformers); ``towers.cast_copy(inference, tower, torch.bfloat16)`` is faster still where the CPU has
 bf16 instructions, at |cos - 1| ~1e-4. Inference only: the copy has no gradients.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from towers.model import Tower
 
 OPSET = 17
 
@@ -101,8 +103,6 @@ def onnx_copy(tower: Any, path: str | Path | None = None, threads: int | None = 
         raise ValueError("onnx_copy supports right-padding encoders (BERT-style towers); this tower pads left")
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="twotower-onnx-")) / "encoder.onnx"
-    from towers.model import Tower
-
     model_path = export_encoder(tower, path)
     clone = Tower(OnnxEncoder(model_path, tower.encoder.config, threads), tower.tokenizer, tower.pooling,
                   tower.max_length, normalize=tower.normalize)

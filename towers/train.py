@@ -24,16 +24,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.device import autocast_dtype, resolve_device
 from towers import checkpoint as ckpt
 from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, prepare_out, publish_towers
 from towers.config import TrainConfig
 from towers.data import load_pairs, pairs_fingerprint
 from towers.distributed import (DistEnv, all_gather_object, average_gradients, check_launch, global_mean,
-                                init_distributed, run_collectively, select_device, shutdown, unused_parameters,
+                                init_distributed, run_collectively, shutdown, unused_parameters,
                                 wrap_ddp)
 from towers.gradcache import Features, cached_backward
 from towers.loss import Temperature, contrastive_loss
+from towers.bases import resolve_base
 from towers.model import Tower, TwoTower
+from towers.pooling import check_pooling
 from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 
 __all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed",
@@ -164,7 +167,7 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
 def dev_recall(model: TwoTower, queries: list[str], positives: list[str], k: int = 10, batch_size: int = 64) -> float:
     """Recall@k of exact search over the dev positives (a text shared by several rows is one doc, relevant
     to each of them; a query text repeated with different positives has all of them relevant)."""
-    from eval.metrics import recall_at_k
+    from common.metrics import recall_at_k
 
     doc_of: dict[str, int] = {}
     relevant_of: dict[str, dict[int, float]] = {}
@@ -186,14 +189,6 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
 def _enable_checkpointing(encoder: torch.nn.Module) -> None:
     kwargs = {"use_reentrant": False}  # the reentrant variant needs inputs that require grad
     if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
@@ -230,9 +225,6 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
 
 def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
-    from towers.bases import resolve_base
-    from towers.model import check_pooling
-
     resolve_base(config.base)
     if config.pooling is not None:
         check_pooling(config.pooling)
@@ -286,7 +278,7 @@ def train(config: TrainConfig) -> TwoTower:
         The trained model (also saved, with this config in ``twotower.json``), on every rank.
     """
     check_launch(config.nproc)
-    device = select_device(config.device)
+    device = resolve_device(config.device)
     env = init_distributed(config.backend, device, config.dist_timeout)
     try:
         return _train(config, env, device)
@@ -298,7 +290,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     from transformers import get_linear_schedule_with_warmup
 
     cols = (config.query_column, config.positive_column, config.negatives_column)
-    amp_dtype = _amp_dtype(config.amp, device)
+    amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
     dev = load_pairs(config.dev, *cols) if config.dev else None
     queries, positives = list(pairs["query"]), list(pairs["positive"])

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from towers.atomic import atomic_dir
-from towers.data import iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.atomic import atomic_dir
+from common.hashing import file_sha256
+from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -47,7 +48,7 @@ class Suite:
         return [f"{t} {x}" if t else x for t, x in zip(self.corpus_titles, self.corpus_texts)]
 
     def relevant_rows(self) -> list[dict[int, int]]:
-        """Per query (aligned with ``query_ids``) a {corpus row: grade} dict, as ``eval.metrics`` takes."""
+        """Per query (aligned with ``query_ids``) a {corpus row: grade} dict, as ``common.metrics`` takes."""
         row = {doc_id: i for i, doc_id in enumerate(self.corpus_ids)}
         return [{row[d]: g for d, g in self.qrels[q].items()} for q in self.query_ids]
 
@@ -98,15 +99,6 @@ class Suite:
             qrels={q: dict(self.qrels[q]) for q in query_ids},
             checksum=hashlib.sha256(tag.encode()).hexdigest(),
         )
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from towers.cliargs import add_dataclass_args, dataclass_from_args, field
+from common.cliargs import add_dataclass_args, dataclass_from_args, field
 
 SUITE_NAMES = ("codesearch-py", "nq")  # kept in sync with eval.suites.build.SUITES (checked in tests)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.suites.beir import file_sha256
+from common.hashing import file_sha256
 from eval.suites.build import BuiltSuite
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.suites.beir import file_sha256
+from common.hashing import file_sha256
 from eval.suites.build import BuiltSuite
 
 # pip >= 26 refuses to download this sdist: preparing its metadata (done even with --no-deps) finds a

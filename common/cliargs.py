@@ -7,18 +7,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 
-def field(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``)."""
+def field(default: Any, help: str, required: bool = False, **meta: Any) -> Any:
+    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``).
+
+    ``required=True``: the command line must give it (argparse enforces it) and :func:`check_required`, called
+    from the config's ``__post_init__``, refuses an empty value when the config is built in Python.
+    """
+    meta = {"help": help, "required": required, **meta}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **meta})
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field (``--max-steps`` for ``max_steps``)."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def check_required(config: Any) -> None:
+    """Raise ``ValueError("--NAME is required")`` for the first ``required`` field left empty."""
+    for f in dataclasses.fields(config):
+        if f.metadata.get("required") and getattr(config, f.name) in ("", None, [], ()):
+            raise ValueError(f"{flag_of(f)} is required")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -37,9 +56,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
         if f.name in skip or f.metadata.get("cli") is False:
             continue
         tp, _ = _base_type(hints[f.name])
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = flag_of(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help", "")}
+        if f.metadata.get("required"):
+            kwargs["required"] = True
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):
@@ -49,7 +70,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             kwargs["type"] = tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        if kwargs["help"] and tp is not bool:
+        if kwargs["help"] and tp is not bool and not kwargs.get("required"):
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
 
@@ -60,3 +81,21 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
     return cls(**values)
+
+
+# Errors a user can cause (bad option, missing or malformed file, name not found): one line, exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def run_verb(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, verb: str) -> int:
+    """Run a verb's function: its return value as the exit status, a user error as one line on stderr and 2.
+
+    Internal bugs (anything else) still raise with their traceback.
+    """
+    try:
+        result = func(args)
+    except USER_ERRORS as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"twotower {verb}: error: {msg}", file=sys.stderr)
+        return 2
+    return int(result or 0)

@@ -64,3 +64,44 @@ def encode_batched(
             out[idx] = encode_batch([texts[i] for i in idx])
             bar.update(len(idx))
     return out
+
+
+def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = 8, group_cost: int = 64) -> list[np.ndarray]:
+    """Rows grouped by token count so each group is padded only to its own longest row.
+
+    Rows are sorted longest first and cut into at most ``max_groups`` contiguous runs that minimise the
+    padded tokens computed, ``sum(rows_g x longest_g)``, plus ``group_cost`` token-equivalents per group
+    (one more forward pass each); exact dynamic programme over the cut points.
+
+    Args:
+        lengths: real (non-pad) tokens per row, (n,).
+
+    Returns:
+        Row indices per group, longest group first; together a permutation of ``range(n)``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    if n <= 1 or max_groups <= 1:
+        return [order]
+    width = lengths[order].astype(np.float64)  # (n,) descending: group rows i..j-1 is padded to width[i]
+    pos = np.arange(n + 1)
+    # span[i, j] = tokens of one group of rows i..j-1 (inf unless i < j)
+    span = np.where(pos[None, 1:] > pos[:n, None], (pos[None, 1:] - pos[:n, None]) * width[:, None], np.inf)
+    best = np.full(n + 1, np.inf)  # best[j]: cheapest cover of rows 0..j-1 with the groups so far
+    best[0] = 0.0
+    cuts: list[np.ndarray] = []  # per round, the start of the last group ending at each j
+    results: list[float] = []
+    for _ in range(min(max_groups, n)):
+        total = best[:n, None] + span + group_cost  # (i, j - 1): last group = rows i..j-1
+        cuts.append(total.argmin(0))
+        best = np.concatenate([[np.inf], total.min(0)])
+        results.append(best[n])
+    rounds = int(np.argmin(results)) + 1
+    groups, end = [], n
+    for r in reversed(range(rounds)):
+        start = int(cuts[r][end - 1])
+        groups.append(order[start:end])
+        end = start
+    assert end == 0, "the groups cover every row"
+    return groups[::-1]

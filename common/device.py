@@ -1,0 +1,72 @@
+"""The one device and precision policy: which device a model runs on, and which autocast dtype it uses.
+
+Training, index building, retrieval and eval all call these two functions, so a GPU without bf16 gets fp16
+everywhere (not bf16 in one verb and fp16 in another), and ``--device`` is parsed one way. torch is imported
+inside the functions: the CLI validates ``--device``/``--precision`` with :func:`check_device` and
+:func:`check_precision` before any heavy import, and ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")  # plus cuda:N
+# auto: bf16 on a CUDA GPU that has it, fp16 on one that does not, full precision on the CPU.
+# none is the same as fp32 (the spelling `twotower train --amp` has always used).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "none")
+
+
+def check_device(name: str) -> str:
+    """``name`` if it is auto, cpu, cuda or cuda:N (no torch import), else a ValueError naming the choices."""
+    if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError(f"unknown device '{name}': choose {', '.join(DEVICES)} or cuda:N")
+
+
+def check_precision(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
+    if precision not in choices:
+        raise ValueError(f"unknown precision '{precision}': choose {', '.join(choices)}")
+    return precision
+
+
+def resolve_device(name: str) -> Any:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; ``cpu``, ``cuda``, ``cuda:N`` as given.
+
+    Under torchrun (WORLD_SIZE > 1) a bare ``cuda`` becomes ``cuda:LOCAL_RANK``: one GPU per process.
+
+    Returns:
+        a ``torch.device``.
+
+    Raises:
+        ValueError: an unknown name, or a CUDA device asked for where torch sees none.
+    """
+    import torch
+
+    check_device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def autocast_dtype(precision: str, device: Any) -> Any:
+    """The ``torch.autocast`` dtype for ``precision`` on ``device``, or None for full precision.
+
+    Args:
+        precision: auto (bf16 on a CUDA GPU that supports it, fp16 on one that does not, None on the CPU),
+            fp32/none (None), bf16, fp16.
+        device: a ``torch.device`` or its name.
+    """
+    import torch
+
+    check_precision(precision)
+    device_type = torch.device(device).type
+    if precision == "auto":
+        if device_type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

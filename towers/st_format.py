@@ -1,0 +1,91 @@
+"""The sentence-transformers module files of a tower dir: written beside the Hugging Face model files so
+``SentenceTransformer(dir)`` loads a tower as is, and read back by ``Tower.load``.
+
+Layout (sentence-transformers' own): ``modules.json`` lists ``0`` Transformer (the HF dir itself),
+``1_Pooling/config.json``, optional ``2_Dense/`` (the projection) and ``3_Normalize``;
+``sentence_bert_config.json`` holds the max sequence length.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# sentence-transformers Pooling config key for each of our pooling modes.
+ST_POOLING_KEYS = {
+    "mean": "pooling_mode_mean_tokens",
+    "cls": "pooling_mode_cls_token",
+    "last": "pooling_mode_lasttoken",
+    "max": "pooling_mode_max_tokens",
+}
+REQUIRED_FILES = ("config.json", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json")
+
+
+@dataclass
+class STConfig:
+    """What the sentence-transformers files say about a tower (everything but the encoder weights)."""
+
+    pooling: str
+    max_length: int
+    normalize: bool
+    proj: dict[str, torch.Tensor] | None  # {"weight": (dim, hidden), "bias": (dim,)} or None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_st_files(path: Path, hidden: int, pooling: str, max_length: int, normalize: bool,
+                   proj: torch.nn.Linear | None) -> None:
+    """Write the module files for a tower whose HF model files are (or will be) in ``path``."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    pooling_cfg = {"word_embedding_dimension": hidden, "pooling_mode_mean_sqrt_len_tokens": False,
+                   "pooling_mode_weightedmean_tokens": False, "include_prompt": True}
+    pooling_cfg.update({key: mode == pooling for mode, key in ST_POOLING_KEYS.items()})
+    write_json(path / "1_Pooling" / "config.json", pooling_cfg)
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if proj is not None:
+        write_json(path / "2_Dense" / "config.json", {
+            "in_features": hidden, "out_features": proj.out_features, "bias": True,
+            "activation_function": "torch.nn.modules.linear.Identity"})
+        save_file({"linear.weight": proj.weight.detach().cpu().contiguous(),
+                   "linear.bias": proj.bias.detach().cpu().contiguous()},
+                  path / "2_Dense" / "model.safetensors")
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if normalize:
+        (path / "3_Normalize").mkdir(exist_ok=True)
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "3_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    write_json(path / "modules.json", modules)
+    write_json(path / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+
+
+def read_st_files(path: Path) -> STConfig:
+    """Check a tower dir's files and read its pooling, max length, normalisation and projection.
+
+    Raises:
+        FileNotFoundError: a required file or the safetensors weights are missing.
+        ValueError: no supported pooling mode is set.
+    """
+    for required in REQUIRED_FILES:
+        if not (path / required).exists():
+            raise FileNotFoundError(f"tower dir '{path}' is missing {required} (expected a twotower tower dir)")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"tower dir '{path}' has no .safetensors weights")
+    pooling_cfg = json.loads((path / "1_Pooling" / "config.json").read_text())
+    pooling = next((m for m, key in ST_POOLING_KEYS.items() if pooling_cfg.get(key)), None)
+    if pooling is None:
+        raise ValueError(f"{path / '1_Pooling' / 'config.json'}: no supported pooling mode set "
+                         f"(choose one of {', '.join(ST_POOLING_KEYS.values())})")
+    paths = {m["path"] for m in json.loads((path / "modules.json").read_text())}
+    max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+    proj = None
+    if "2_Dense" in paths:
+        dense = load_file(path / "2_Dense" / "model.safetensors")
+        proj = {"weight": dense["linear.weight"], "bias": dense["linear.bias"]}
+    return STConfig(pooling, max_length, "3_Normalize" in paths, proj)
