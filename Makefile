@@ -24,9 +24,11 @@ endif
 venv: $(VENV)/.stamp
 
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-all: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m ''
 
 demo: venv

@@ -24,7 +24,7 @@ class BM25Retriever:
         self.ntotal = 0
 
     def config(self) -> dict[str, Any]:
-        import bm25s
+        import bm25s  # optional extra `.[bench]`: imported where used, so the other systems work without it
 
         return {"package": "bm25s", "version": bm25s.__version__, "method": "lucene", "k1": self.k1, "b": self.b,
                 "stopwords": self.stopwords, "stemmer": None, "lowercase": True}

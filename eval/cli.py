@@ -1,4 +1,7 @@
-"""``twotower bench`` and ``twotower demo`` (options generated from ``BenchConfig`` / ``DemoConfig``)."""
+"""``twotower bench`` and ``twotower demo`` (options generated from ``BenchConfig`` / ``DemoConfig``).
+
+Heavy imports (torch, faiss, transformers) stay inside the run functions so ``twotower --help`` is fast.
+"""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +50,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_demo(args: argparse.Namespace) -> int:
     config = dataclass_from_args(DemoConfig, args)
-    from eval.demo import run_demo as demo  # heavy imports only to run, not for --help
+    from eval.demo import run_demo as demo
 
     demo(config)
     return 0

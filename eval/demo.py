@@ -29,6 +29,7 @@ from towers.inference import result_encoder
 from towers.model import TwoTower, read_towers_meta
 from towers.train import TrainConfig, train
 
+
 def _dev_subset(dev: Path, n: int | None, out: Path) -> Path:
     """The first ``n`` dev pairs (dev recall is measured twice; all 1000 would cost a minute on CPU)."""
     if n is None:

@@ -272,8 +272,6 @@ class RawLLMEncoder:
         return [special_head + head_ids + b + tail_ids + special_tail for b in body]
 
     def _forward(self, ids: list[list[int]], poolings: Sequence[str]) -> dict[str, np.ndarray]:
-        import torch
-
         batch = self._tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")  # honours padding_side
         input_ids = batch["input_ids"].to(self.device)  # (B, T)
         mask = batch["attention_mask"].to(self.device)  # (B, T), 1 = real token

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from common.atomic import atomic_dir
 
@@ -36,8 +37,6 @@ def _cpu_model() -> str:
 
 def environment(device: str) -> dict[str, Any]:
     """Date, machine, device and package versions (None = not installed) for results.json."""
-    import torch
-
     versions: dict[str, str | None] = {}
     for pkg in PACKAGES:
         try:
@@ -136,7 +135,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
 
 
 def plot_recall(results: Mapping[str, Any]) -> bytes:
-    import matplotlib
+    import matplotlib  # optional extra `.[bench]` (plots only): imported where used
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 import faiss
 from tqdm.auto import tqdm
 
@@ -25,7 +24,6 @@ from index.encode import EncodedCorpus, default_work_dir, encode_corpus, encoder
 from index.factory import auto_factory, parse_memory
 from index.faiss_utils import ivf_of, make_index, search_defaults, train_index
 from index.store import DOCS_DIR, FORMAT_VERSION, INDEX_FILE, link_or_copy, save_docs, write_manifest
-
 
 
 def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: IndexBuildConfig | None = None,

@@ -94,7 +94,6 @@ def run_index_build(args: argparse.Namespace) -> int:
     config = dataclass_from_args(IndexBuildConfig, args)  # every option checked before anything loads
     encode = dataclass_from_args(EncodeConfig, args)
     shard = dataclass_from_args(ShardConfig, args)
-    # Heavy imports (torch, faiss, transformers) only to run a verb, never for `twotower --help`.
     from index.build import build_index
     from index.shard import build_shard, resolve_shard
     from towers.inference import result_encoder
@@ -130,7 +129,7 @@ def _notice_stale_temp_dirs(out: str | Path) -> None:
 
 def run_index_merge(args: argparse.Namespace) -> int:
     config, merge = dataclass_from_args(IndexBuildConfig, args), dataclass_from_args(MergeConfig, args)
-    from index.merge import merge_shards  # heavy (faiss): only to run
+    from index.merge import merge_shards
 
     out = merge_shards(args.shards, args.out, config, merge, towers_dir=args.towers)
     _print_info(out)
@@ -139,7 +138,7 @@ def run_index_merge(args: argparse.Namespace) -> int:
 
 def run_index_add(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EncodeConfig, args)
-    from index.mutate import add_docs  # heavy (torch, faiss): only to run
+    from index.mutate import add_docs
     from index.store import read_manifest
     from towers.inference import result_encoder
     from towers.model import TwoTower

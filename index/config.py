@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from common.cliargs import check_required, field, flag_of
+from common.cliargs import field, flag_of
 from common.device import check_device
 
 DTYPES = ("float32", "float16")

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow.parquet as pq
+
 from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
 
 Corpus = str | Path | Iterable[Mapping[str, Any]]
@@ -57,8 +60,6 @@ def count_rows(corpus: Corpus, split: str = "train") -> int | None:
         if path is None:
             return None
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             return pq.ParquetFile(path).metadata.num_rows
         if path.is_dir():
             return len(_load_saved(path))
@@ -205,8 +206,6 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _load_saved(path: Path) -> Any:
-    import datasets
-
     if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
         raise ValueError(f"corpus dir '{path}' has neither corpus.jsonl nor a saved `datasets` dataset")
     return datasets.load_from_disk(str(path))
@@ -220,8 +219,6 @@ def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = Non
         return
     path = _resolve(corpus)
     if path is None:  # a hub dataset, streamed: "hf:name" or "hf:name:config"
-        import datasets
-
         name, _, config = str(corpus)[len(HUB_PREFIX):].partition(":")
         stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
         yield from itertools.islice(enumerate(stream), start, stop)
@@ -231,8 +228,6 @@ def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = Non
         if start < end:
             yield from enumerate(ds.select(range(start, end)) if (start, end) != (0, len(ds)) else ds, start)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
             if stop is not None and row >= stop:

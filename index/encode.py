@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from common.atomic import write_json_atomic
@@ -232,8 +233,6 @@ def _read_json(path: Path) -> Any:
 
 
 def _encode(encoder: Encoder, texts: list[str], batch_size: int) -> np.ndarray:
-    import torch
-
     with torch.inference_mode():  # no autograd state for any torch-based encoder
         return np.asarray(encoder.encode(texts, batch_size=batch_size), dtype=np.float32)
 

@@ -6,6 +6,7 @@ index can be searched from many threads at once with different settings.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Iterator
@@ -237,8 +238,6 @@ def read_index(path: str | Path, ondisk: bool = False) -> faiss.Index:
 @contextmanager
 def c_stdout_to_stderr() -> Iterator[None]:
     """Send C-level stdout (file descriptor 1) to stderr for the duration (the C stdio buffer is flushed)."""
-    import ctypes
-
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)

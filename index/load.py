@@ -11,9 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
+import torch
 
-from index.store import INDEX_FILE, load_docs, read_manifest, read_removed
+from index import faiss_utils
+from index.faiss_utils import read_index, unwrap
+from index.store import INDEX_FILE, live_rows, load_docs, read_manifest, read_removed
+from index.torch_search import TorchFlatSearcher
 
 LOAD_DEVICES = ("auto", "cpu", "cuda")
 
@@ -23,8 +28,6 @@ class LoadedIndex:
 
     def __init__(self, path: Path, index: Any, manifest: dict[str, Any], docs: Any, removed: np.ndarray,
                  device: str = "cpu", float16: bool = False) -> None:
-        from index import faiss_utils
-
         self.path = path
         self.manifest = manifest
         self.docs = docs
@@ -45,8 +48,6 @@ class LoadedIndex:
         if device == "faiss-gpu":
             self._gpu_index = faiss_utils.to_gpu(index, float16)
         elif device == "torch-cuda":
-            from index.torch_search import TorchFlatSearcher
-
             self._torch = TorchFlatSearcher(index.reconstruct_n(0, index.ntotal), "cuda", float16, removed)
 
     @property
@@ -69,8 +70,6 @@ class LoadedIndex:
         Returns:
             D float32 (nq, k) scores, I int64 (nq, k) doc rows; -1 where fewer than k live docs exist.
         """
-        from index import faiss_utils
-
         xq = faiss_utils.as_matrix(xq, self.dim, "xq")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -107,17 +106,11 @@ class LoadedIndex:
 
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """Live doc rows for ``ids`` (int64, same order). Raises KeyError naming ids that are not live."""
-        from index.store import live_rows
-
         return live_rows(self.docs, self.removed, ids, self.path)
 
 
 def resolve_device(index: Any, device: str) -> str:
     """``cpu`` | ``faiss-gpu`` | ``torch-cuda`` for ``index`` under the requested ``auto|cpu|cuda``."""
-    import faiss
-
-    from index.faiss_utils import unwrap
-
     if device not in LOAD_DEVICES:
         raise ValueError(f"unknown device '{device}': choose {', '.join(LOAD_DEVICES)}")
     if device == "cpu":
@@ -127,8 +120,6 @@ def resolve_device(index: Any, device: str) -> str:
         if isinstance(inner, faiss.IndexHNSW) and device == "auto":
             return "cpu"  # faiss has no GPU HNSW; auto keeps it on the CPU (device='cuda' raises in to_gpu)
         return "faiss-gpu"
-    import torch
-
     is_flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
     if torch.cuda.is_available() and is_flat:
         return "torch-cuda"
@@ -140,8 +131,6 @@ def resolve_device(index: Any, device: str) -> str:
 
 
 def index_kind(index: Any) -> str:
-    import faiss
-
     return type(faiss.downcast_index(index)).__name__
 
 
@@ -156,8 +145,6 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
         FileNotFoundError: not an INDEX dir. ValueError: corrupt/truncated index.faiss, newer format,
         or counts that disagree (each message names the file).
     """
-    from index.faiss_utils import read_index
-
     path = Path(index_dir)
     manifest = read_manifest(path)
     index = read_index(path / INDEX_FILE, ondisk=bool(manifest.get("ivfdata")))

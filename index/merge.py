@@ -26,14 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.build import (add_chunks, new_manifest, train_empty, tuned_defaults,
-                         write_index_dir)
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from faiss.contrib.ondisk import merge_ondisk
+
+from index.build import add_chunks, new_manifest, train_empty, tuned_defaults, write_index_dir
+from index.config import MERGE_METHODS, IndexBuildConfig, MergeConfig
 from index.encode import EncodedCorpus, default_work_dir
 from index.factory import auto_factory, parse_memory
+from index.faiss_utils import c_stdout_to_stderr, ivf_of, make_index, unwrap
 from index.shard import SHARD_MANIFEST, read_shard, shard_dir_name, shard_range
 from index.store import IVFDATA_FILE
-from index.config import MERGE_METHODS, IndexBuildConfig, MergeConfig
-
+from towers.model import read_towers_meta
 
 
 @dataclass
@@ -132,10 +138,6 @@ def check_unique_ids(ordered: Sequence[tuple[Path, dict[str, Any]]]) -> None:
     Raises:
         ValueError: naming one duplicated id, its corpus rows and the shards that hold them.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     tables = [pa.ipc.open_stream(pa.memory_map(str(p / f"docs-{i:06d}.arrow"))).read_all()
               for p, m in ordered for i in range(len(m["chunks"]))]  # memory-mapped: only "id" is read
     ids = pa.chunked_array([t.column("id") for t in tables])
@@ -160,8 +162,6 @@ def _unfinished_hint(shards: Sequence[tuple[Path, dict[str, Any]]], missing: lis
 def shard_indexes(trained: Any, parts: Sequence[EncodedCorpus], progress: bool = True) -> Iterator[Any]:
     """For each shard in order, a copy of the ``trained`` empty index holding that shard's vectors (local ids
     0..n_shard-1)."""
-    import faiss
-
     for i, part in enumerate(parts):
         index = faiss.clone_index(trained)
         add_chunks(index, part, progress, desc=f"shard {i}")
@@ -174,8 +174,6 @@ def index_shards(parts: Sequence[Any]) -> Any:
     With ``successive_ids`` faiss offsets shard j's local ids by the rows of the shards before it, which with
     contiguous shards is the corpus row. Per-call ``SearchParameters`` (nprobe) reach every shard.
     """
-    import faiss
-
     shards = faiss.IndexShards(parts[0].d, True, True)  # threaded, successive_ids
     for part in parts:
         shards.add_shard(part)
@@ -197,10 +195,6 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
     Returns:
         ``out`` as a Path.
     """
-    import faiss
-
-    from index.faiss_utils import ivf_of, make_index, unwrap
-
     config, merge = config or IndexBuildConfig(), merge or MergeConfig()
     if merge.method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method '{merge.method}': choose {', '.join(MERGE_METHODS)}")
@@ -259,11 +253,6 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
 def _merge_ondisk(trained: Any, parts: Sequence[EncodedCorpus], scratch: Path, progress: bool) -> Any:
     """Per-shard IVF indexes written to ``scratch``, joined by faiss ``merge_ondisk`` into
     ``scratch/index.ivfdata``; returns the index whose inverted lists live in that file."""
-    import faiss
-    from faiss.contrib.ondisk import merge_ondisk
-
-    from index.faiss_utils import c_stdout_to_stderr
-
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     files = []
@@ -278,8 +267,6 @@ def _merge_ondisk(trained: Any, parts: Sequence[EncodedCorpus], scratch: Path, p
 
 
 def _check_towers(towers_dir: str | Path, fingerprint: str) -> None:
-    from towers.model import read_towers_meta
-
     have = read_towers_meta(towers_dir).get("fingerprint")
     if have != fingerprint:
         raise ValueError(f"towers dir '{towers_dir}' has result tower fingerprint {have} but the shards were encoded "

@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from common.atomic import write_bytes_atomic
 from common.cliargs import check_required
 from common.encoder import Encoder
 from index.config import MineConfig
+from index.corpus import iter_docs
+from index.factory import auto_factory, parse_memory
+from index.faiss_utils import build_faiss, search, search_defaults
+from towers.data import load_pairs
+from towers.inference import tower_encoder
+from towers.model import TwoTower
 
 
 @dataclass
@@ -81,9 +90,6 @@ def select_negatives(D: np.ndarray, I: np.ndarray, positives: Sequence[set[int]]
 def mine_negatives(query_encoder: Encoder, result_encoder: Encoder, queries: Sequence[str], positives: Sequence[str],
                    config: MineConfig, corpus_texts: Sequence[str] = ()) -> tuple[list[list[str]], MineStats]:
     """Negatives (texts) for each (query, positive) pair; rows sharing a query share its negatives."""
-    from index.factory import auto_factory, parse_memory
-    from index.faiss_utils import build_faiss, search, search_defaults
-
     config.validate()
     corpus = list(dict.fromkeys([*positives, *corpus_texts]))  # unique candidate texts
     row_of = {t: i for i, t in enumerate(corpus)}
@@ -107,11 +113,6 @@ def mine_negatives(query_encoder: Encoder, result_encoder: Encoder, queries: Seq
 
 def mine(config: MineConfig) -> tuple[Path, MineStats]:
     """Load towers and pairs, mine, write ``config.out`` (JSONL or Parquet) atomically."""
-    from towers.inference import tower_encoder
-    from index.corpus import iter_docs
-    from towers.data import load_pairs
-    from towers.model import TwoTower
-
     check_required(config)
     out = Path(config.out)
     if out.suffix not in (".jsonl", ".parquet"):
@@ -133,14 +134,9 @@ def mine(config: MineConfig) -> tuple[Path, MineStats]:
 
 
 def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
-    from common.atomic import write_bytes_atomic
-
     if out.suffix == ".jsonl":
         write_bytes_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     write_bytes_atomic(out, sink.getvalue().to_pybytes())

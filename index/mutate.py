@@ -13,16 +13,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from index.build import add_chunks, write_index_dir
-from index.faiss_utils import read_index
-from index.corpus import Corpus, describe, iter_docs
-from index.config import EncodeConfig
-from index.encode import default_work_dir, encode_corpus, encoder_fingerprint
-from index.store import (INDEX_FILE, REMOVED_FILE, link_or_copy, live_rows, load_docs, read_manifest, read_removed,
-                         write_manifest, write_npy_atomic)
 from common.atomic import atomic_dir
 from common.encoder import Encoder
+from index.build import add_chunks, write_index_dir
+from index.config import EncodeConfig
+from index.corpus import Corpus, describe, iter_docs
+from index.encode import default_work_dir, encode_corpus, encoder_fingerprint
+from index.faiss_utils import read_index
+from index.store import (
+    INDEX_FILE,
+    REMOVED_FILE,
+    link_or_copy,
+    live_rows,
+    load_docs,
+    read_manifest,
+    read_removed,
+    write_manifest,
+    write_npy_atomic,
+)
 
 
 def _now() -> str:
@@ -72,9 +83,6 @@ def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: En
 
 def _live_subset(docs: object, removed: np.ndarray, ids: Sequence[str], where: Path) -> list[str]:
     """The ids among ``ids`` that a live row of ``docs`` already has."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if not ids:
         return []
     hit = pc.is_in(docs.data.column("id"), value_set=pa.array(list(ids), pa.string())).to_numpy(zero_copy_only=False)

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from common.atomic import atomic_dir, write_json_atomic
 from common.encoder import Encoder
-from index.corpus import Corpus, corpus_identity, describe, iter_docs
 from index.config import EncodeConfig, ShardConfig
+from index.corpus import Corpus, corpus_identity, describe, iter_docs
 from index.encode import default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
 from index.store import link_or_copy
 
@@ -81,8 +82,6 @@ def resolve_shard(config: ShardConfig, encode: EncodeConfig,
         raise ValueError(f"--shard-id {shard_id} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
     device = encode.device
     if torchrun and device in ("auto", "cuda"):
-        import torch  # only under torchrun, to see whether this process has a GPU of its own
-
         if torch.cuda.is_available():
             device = f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
     return ShardConfig(shard_id, num_shards), dataclasses.replace(encode, device=device)

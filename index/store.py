@@ -20,10 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.utils import logging as ds_logging
 
-from index.corpus import Doc
 from common.atomic import write_bytes_atomic, write_json_atomic
+from index.corpus import Doc
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,8 +42,6 @@ STALE_AFTER_S = 3600  # a temp dir untouched this long is reported by `index bui
 
 def write_docs_chunk(path: str | Path, docs: Sequence[Doc]) -> None:
     """Write ``docs`` as one Arrow IPC stream file (the format ``datasets`` memory-maps), atomically."""
-    import pyarrow as pa
-
     table = pa.table({c: pa.array([getattr(d, c) for d in docs], pa.string()) for c in DOC_COLUMNS})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -49,10 +51,6 @@ def write_docs_chunk(path: str | Path, docs: Sequence[Doc]) -> None:
 
 def save_docs(parts: Sequence[Any], out_dir: str | Path) -> None:
     """Concatenate doc chunk files and/or ``datasets.Dataset`` objects into one saved dataset at ``out_dir``."""
-    import datasets
-
-    from datasets.utils import logging as ds_logging
-
     loaded = [datasets.Dataset.from_file(str(p)) if isinstance(p, (str, Path)) else p for p in parts]
     assert loaded, "save_docs needs at least one part"
     ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
@@ -67,8 +65,6 @@ def save_docs(parts: Sequence[Any], out_dir: str | Path) -> None:
 
 def load_docs(index_dir: str | Path) -> Any:
     """The doc store as a memory-mapped ``datasets.Dataset`` (row i = faiss id i)."""
-    import datasets
-
     path = Path(index_dir) / DOCS_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"index dir '{index_dir}' has no {DOCS_DIR}/ doc store")
@@ -123,9 +119,6 @@ def live_rows(docs: Any, removed: np.ndarray, ids: Sequence[str], where: str | P
     Raises:
         KeyError: naming (up to 10 of) the ids that no live row has.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     ids = list(dict.fromkeys(str(i) for i in ids))
     if not ids:
         return np.empty(0, np.int64)

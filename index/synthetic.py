@@ -7,7 +7,11 @@ linear map, plus a little isotropic noise, then L2-normalised (the faiss ``Synth
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+
+from common.metrics import recall_at_k
 
 
 def clustered_vectors(n: int, d: int, n_clusters: int = 100, latent: int = 32, spread: float = 0.6,
@@ -46,8 +50,6 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 def ann_recall(I: np.ndarray, gt: np.ndarray, k: int) -> float:
     """recall@k of ``I`` against exact top-k ids ``gt`` (the faiss benchmark "k-recall@k")."""
-    from common.metrics import recall_at_k
-
     return recall_at_k(I, [{int(j): 1.0 for j in row[:k] if j >= 0} for row in gt], k)
 
 
@@ -71,6 +73,4 @@ class TableEncoder:
         return self.table[[int(t.rsplit(" ", 1)[-1]) for t in texts]]
 
     def fingerprint(self) -> str:
-        import hashlib
-
         return hashlib.sha256(self.table.tobytes()).hexdigest()[:16]

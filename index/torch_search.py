@@ -6,6 +6,7 @@ with the same ``search(xq, k) -> (D, I)`` contract as faiss (ids -1 / scores -in
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class TorchFlatSearcher:
@@ -21,8 +22,6 @@ class TorchFlatSearcher:
             max_scores: elements of one (q_chunk, db_chunk) score block (bounds the temporary memory:
                 2**27 floats = 512 MiB).
         """
-        import torch
-
         self.device = torch.device(device)
         self.dtype = torch.float16 if float16 else torch.float32
         self.xb = torch.from_numpy(np.ascontiguousarray(xb, np.float32)).to(self.device, self.dtype)  # (n, d)
@@ -35,8 +34,6 @@ class TorchFlatSearcher:
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: D float32 (nq, k) descending, I int64 (nq, k)."""
-        import torch
-
         nq = xq.shape[0]
         kk = min(k, self.n)
         q_chunk = max(1, min(nq, 4096))

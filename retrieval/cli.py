@@ -11,8 +11,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from retrieval.config import DEFAULT_MAX_K, SearchConfig, ServeConfig
 from common.cliargs import add_dataclass_args, dataclass_from_args
+from retrieval.config import DEFAULT_MAX_K, SearchConfig, ServeConfig
 
 TEXT_WIDTH = 100  # characters of a hit's first text line shown in the readable listing
 

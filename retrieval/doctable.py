@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DEFAULT_MAX_IN_MEMORY_BYTES = 1 << 30  # combine doc stores up to 1 GiB (string offsets stay int32)
 
@@ -23,8 +24,6 @@ BLANK_VALUES = ("", "{}")  # an empty title, an empty metadata object
 
 def _all_blank(column: pa.ChunkedArray) -> bool:
     """True when every value of a string column is null, "" or "{}" (vectorised: one pass in Arrow)."""
-    import pyarrow.compute as pc
-
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         return False
     blank = pc.or_kleene(pc.is_null(column), pc.is_in(column, value_set=pa.array(BLANK_VALUES, column.type)))

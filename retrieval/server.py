@@ -172,7 +172,7 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
 
 def serve(config: ServeConfig, retriever: Retriever | None = None) -> None:
     """Run the app under uvicorn until interrupted."""
-    import uvicorn
+    import uvicorn  # the ASGI server: only needed to listen, not to build the app (tests use TestClient)
 
     uvicorn.run(create_app(config, retriever), host=config.host, port=config.port, log_level=config.log_level,
                 access_log=config.access_log)

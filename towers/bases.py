@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from common.cache import cache_dir
 
 BASE_NAMES = ("minilm", "smollm2", "gemma3")
@@ -39,8 +41,6 @@ def _gguf_to_hf(gguf_path: Path, out: Path) -> Path:
     """Dequantise a GGUF checkpoint into a plain safetensors HF dir, written atomically."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # A model loaded from GGUF is flagged as quantised and refuses save_pretrained; copy its (already
     # dequantised) weights into a plain model of the same config.

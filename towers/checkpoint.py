@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.hashing import file_sha256
 from common.atomic import atomic_dir, write_bytes_atomic
+from common.hashing import file_sha256
 
 if TYPE_CHECKING:
     from towers.loss import Temperature

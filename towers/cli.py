@@ -2,6 +2,7 @@
 
 Also the module torchrun starts: ``torchrun --nproc_per_node N -m towers.cli --pairs ... --out ...`` runs
 ``twotower train`` in every process. ``twotower train --nproc N`` launches exactly that on this machine.
+Heavy imports (torch, transformers, datasets) stay inside the run functions so ``twotower --help`` is fast.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ gives ``(1/W) sum_s sum_r dL_r/dθ|_s = dL/dθ``: exactly the single-process gra
 from __future__ import annotations
 
 import builtins
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 BACKENDS = ("auto", "gloo", "nccl")
 T = TypeVar("T")
@@ -241,10 +243,6 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
     """
     if not _active():
         return module
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
     # torch >= 2.13 renamed the option (and warns on the old name); older releases only know the old one
     options = inspect.signature(DistributedDataParallel).parameters
     no_resync = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"

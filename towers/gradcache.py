@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 Features = dict[str, torch.Tensor]
 Chunk = tuple[Optional[Features], Optional[Features]]
@@ -90,8 +91,6 @@ def cached_backward(
     Returns:
         The loss, detached.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     ddp = isinstance(forward, DistributedDataParallel)
     plain = forward.module if ddp else forward
     chunks = chunk_pairs(q_features, r_features, chunk_size)

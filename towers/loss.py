@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from towers.distributed import gather_batch
+
 
 def info_nce(
     q: torch.Tensor,
@@ -71,8 +73,6 @@ def contrastive_loss(
     Returns:
         0-d loss of this rank's rows.
     """
-    from towers.distributed import gather_batch
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return info_nce(q, p, negs, temperature, symmetric)
     Q, P, N, q_offset, p_offset = gather_batch(q, p, negs)  # (W*B, d), (W*B, d), (sum M, d)

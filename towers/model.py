@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
 
 from common.atomic import atomic_dir
 from common.encoder import encode_batched, length_groups
@@ -57,8 +58,6 @@ class Tower(nn.Module):
         normalize: bool = True,
     ) -> Tower:
         """A fresh tower on a base model dir (see ``towers.bases.resolve_base``)."""
-        from transformers import AutoModel, AutoTokenizer
-
         check_pooling(pooling)
         encoder = AutoModel.from_pretrained(base, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
@@ -172,8 +171,6 @@ class Tower(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> Tower:
         """Load a tower saved by :meth:`save` (pooling, projection, max length read from its files)."""
-        from transformers import AutoModel, AutoTokenizer
-
         path = Path(path)
         st = read_st_files(path)
         encoder = AutoModel.from_pretrained(path, dtype=torch.float32)

@@ -23,18 +23,29 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from common.device import autocast_dtype, resolve_device
+from common.metrics import recall_at_k
 from towers import checkpoint as ckpt
+from towers.bases import resolve_base
 from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, prepare_out, publish_towers
 from towers.config import TrainConfig
 from towers.data import load_pairs, pairs_fingerprint
-from towers.distributed import (DistEnv, all_gather_object, average_gradients, check_launch, global_mean,
-                                init_distributed, run_collectively, shutdown, unused_parameters,
-                                wrap_ddp)
+from towers.distributed import (
+    DistEnv,
+    all_gather_object,
+    average_gradients,
+    check_launch,
+    global_mean,
+    init_distributed,
+    run_collectively,
+    shutdown,
+    unused_parameters,
+    wrap_ddp,
+)
 from towers.gradcache import Features, cached_backward
 from towers.loss import Temperature, contrastive_loss
-from towers.bases import resolve_base
 from towers.model import Tower, TwoTower
 from towers.pooling import check_pooling
 from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
@@ -167,8 +178,6 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
 def dev_recall(model: TwoTower, queries: list[str], positives: list[str], k: int = 10, batch_size: int = 64) -> float:
     """Recall@k of exact search over the dev positives (a text shared by several rows is one doc, relevant
     to each of them; a query text repeated with different positives has all of them relevant)."""
-    from common.metrics import recall_at_k
-
     doc_of: dict[str, int] = {}
     relevant_of: dict[str, dict[int, float]] = {}
     for q, p in zip(queries, positives):
@@ -287,8 +296,6 @@ def train(config: TrainConfig) -> TwoTower:
 
 
 def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
-    from transformers import get_linear_schedule_with_warmup
-
     cols = (config.query_column, config.positive_column, config.negatives_column)
     amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.suites.beir import Suite, file_sha256, iter_jsonl, read_qrels, write_beir_files, write_jsonl
 from common.atomic import atomic_dir
 from common.cache import cache_dir
+from eval.suites.beir import Suite, file_sha256, iter_jsonl, read_qrels, write_beir_files, write_jsonl
 
 # suite name -> module with ``fetch(download_dir) -> list[Path]``, ``build(paths, seed=..., **options)``
 # and ``pins() -> list[str]`` (what ``fetch`` downloads, recorded in checksums.json).

@@ -1,4 +1,7 @@
-"""``twotower data build {codesearch-py,nq} --out DIR`` and ``twotower data info DIR``."""
+"""``twotower data build {codesearch-py,nq} --out DIR`` and ``twotower data info DIR``.
+
+The builders (downloads, parsing, datasets) are imported inside the run functions so ``twotower --help`` is fast.
+"""
 from __future__ import annotations
 
 import argparse
