@@ -165,6 +165,8 @@ def _validate(row: Any, corpus: Corpus, loc: int) -> Doc:
     title = row.get("title") or ""
     if not isinstance(title, str):
         raise ValueError(f"{_where(corpus, loc)}: field 'title' must be a string, got {type(title).__name__}")
+    if not title.strip() and not text.strip():  # nothing to encode: a doc no query can find
+        raise ValueError(f"{_where(corpus, loc)}: document '{doc_id}' has empty 'title' and 'text'")
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
     if isinstance(extra.get("metadata"), Mapping):  # BEIR nests extras under "metadata": flatten one level
         extra = {**extra.pop("metadata"), **extra}

@@ -224,7 +224,7 @@ CLI_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
      r"BEIR suite file missing: .*queries\.jsonl"),
     ("suite-duplicate-corpus-ids", lambda c: _data_info(c, "corpus.jsonl",
                                                         '{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n'),
-     r"corpus\.jsonl:2: duplicate corpus id 'd1' \(first on line 1\)"),
+     r"corpus\.jsonl: line 2: duplicate id 'd1' \(first at line 1\)"),
     ("suite-qrels-unknown-query", lambda c: _data_info(c, "qrels/test.tsv", "query-id\tcorpus-id\tscore\nq9\td1\t1\n"),
      r"qrels/test\.tsv: 1 query ids not in queries\.jsonl, e\.g\. 'q9'"),
     ("suite-qrels-missing-header", lambda c: _data_info(c, "qrels/test.tsv", "q1\td1\t1\n"),

@@ -49,13 +49,13 @@ def _write(suite_dir: Path, rel: str, text: str) -> None:
 @pytest.mark.parametrize(
     ("rel", "content", "message"),
     [
-        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n', r"corpus.jsonl:2: malformed JSON"),
-        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n[1, 2]\n', r"corpus.jsonl:2: expected a JSON object"),
-        ("corpus.jsonl", '{"text": "a"}\n', r"corpus.jsonl:1: missing field '_id'"),
-        ("corpus.jsonl", '{"_id": 7, "text": "a"}\n', r"corpus.jsonl:1: field '_id' must be a string"),
+        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n', r"corpus.jsonl: line 2: malformed JSON"),
+        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n[1, 2]\n', r"corpus.jsonl: line 2: expected a JSON object"),
+        ("corpus.jsonl", '{"text": "a"}\n', r"corpus.jsonl: line 1: missing field '_id'"),
+        ("corpus.jsonl", '{"_id": [7], "text": "a"}\n', r"corpus.jsonl: line 1: field '_id' must be a non-empty string or"),
         ("corpus.jsonl", '{"_id": "d1", "title": 3, "text": "a"}\n', r"field 'title' must be a string"),
-        ("corpus.jsonl", '{"_id": "d1", "title": " ", "text": ""}\n', r"corpus.jsonl:1: document 'd1' has empty"),
-        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n\n{"_id": "d1", "text": "b"}\n', r"corpus.jsonl:3: duplicate corpus id 'd1' \(first on line 1\)"),
+        ("corpus.jsonl", '{"_id": "d1", "title": " ", "text": ""}\n', r"corpus.jsonl: line 1: document 'd1' has empty"),
+        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n\n{"_id": "d1", "text": "b"}\n', r"corpus.jsonl: line 3: duplicate id 'd1' \(first at line 1\)"),
         ("corpus.jsonl", "\n", r"empty corpus"),
         ("queries.jsonl", '{"_id": "q1", "text": "  "}\n', r"queries.jsonl:1: field 'text' is empty"),
         ("queries.jsonl", '{"_id": "q1"}\n', r"queries.jsonl:1: missing field 'text'"),
@@ -73,6 +73,16 @@ def test_validation_errors(suite_dir: Path, rel: str, content: str, message: str
     _write(suite_dir, rel, content)
     with pytest.raises(ValueError, match=message):
         load_beir(suite_dir)
+
+
+def test_corpus_rows_follow_the_index_reader(suite_dir: Path) -> None:
+    """A suite accepts exactly what `index build` accepts: `id` for `_id`, integer ids (as strings)."""
+    _write(suite_dir, "corpus.jsonl", '{"_id": 1, "text": "a"}\n{"id": "d2", "title": "T", "text": "b"}\n'
+                                     '{"_id": "d3", "text": "c"}\n{"_id": "d4", "text": "d"}\n')
+    _write(suite_dir, "qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\t1\t1\nq2\td2\t1\n")
+    s = load_beir(suite_dir)
+    assert s.corpus_ids == ["1", "d2", "d3", "d4"] and s.doc_texts()[:2] == ["a", "T b"]
+    assert s.relevant_rows()[0] == {0: 1}
 
 
 def test_missing_file_names_layout(suite_dir: Path) -> None:

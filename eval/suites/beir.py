@@ -16,6 +16,7 @@ from typing import Any
 from common.atomic import atomic_dir
 from common.hashing import file_sha256
 from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
+from index.corpus import doc_text, iter_docs
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
@@ -44,8 +45,8 @@ class Suite:
     checksum: str
 
     def doc_texts(self) -> list[str]:
-        """Text to encode per corpus row: ``title + " " + text`` when the title is non-empty, else text."""
-        return [f"{t} {x}" if t else x for t, x in zip(self.corpus_titles, self.corpus_texts)]
+        """Text to encode per corpus row (``index.corpus.doc_text``: the title and the text)."""
+        return [doc_text(t, x) for t, x in zip(self.corpus_titles, self.corpus_texts)]
 
     def relevant_rows(self) -> list[dict[int, int]]:
         """Per query (aligned with ``query_ids``) a {corpus row: grade} dict, as ``common.metrics`` takes."""
@@ -156,9 +157,9 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
 def load_beir(path: str | Path, split: str = "test") -> Suite:
     """Load one split of a BEIR folder, validating every row.
 
-    Corpus rows need a non-empty string ``_id`` and a string ``text``; ``title`` is optional (BEIR
-    corpora often have none) but must be a string; a row with neither title nor text is an error. Query
-    rows need non-empty string ``_id`` and ``text``. Extra fields are ignored.
+    Corpus rows are read by ``index.corpus.iter_docs`` (the same rules as ``twotower index build``: ``_id``
+    or ``id``, a string or an integer; string ``text``; optional string ``title``; a row with neither title
+    nor text is an error). Query rows need non-empty string ``_id`` and ``text``. Extra fields are ignored.
 
     Raises:
         FileNotFoundError: a file of the layout is missing (the message lists the expected layout).
@@ -173,23 +174,10 @@ def load_beir(path: str | Path, split: str = "test") -> Suite:
             raise FileNotFoundError(
                 f"BEIR suite file missing: {p} (expected corpus.jsonl, queries.jsonl, qrels/{split}.tsv)"
             )
-    ids: list[str] = []
-    titles: list[str] = []
-    texts: list[str] = []
-    first_line: dict[str, int] = {}
-    for lineno, obj in iter_jsonl(corpus_path):
-        where = f"{corpus_path}:{lineno}"
-        doc_id = str_field(obj, "_id", where)
-        title = str_field(obj, "title", where, required=False, empty_ok=True)
-        text = str_field(obj, "text", where, empty_ok=True)
-        if not title.strip() and not text.strip():
-            raise ValueError(f"{where}: document '{doc_id}' has empty 'title' and 'text'")
-        if doc_id in first_line:
-            raise ValueError(f"{where}: duplicate corpus id '{doc_id}' (first on line {first_line[doc_id]})")
-        first_line[doc_id] = lineno
-        ids.append(doc_id)
-        titles.append(title)
-        texts.append(text)
+    # The corpus is read by the index's reader, so a suite accepts exactly the rows `index build` accepts.
+    docs = list(iter_docs(corpus_path))
+    ids, titles, texts = [d.id for d in docs], [d.title for d in docs], [d.text for d in docs]
+    first_line = set(ids)
     if not ids:
         raise ValueError(f"{corpus_path}: empty corpus (no documents)")
     qrels = read_qrels(qrels_path)
@@ -210,7 +198,7 @@ def load_beir(path: str | Path, split: str = "test") -> Suite:
     unknown_q = sorted(set(qrels) - seen.keys())
     if unknown_q:
         raise ValueError(f"{qrels_path}: {len(unknown_q)} query ids not in queries.jsonl, e.g. '{unknown_q[0]}'")
-    unknown_d = sorted({d for rel in qrels.values() for d in rel} - first_line.keys())
+    unknown_d = sorted({d for rel in qrels.values() for d in rel} - first_line)
     if unknown_d:
         raise ValueError(f"{qrels_path}: {len(unknown_d)} corpus ids not in corpus.jsonl, e.g. '{unknown_d[0]}'")
     h = hashlib.sha256()
