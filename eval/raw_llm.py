@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.atomic import write_bytes_atomic
 from common.cache import cache_dir
 from common.device import autocast_dtype, resolve_device
+from common.hashing import file_sha256
 from towers.bases import resolve_base
 
 LLM_POOLINGS = ("last", "mean", "logits")
@@ -70,11 +71,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     h = hashlib.sha256()
     for path in [model_dir / "config.json", *weights]:
         h.update(path.name.encode())
-        file_hash = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 24):
-                file_hash.update(block)
-        h.update(file_hash.digest())
+        h.update(bytes.fromhex(file_sha256(path)))
     return h.hexdigest()[:16]
 
 

@@ -109,7 +109,7 @@ class LoadedIndex:
         return live_rows(self.docs, self.removed, ids, self.path)
 
 
-def resolve_device(index: Any, device: str) -> str:
+def index_placement(index: Any, device: str) -> str:
     """``cpu`` | ``faiss-gpu`` | ``torch-cuda`` for ``index`` under the requested ``auto|cpu|cuda``."""
     if device not in LOAD_DEVICES:
         raise ValueError(f"unknown device '{device}': choose {', '.join(LOAD_DEVICES)}")
@@ -160,4 +160,4 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
     if len(removed) != manifest.get("n_removed", 0) or (len(removed) and removed.max() >= index.ntotal):
         raise ValueError(f"index '{path}': removed.npy ({len(removed)} rows) disagrees with manifest.json "
                          f"(n_removed={manifest.get('n_removed', 0)}, ntotal={index.ntotal})")
-    return LoadedIndex(path, index, manifest, docs, removed, resolve_device(index, device), float16)
+    return LoadedIndex(path, index, manifest, docs, removed, index_placement(index, device), float16)
