@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -40,6 +41,14 @@ def check_required(config: Any) -> None:
             raise ValueError(f"{flag_of(f)} is required")
 
 
+def check_range(config: Any, name: str, low: float, high: float | None = None) -> None:
+    """Raise ``ValueError("--NAME must be ...")`` when field ``name`` of ``config`` is outside [low, high]."""
+    value = getattr(config, name)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+        raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """Strip ``Optional[...]``; returns (type, is_optional)."""
     origin = typing.get_origin(tp)
@@ -67,12 +76,24 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             (inner,) = typing.get_args(tp)[:1]
             kwargs.update(type=inner, nargs=f.metadata.get("nargs", "+"))
         else:
-            kwargs["type"] = tp
+            kwargs["type"] = finite_float if tp is float else tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         if kwargs["help"] and tp is not bool and not kwargs.get("required"):
             kwargs["help"] += " (default: %(default)s)"
         parser.add_argument(flag, **kwargs)
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float option: NaN and infinities are refused (no knob means them, and JSON
+    files that record the options could not hold them)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+finite_float.__name__ = "float"  # argparse names the type in "invalid float value" messages
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
@@ -83,19 +104,34 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any
     return cls(**values)
 
 
-# Errors a user can cause (bad option, missing or malformed file, name not found): one line, exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+# Errors a user can cause (bad option, missing or malformed file, name not found) and errors of the machine
+# (a path that is a directory, no permission, disk full, a busy lock: every OSError): one line, exit 2.
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message of a user error: an OSError as "what: 'path'" (its errno text and file name)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        other = f" -> '{exc.filename2}'" if exc.filename2 is not None else ""
+        return f"{exc.strerror}: '{exc.filename}'{other}"
+    return str(exc) or type(exc).__name__
 
 
 def run_verb(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, verb: str) -> int:
-    """Run a verb's function: its return value as the exit status, a user error as one line on stderr and 2.
+    """Run a verb's function: its return value as the exit status, a user error as one line on stderr and 2,
+    Ctrl-C as one line and 130.
 
-    Internal bugs (anything else) still raise with their traceback.
+    Internal bugs (anything else: TypeError, AttributeError, AssertionError, ...) still raise with their
+    traceback, so they get reported and fixed rather than hidden.
     """
     try:
         result = func(args)
     except USER_ERRORS as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"twotower {verb}: error: {msg}", file=sys.stderr)
+        print(f"twotower {verb}: error: {error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"twotower {verb}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
