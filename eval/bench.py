@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from common.device import resolve_device
 from common.metrics import evaluate, recall_curve
+from common.outputs import check_out_dir
 from eval.config import BenchConfig
 from eval.report import environment, similarity_summary, write_report
 from eval.suites.beir import load_beir
@@ -61,6 +62,7 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     """
     c = config
     specs = list(specs) if specs is not None else parse_systems(c.systems)
+    check_out_dir(c.out, ("report",), verb="bench", inputs={"--suite": c.suite, "--systems": [s.value for s in specs]})
     device = str(resolve_device(c.device))
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
     built = build_systems(specs, device, c.query_max_length, c.doc_max_length,

@@ -32,9 +32,13 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length"):
+        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queries", "max_corpus"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
+                                 f"{getattr(self, name)}")
 
 
 SUITE_NAMES = ("codesearch-py", "nq")
@@ -78,7 +82,11 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if not self.workdir:
+            raise ValueError("--workdir is required (the dir that holds every demo run)")
         if self.suite not in SUITE_NAMES:
             raise ValueError(f"unknown suite '{self.suite}': choose {', '.join(SUITE_NAMES)}")
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile '{self.profile}': choose {', '.join(PROFILES)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"--max-steps must be >= 0 (0: one epoch), got {self.max_steps}")

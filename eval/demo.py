@@ -18,6 +18,7 @@ from typing import Any
 
 from common.atomic import write_bytes_atomic
 from common.device import resolve_device
+from common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
 from eval.bench import run_bench
 from eval.config import PROFILES, BenchConfig, DemoConfig
 from eval.report import format_table
@@ -78,6 +79,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     prof = PROFILES[config.profile]
     device = str(resolve_device(config.device))
     work = Path(config.workdir) / f"{config.suite}-{config.profile}"
+    check_out_dir(work, ("demo",), flag="demo dir", verb="demo")  # its parts are checked again as they are made
+    mark_work_dir(work, DEMO_MARKER)
     steps: dict[str, dict[str, Any]] = {}
     t_all = time.perf_counter()
 

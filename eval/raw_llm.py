@@ -33,6 +33,7 @@ from common.atomic import write_bytes_atomic
 from common.cache import cache_dir
 from common.device import autocast_dtype, resolve_device
 from common.hashing import file_sha256
+from common.jsonl import dumps_strict
 from towers.bases import resolve_base
 
 LLM_POOLINGS = ("last", "mean", "logits")
@@ -110,7 +111,7 @@ class EmbeddingCache:
             return
         assert emb.shape[0] == len(keys), f"{emb.shape[0]} embeddings for {len(keys)} keys"
         if not (self.dir / "key.json").exists():
-            write_bytes_atomic(self.dir / "key.json", json.dumps(self.key, indent=2, sort_keys=True).encode())
+            write_bytes_atomic(self.dir / "key.json", dumps_strict(self.key, indent=2, sort_keys=True).encode())
         buf = io.BytesIO()
         np.savez(buf, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32),
                  emb=emb.astype(np.float32))

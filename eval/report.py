@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import json
 import os
 import platform
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_dir
+from common.jsonl import dumps_strict
 
 METRIC_COLUMNS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "mrr@10", "ndcg@10", "map@100")
 PACKAGES = ("twotower", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "datasets", "numpy",
@@ -198,7 +198,7 @@ def write_report(results: Mapping[str, Any], out: str | Path,
     similarity = similarity or {}
     out = Path(out)
     with atomic_dir(out) as tmp:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+        (tmp / "results.json").write_text(dumps_strict(results, indent=2, default=_json_default) + "\n")
         (tmp / "report.md").write_text(render_markdown(results))
         (tmp / "recall_at_k.png").write_bytes(plot_recall(results))
         (tmp / "similarity.png").write_bytes(plot_similarity(results, similarity))

@@ -8,7 +8,6 @@ complete: a crash at any point leaves a previous INDEX dir as it was.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,28 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_dir
 from common.encoder import Encoder
+from common.lock import exclusive
+from common.outputs import check_out_dir, check_work_dir, remove_work_dir
 from index.config import EncodeConfig, IndexBuildConfig
 from index.corpus import Corpus, count_rows, describe
 from index.encode import EncodedCorpus, default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
 from index.factory import auto_factory, parse_memory
 from index.faiss_utils import ivf_of, make_index, search_defaults, train_index
-from index.store import DOCS_DIR, FORMAT_VERSION, INDEX_FILE, link_or_copy, save_docs, write_manifest
+from index.store import DOCS_DIR, FORMAT_VERSION, INDEX_FILE, link_or_copy, next_generation, save_docs, write_manifest
 
 
 def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: IndexBuildConfig | None = None,
-                encode: EncodeConfig | None = None, towers_dir: str | Path | None = None) -> Path:
+                encode: EncodeConfig | None = None, towers_dir: str | Path | None = None, wait: float = 0.0) -> Path:
     """Encode ``corpus`` with ``encoder`` and write a complete INDEX dir at ``out``.
 
     Args:
         encoder: any Encoder-protocol object (``result_encoder(TwoTower.load(dir))`` for towers).
         corpus: corpus.jsonl / .parquet / BEIR dir / saved dataset dir / ``hf:NAME`` / list of row dicts.
-        out: the INDEX dir to create (or replace, with ``config.overwrite``).
+        out: the INDEX dir to create (or replace, with ``config.overwrite``; a symlink is followed and swapped,
+            see ``common.atomic``).
         config: the index options; encode: how the corpus is read and encoded (see ``index.encode``).
         towers_dir: recorded in the manifest so search can load the matching query tower.
+        wait: seconds to wait for another writer of ``out`` (``common.lock``); 0 refuses at once.
 
     Returns:
         ``out`` as a Path. (A sharded build writes SHARD dirs instead: ``index.shard.build_shard``.)
@@ -43,8 +46,24 @@ def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
     config = config or IndexBuildConfig()
     encode = encode or EncodeConfig()
     out = Path(out)
-    if out.exists() and not config.overwrite:
-        raise FileExistsError(f"index dir '{out}' already exists; pass --overwrite to replace it")
+    check_build_out(out, corpus, towers_dir, config, encode)
+    with exclusive(out, wait):
+        check_build_out(out, corpus, towers_dir, config, encode)  # again: another writer may have been first
+        _build(encoder, corpus, out, config, encode, towers_dir)
+    return out
+
+
+def check_build_out(out: str | Path, corpus: Corpus, towers_dir: str | Path | None, config: IndexBuildConfig,
+                    encode: EncodeConfig) -> Path:
+    """Refuse an ``--out`` / ``--work-dir`` a build could damage (``common.outputs``); the work dir it will use."""
+    inputs = {"--towers": towers_dir, "--corpus": corpus if isinstance(corpus, (str, Path)) else None}
+    check_out_dir(out, ("index",), verb="index build", inputs=inputs, overwrite=config.overwrite)
+    work = Path(encode.work_dir) if encode.work_dir else default_work_dir(out)
+    return check_work_dir(work, out)
+
+
+def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig, encode: EncodeConfig,
+           towers_dir: str | Path | None) -> None:
     budget = parse_memory(config.memory_budget)
     dim = int(encoder.dim)
     if config.factory != "auto":
@@ -69,10 +88,10 @@ def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: Index
         corpus=describe(corpus), normalized=enc.normalized,
         build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason, "memory_budget_bytes": budget,
                "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
+    manifest["generation"] = next_generation(out)
     write_index_dir(out, index, [*enc.docs_paths()], manifest)
     if not encode.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+        remove_work_dir(work)
 
 
 def train_and_add(enc: EncodedCorpus, factory: str, config: IndexBuildConfig,
@@ -132,7 +151,7 @@ def new_manifest(*, dim: int, factory: str, ntotal: int, search_defaults: dict[s
         "fingerprint": fingerprint, "encoder": encoder,
         "towers_dir": str(Path(towers_dir).resolve()) if towers_dir else None,
         "corpus": corpus, "build_config": build, "created": now, "faiss_version": faiss.__version__,
-        "history": [{"op": "build", "time": now, "rows": ntotal}],
+        "generation": 1, "history": [{"op": "build", "time": now, "rows": ntotal}],
     }
 
 

@@ -5,12 +5,11 @@ Heavy imports (torch, faiss, datasets) stay inside the run functions so ``twotow
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common.cliargs import add_dataclass_args, dataclass_from_args
+from common.cliargs import add_dataclass_args, dataclass_from_args, finite_float
 from index.config import EncodeConfig, IndexBuildConfig, MergeConfig, MineConfig, ShardConfig
 
 
@@ -36,6 +35,7 @@ def add_index_parser(subparsers: Any) -> None:
     add_dataclass_args(build, IndexBuildConfig)
     add_dataclass_args(build, EncodeConfig)
     add_dataclass_args(build, ShardConfig)
+    _add_wait(build)
     build.set_defaults(func=run_index_build)
 
     merge = sub.add_parser("merge", help="build one INDEX dir from the shards of a sharded build",
@@ -51,6 +51,7 @@ def add_index_parser(subparsers: Any) -> None:
                             "against the shards' fingerprint")
     add_dataclass_args(merge, MergeConfig)
     add_dataclass_args(merge, IndexBuildConfig)
+    _add_wait(merge)
     merge.set_defaults(func=run_index_merge)
 
     add = sub.add_parser("add", help="encode new docs and append them to an INDEX dir (atomic)",
@@ -60,6 +61,7 @@ def add_index_parser(subparsers: Any) -> None:
     add.add_argument("--corpus", required=True, help="new docs (same formats as `index build --corpus`)")
     add.add_argument("--towers", default=None, help="TOWERS dir (default: the one recorded in the manifest)")
     add_dataclass_args(add, EncodeConfig)
+    _add_wait(add)
     add.set_defaults(func=run_index_add)
 
     remove = sub.add_parser("remove", help="remove docs by id (tombstones, atomic)",
@@ -68,6 +70,7 @@ def add_index_parser(subparsers: Any) -> None:
     remove.add_argument("index", metavar="INDEX", help="INDEX dir")
     remove.add_argument("--ids", nargs="+", default=[], help="doc ids to remove")
     remove.add_argument("--ids-file", default=None, help="file with one doc id per line")
+    _add_wait(remove)
     remove.set_defaults(func=run_index_remove)
 
     info = sub.add_parser("info", help="show what an INDEX dir holds",
@@ -76,6 +79,18 @@ def add_index_parser(subparsers: Any) -> None:
     info.add_argument("index", metavar="INDEX", help="INDEX dir")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=run_index_info)
+
+
+def _add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", type=finite_float, default=0.0, metavar="SECONDS",
+                        help="when another process is writing the same INDEX dir, wait up to this long for it to "
+                             "finish (default: 0, refuse at once naming its pid)")
+
+
+def _check_wait(args: argparse.Namespace) -> float:
+    if args.wait < 0:
+        raise ValueError(f"--wait must be >= 0 seconds, got {args.wait:g}")
+    return args.wait
 
 
 def add_mine_parser(subparsers: Any) -> None:
@@ -94,15 +109,23 @@ def run_index_build(args: argparse.Namespace) -> int:
     config = dataclass_from_args(IndexBuildConfig, args)  # every option checked before anything loads
     encode = dataclass_from_args(EncodeConfig, args)
     shard = dataclass_from_args(ShardConfig, args)
-    from index.build import build_index
-    from index.shard import build_shard, resolve_shard
+    wait = _check_wait(args)
+    from index.build import build_index, check_build_out
+    from index.corpus import check_corpus
+    from index.shard import build_shard, check_shard_out, resolve_shard
     from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from towers.model import TwoTower, read_towers_meta
 
     shard, encode = resolve_shard(shard, encode)  # under torchrun: shard RANK of WORLD_SIZE
     if shard.sharded and config.index_options_given():
         raise ValueError(f"{', '.join(config.index_options_given())}: the index is built once from all shards, so "
                          f"pass index options to `twotower index merge`, not to a shard's build")
+    read_towers_meta(args.towers)  # inputs and outputs checked before the towers load
+    check_corpus(args.corpus)
+    if shard.sharded:
+        check_shard_out(args.out, shard, encode, args.corpus, args.towers)
+    else:
+        check_build_out(args.out, args.corpus, args.towers, config, encode)
     _notice_stale_temp_dirs(args.out)
     encoder = result_encoder(TwoTower.load(args.towers), encode.device)
     if shard.sharded:
@@ -111,7 +134,7 @@ def run_index_build(args: argparse.Namespace) -> int:
         print(f"shard {shard.shard_id} of {shard.num_shards}: {out}\nwhen all {shard.num_shards} are done: "
               f"twotower index merge --shards {args.out} --out INDEX")
     else:
-        _print_info(build_index(encoder, args.corpus, args.out, config, encode, towers_dir=args.towers))
+        _print_info(build_index(encoder, args.corpus, args.out, config, encode, towers_dir=args.towers, wait=wait))
     return 0
 
 
@@ -129,38 +152,43 @@ def _notice_stale_temp_dirs(out: str | Path) -> None:
 
 def run_index_merge(args: argparse.Namespace) -> int:
     config, merge = dataclass_from_args(IndexBuildConfig, args), dataclass_from_args(MergeConfig, args)
+    wait = _check_wait(args)
     from index.merge import merge_shards
 
-    out = merge_shards(args.shards, args.out, config, merge, towers_dir=args.towers)
+    out = merge_shards(args.shards, args.out, config, merge, towers_dir=args.towers, wait=wait)
     _print_info(out)
     return 0
 
 
 def run_index_add(args: argparse.Namespace) -> int:
     config = dataclass_from_args(EncodeConfig, args)
+    wait = _check_wait(args)
+    from index.corpus import check_corpus
     from index.mutate import add_docs
-    from index.store import read_manifest
+    from index.store import read_manifest, recorded_towers_dir
     from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from towers.model import TwoTower, read_towers_meta
 
-    towers = args.towers or read_manifest(args.index).get("towers_dir")
-    if not towers:
-        raise ValueError(f"index '{args.index}' records no towers dir; pass --towers")
-    n = add_docs(args.index, result_encoder(TwoTower.load(towers), config.device), args.corpus, config)
+    towers = args.towers or recorded_towers_dir(args.index, read_manifest(args.index))
+    read_towers_meta(towers)  # inputs checked before the towers load
+    check_corpus(args.corpus)
+    n = add_docs(args.index, result_encoder(TwoTower.load(towers), config.device), args.corpus, config, wait=wait)
     print(f"added {n} docs to {args.index}")
     _print_info(args.index)
     return 0
 
 
 def run_index_remove(args: argparse.Namespace) -> int:
+    wait = _check_wait(args)
+    from common.jsonl import read_text_lines
     from index.mutate import remove_docs
 
     ids = list(args.ids)
     if args.ids_file:
-        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+        ids += [line.strip() for _, line in read_text_lines(args.ids_file, "--ids-file") if line.strip()]
     if not ids:
         raise ValueError("nothing to remove: pass --ids ID [ID ...] or --ids-file FILE")
-    n = remove_docs(args.index, ids)
+    n = remove_docs(args.index, ids, wait=wait)
     print(f"removed {n} docs from {args.index}")
     return 0
 
@@ -171,12 +199,13 @@ def run_index_info(args: argparse.Namespace) -> int:
 
 
 def _print_info(index_dir: str | Path, as_json: bool = False) -> None:
+    from common.jsonl import dumps_strict
     from index.factory import format_bytes
     from index.store import index_info
 
     info = index_info(index_dir)
     if as_json:
-        print(json.dumps(info, sort_keys=True))
+        print(dumps_strict(info, sort_keys=True))
         return
     info["size_bytes"] = f"{format_bytes(info['size_bytes'])} ({info['size_bytes']} bytes)"
     info["index_bytes"] = format_bytes(info["index_bytes"])

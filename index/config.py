@@ -16,6 +16,7 @@ from common.device import check_device
 DTYPES = ("float32", "float16")
 MERGE_METHODS = ("add", "merge_from", "ondisk")
 SAMPLING = ("top", "random")
+MAX_MINE_RANK = 100_000  # candidates searched per query when mining: faiss allocates nq x range_max results
 
 
 @dataclass
@@ -116,8 +117,12 @@ class MineConfig:
 
     def validate(self) -> None:
         check_device(self.device)
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.range_max > MAX_MINE_RANK:
+            raise ValueError(f"--range-max must be <= {MAX_MINE_RANK}, got {self.range_max}")
         if not 0 <= self.range_min < self.range_max:
             raise ValueError(f"need 0 <= range_min < range_max, got range_min={self.range_min}, "
                              f"range_max={self.range_max}")

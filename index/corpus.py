@@ -4,11 +4,12 @@ Rows are ``{"_id" (or "id"), "title" (optional), "text", ...}``; every other fie
 ``metadata`` string. Rows are read one at a time so a corpus larger than RAM streams through; errors name
 the file and the line (JSONL) or row (other sources) and the field. JSONL is decoded line by line, so a byte
 that is not UTF-8 is named by its line too; text fields holding a lone UTF-16 surrogate (JSON can spell
-``"\ud800"``, Arrow and the tokenizers cannot take it) are refused here rather than deep inside a build.
+``"\ud800"``, Arrow and the tokenizers cannot take it) are refused here rather than deep inside a build, and so
+are docs with no visible character (``common.text.is_blank``), ids that could not travel through an ids file
+or a qrels TSV (tabs, newlines: ``common.text.id_problem``) and NaN/Infinity in metadata (not JSON).
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
 import json
@@ -20,7 +21,8 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.jsonl import iter_utf8_lines, lone_surrogate_at, non_finite_path, parse_json_line
+from common.text import id_problem, is_blank
 
 Corpus = str | Path | Iterable[Mapping[str, Any]]
 _RESERVED = ("_id", "id", "title", "text")
@@ -63,7 +65,7 @@ def count_rows(corpus: Corpus, split: str = "train") -> int | None:
             return pq.ParquetFile(path).metadata.num_rows
         if path.is_dir():
             return len(_load_saved(path))
-        return sum(1 for _, line in _lines(path) if line.strip())
+        return sum(1 for _, line in iter_utf8_lines(path) if line.strip())
     return len(corpus) if hasattr(corpus, "__len__") else None  # type: ignore[arg-type]
 
 
@@ -158,6 +160,9 @@ def _validate(row: Any, corpus: Corpus, loc: int) -> Doc:
         raise ValueError(f"{_where(corpus, loc)}: missing field '_id' (or 'id')")
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id) == "":
         raise ValueError(f"{_where(corpus, loc)}: field '{key}' must be a non-empty string or integer, got {doc_id!r}")
+    problem = id_problem(str(doc_id))
+    if problem is not None:
+        raise ValueError(f"{_where(corpus, loc)}: field '{key}' {str(doc_id)!r} {problem}")
     text = row.get("text")
     if not isinstance(text, str):
         problem = "missing field 'text'" if text is None else f"field 'text' must be a string, got {type(text).__name__}"
@@ -165,11 +170,16 @@ def _validate(row: Any, corpus: Corpus, loc: int) -> Doc:
     title = row.get("title") or ""
     if not isinstance(title, str):
         raise ValueError(f"{_where(corpus, loc)}: field 'title' must be a string, got {type(title).__name__}")
-    if not title.strip() and not text.strip():  # nothing to encode: a doc no query can find
-        raise ValueError(f"{_where(corpus, loc)}: document '{doc_id}' has empty 'title' and 'text'")
+    if is_blank(title) and is_blank(text):  # nothing to encode (or only invisible characters): no query finds it
+        raise ValueError(f"{_where(corpus, loc)}: document '{doc_id}' has empty 'title' and 'text' (no visible "
+                         f"character)")
     extra = {k: v for k, v in row.items() if k not in _RESERVED}
     if isinstance(extra.get("metadata"), Mapping):  # BEIR nests extras under "metadata": flatten one level
         extra = {**extra.pop("metadata"), **extra}
+    bad = non_finite_path(extra)
+    if bad is not None:  # JSON has no NaN/Infinity: search results holding one would not parse
+        raise ValueError(f"{_where(corpus, loc)}: metadata field '{bad}' is NaN or infinite, which JSON cannot hold; "
+                         f"write null for a missing value (id {str(doc_id)!r})")
     metadata = json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
     for name, value in ((key, str(doc_id)), ("title", title), ("text", text), ("metadata", metadata)):
         at = lone_surrogate_at(value)
@@ -192,24 +202,22 @@ def _resolve(corpus: str | Path) -> Path | None:
     return path
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) of each line of a JSONL file, plain or ``.gz``; bytes that are not UTF-8
-    are a ValueError naming file:line (``towers.data.iter_utf8_lines``, which reads plain files only)."""
-    if path.suffix != ".gz":
-        yield from iter_utf8_lines(path)
-        return
-    with gzip.open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:  # the same words as iter_utf8_lines
-                raise ValueError(f"{path}: line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start} of the "
-                                 "line)") from None
+def check_corpus(corpus: Corpus) -> None:
+    """Fail fast, before any model loads, on a corpus path that cannot be read: one that does not exist, or a
+    dir that is neither a BEIR folder nor a saved ``datasets`` dataset. Rows are checked when read."""
+    if isinstance(corpus, (str, Path)):
+        path = _resolve(corpus)
+        if path is not None and path.is_dir():
+            _check_saved(path)
+
+
+def _check_saved(path: Path) -> None:
+    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+        raise ValueError(f"corpus dir '{path}' has neither corpus.jsonl nor a saved `datasets` dataset")
 
 
 def _load_saved(path: Path) -> Any:
-    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-        raise ValueError(f"corpus dir '{path}' has neither corpus.jsonl nor a saved `datasets` dataset")
+    _check_saved(path)
     return datasets.load_from_disk(str(path))
 
 
@@ -240,7 +248,7 @@ def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = Non
             row += batch.num_rows
     else:
         row = 0
-        for lineno, line in _lines(path):
+        for lineno, line in iter_utf8_lines(path):
             if not line.strip():
                 continue
             if stop is not None and row >= stop:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from common.atomic import write_json_atomic
 from common.encoder import Encoder
 from common.hashing import file_sha256
+from common.outputs import check_work_dir, mark_work_dir
 from index.config import DTYPES
 from index.corpus import Corpus, Doc, hash_doc, iter_docs
 from index.store import write_docs_chunk, write_npy_atomic
@@ -160,7 +161,9 @@ def encode_corpus(
 
 
 def _prepare_work_dir(work: Path, state: dict[str, Any], resumable: bool) -> None:
-    """Keep a work dir written under the same ``state``; otherwise clear it (saying why)."""
+    """Keep a work dir written under the same ``state``; otherwise clear it (saying why). Only a dir twotower
+    made (``common.outputs.WORK_MARKER``) is ever cleared: any other non-empty dir is refused."""
+    check_work_dir(work)
     state_path = work / "state.json"
     if state_path.exists():
         old = _read_json(state_path)
@@ -174,7 +177,7 @@ def _prepare_work_dir(work: Path, state: dict[str, Any], resumable: bool) -> Non
             why = f"cannot be trusted: encoder {state['encoder']} has no fingerprint() to tell its vectors apart"
         print(f"encode: work dir '{work}' {why}; starting over", file=sys.stderr)
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    mark_work_dir(work)
     write_json_atomic(state_path, state)
 
 

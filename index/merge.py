@@ -19,7 +19,6 @@ Per-shard indexes can also be served without merging, as one ``faiss.IndexShards
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,13 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from faiss.contrib.ondisk import merge_ondisk
 
+from common.lock import exclusive
+from common.outputs import check_out_dir, check_work_dir, mark_work_dir, remove_work_dir
 from index.build import add_chunks, new_manifest, train_empty, tuned_defaults, write_index_dir
 from index.config import MERGE_METHODS, IndexBuildConfig, MergeConfig
 from index.encode import EncodedCorpus, default_work_dir
 from index.factory import auto_factory, parse_memory
 from index.faiss_utils import c_stdout_to_stderr, ivf_of, make_index, unwrap
 from index.shard import SHARD_MANIFEST, read_shard, shard_dir_name, shard_range
-from index.store import IVFDATA_FILE
+from index.store import IVFDATA_FILE, next_generation
 from towers.model import read_towers_meta
 
 
@@ -182,7 +183,7 @@ def index_shards(parts: Sequence[Any]) -> Any:
 
 
 def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBuildConfig | None = None,
-                 merge: MergeConfig | None = None, towers_dir: str | Path | None = None) -> Path:
+                 merge: MergeConfig | None = None, towers_dir: str | Path | None = None, wait: float = 0.0) -> Path:
     """Build one INDEX dir at ``out`` from the SHARD dirs of a sharded build (atomically).
 
     Args:
@@ -191,6 +192,7 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
         merge: the method (``add`` | ``merge_from`` | ``ondisk``).
         towers_dir: recorded in the manifest (checked against the shards' fingerprint); default: the towers dir
             the shards recorded.
+        wait: seconds to wait for another writer of ``out`` (``common.lock``); 0 refuses at once.
 
     Returns:
         ``out`` as a Path.
@@ -198,9 +200,24 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
     config, merge = config or IndexBuildConfig(), merge or MergeConfig()
     if merge.method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method '{merge.method}': choose {', '.join(MERGE_METHODS)}")
-    out = Path(out)
-    if out.exists() and not config.overwrite:
-        raise FileExistsError(f"index dir '{out}' already exists; pass --overwrite to replace it")
+    out = check_merge_out(out, shards, towers_dir, config)
+    with exclusive(out, wait):
+        check_merge_out(out, shards, towers_dir, config)  # again: another writer may have been first
+        _merge(shards, out, config, merge, towers_dir)
+    return out
+
+
+def check_merge_out(out: str | Path, shards: Sequence[str | Path], towers_dir: str | Path | None,
+                    config: IndexBuildConfig) -> Path:
+    """Refuse an ``--out`` the merge could damage (``common.outputs``), and a scratch dir not of ours."""
+    out = check_out_dir(out, ("index",), verb="index merge", inputs={"--shards": list(shards), "--towers": towers_dir},
+                        overwrite=config.overwrite)
+    check_work_dir(default_work_dir(out), out, flag="scratch dir")
+    return out
+
+
+def _merge(shards: Sequence[str | Path], out: Path, config: IndexBuildConfig, merge: MergeConfig,
+           towers_dir: str | Path | None) -> None:
     whole = open_shards(shards)
     parts, first, dim, n = whole.parts, whole.manifests[0], whole.dim, whole.n
     if towers_dir:
@@ -244,17 +261,17 @@ def merge_shards(shards: Sequence[str | Path], out: str | Path, config: IndexBui
                           for p, m in zip(parts, whole.manifests)]
     if extra:
         manifest["ivfdata"] = IVFDATA_FILE
+    manifest["generation"] = next_generation(out)
     write_index_dir(out, index, whole.docs_paths(), manifest, extra)
     del index, trained  # unmaps the scratch ivfdata (the INDEX dir holds a hard link to it) before deleting it
-    shutil.rmtree(scratch, ignore_errors=True)
-    return out
+    remove_work_dir(scratch)
 
 
 def _merge_ondisk(trained: Any, parts: Sequence[EncodedCorpus], scratch: Path, progress: bool) -> Any:
     """Per-shard IVF indexes written to ``scratch``, joined by faiss ``merge_ondisk`` into
     ``scratch/index.ivfdata``; returns the index whose inverted lists live in that file."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    remove_work_dir(scratch)  # an interrupted earlier merge's (only a dir of ours: checked by check_merge_out)
+    mark_work_dir(scratch)
     files = []
     for i, part in enumerate(shard_indexes(trained, parts, progress)):
         files.append(str(scratch / f"shard-{i:05d}.faiss"))

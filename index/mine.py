@@ -8,7 +8,6 @@ scoring about as high as the positive is likely an unlabelled positive).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,15 @@ import pyarrow.parquet as pq
 from common.atomic import write_bytes_atomic
 from common.cliargs import check_required
 from common.encoder import Encoder
+from common.jsonl import dumps_strict
+from common.outputs import check_out_file
 from index.config import MineConfig
 from index.corpus import iter_docs
 from index.factory import auto_factory, parse_memory
 from index.faiss_utils import build_faiss, search, search_defaults
 from towers.data import load_pairs
 from towers.inference import tower_encoder
-from towers.model import TwoTower
+from towers.model import TwoTower, read_towers_meta
 
 
 @dataclass
@@ -114,13 +115,15 @@ def mine_negatives(query_encoder: Encoder, result_encoder: Encoder, queries: Seq
 def mine(config: MineConfig) -> tuple[Path, MineStats]:
     """Load towers and pairs, mine, write ``config.out`` (JSONL or Parquet) atomically."""
     check_required(config)
-    out = Path(config.out)
+    config.validate()
+    out = check_out_file(config.out, inputs={"--pairs": config.pairs, "--corpus": config.corpus})
     if out.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"output '{out}' must end in .jsonl or .parquet")
-    model = TwoTower.load(config.towers)
+    read_towers_meta(config.towers)  # every input checked before the towers load
     pairs = load_pairs(config.pairs, query_column=config.query_column, positive_column=config.positive_column,
                        negatives_column=config.negatives_column)
     extra = [d.encode_text for d in iter_docs(config.corpus)] if config.corpus else []
+    model = TwoTower.load(config.towers)
     negatives, stats = mine_negatives(tower_encoder(model, "query", config.device),
                                       tower_encoder(model, "result", config.device),
                                       pairs["query"], pairs["positive"], config, extra)
@@ -135,7 +138,7 @@ def mine(config: MineConfig) -> tuple[Path, MineStats]:
 
 def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
     if out.suffix == ".jsonl":
-        write_bytes_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+        write_bytes_atomic(out, "".join(dumps_strict(r, ensure_ascii=False) + "\n" for r in rows).encode())
         return
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)

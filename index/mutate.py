@@ -7,7 +7,6 @@ end; an id that was removed can be added again (it gets a new row).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,8 @@ import pyarrow.compute as pc
 
 from common.atomic import atomic_dir
 from common.encoder import Encoder
+from common.lock import exclusive
+from common.outputs import check_work_dir, remove_work_dir
 from index.build import add_chunks, write_index_dir
 from index.config import EncodeConfig
 from index.corpus import Corpus, describe, iter_docs
@@ -40,14 +41,27 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig | None = None) -> int:
+def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig | None = None,
+             wait: float = 0.0) -> int:
     """Encode ``corpus`` with ``encoder`` (same towers as the index) and append it. Returns rows added.
+
+    Holds the index's writer lock (``common.lock``) from reading the current version to publishing the new
+    one, so two concurrent adds both land, one after the other; ``wait``: seconds to wait for another writer
+    (0: refuse at once).
 
     Raises:
         ValueError: the encoder's fingerprint or dim differs from the index's, or an id is already live.
+        common.lock.Busy: another process writes the index.
     """
     config = config or EncodeConfig()
     path = Path(index_dir)
+    work = Path(config.work_dir) if config.work_dir else default_work_dir(path.with_name(path.name + ".add"))
+    check_work_dir(work, path)
+    with exclusive(path, wait):
+        return _add(path, encoder, corpus, config, work)
+
+
+def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, work: Path) -> int:
     manifest = read_manifest(path)
     if manifest.get("ivfdata"):
         raise ValueError(f"index '{path}' keeps its IVF lists on disk ({manifest['ivfdata']}, `index merge --method "
@@ -67,17 +81,17 @@ def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: En
         raise ValueError(f"{len(clash)} id(s) of '{describe(corpus)}' are already in index '{path}': "
                          f"{', '.join(repr(c) for c in clash[:10])}; remove them first to replace them")
     index = read_index(path / INDEX_FILE)
-    work = Path(config.work_dir) if config.work_dir else default_work_dir(path.with_name(path.name + ".add"))
     enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
                         config.corpus_split, len(new_ids), config.progress)
     add_chunks(index, enc, config.progress)
     manifest["ntotal"] = int(index.ntotal)
+    manifest["generation"] = int(manifest.get("generation", 1)) + 1
     manifest["history"] = [*manifest.get("history", []), {"op": "add", "time": _now(), "rows": enc.n,
                                                           "corpus": describe(corpus)}]
     extra = {REMOVED_FILE: path / REMOVED_FILE} if (path / REMOVED_FILE).exists() else {}
     write_index_dir(path, index, [docs, *enc.docs_paths()], manifest, extra)
     if not config.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_dir(work)
     return enc.n
 
 
@@ -91,18 +105,25 @@ def _live_subset(docs: object, removed: np.ndarray, ids: Sequence[str], where: P
     return [str(x) for x in docs.select(rows.tolist())["id"]] if len(rows) else []
 
 
-def remove_docs(index_dir: str | Path, ids: Sequence[str]) -> int:
+def remove_docs(index_dir: str | Path, ids: Sequence[str], wait: float = 0.0) -> int:
     """Tombstone the docs with ``ids`` (all must be live, else nothing changes). Returns rows removed.
 
-    index.faiss and docs/ are hard-linked (not copied) into the new dir, so removal costs O(#removed).
+    Every file of the INDEX dir but removed.npy and the manifest is hard-linked (not copied) into the new dir,
+    so removal costs O(#removed). Holds the writer lock like :func:`add_docs`.
     """
     path = Path(index_dir)
+    with exclusive(path, wait):
+        return _remove(path, ids)
+
+
+def _remove(path: Path, ids: Sequence[str]) -> int:
     manifest = read_manifest(path)
     docs = load_docs(path)
     removed = read_removed(path)
     rows = live_rows(docs, removed, ids, path)  # KeyError naming unknown / already removed ids
     new_removed = np.union1d(removed, rows).astype(np.int64)
     manifest["n_removed"] = int(len(new_removed))
+    manifest["generation"] = int(manifest.get("generation", 1)) + 1
     manifest["history"] = [*manifest.get("history", []), {"op": "remove", "time": _now(), "rows": int(len(rows))}]
     with atomic_dir(path) as tmp:
         for src in path.rglob("*"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ import torch
 
 from common.atomic import atomic_dir, write_json_atomic
 from common.encoder import Encoder
+from common.outputs import check_out_dir, check_work_dir, remove_work_dir
 from index.config import EncodeConfig, ShardConfig
 from index.corpus import Corpus, corpus_identity, describe, iter_docs
 from index.encode import default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
@@ -116,6 +116,7 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, shard: ShardC
         raise ValueError(f"encoder {encoder_name(encoder)} has no fingerprint(): shards must be checked to come from "
                          f"the same towers; index with towers (`towers.inference.result_encoder`)")
     path = shard_dir(out, shard_id, num_shards)
+    work = check_shard_out(out, shard, config, corpus, towers_dir)
     if not isinstance(corpus, (str, Path)) and not hasattr(corpus, "__len__"):
         raise ValueError("a sharded build reads the corpus more than once: pass a file, dir, hf:NAME or a list of "
                          "rows, not a one-shot iterator")
@@ -129,8 +130,6 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, shard: ShardC
     if path.exists() and not overwrite:
         _keep_existing(path, expected, identity)
         return path
-    # one work dir per shard, also under an explicit --work-dir (torchrun gives every rank the same options)
-    work = Path(config.work_dir) / path.name if config.work_dir else default_work_dir(path)
     t0 = time.time()
     enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
                         config.corpus_split, hi - lo, config.progress,
@@ -157,8 +156,23 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, shard: ShardC
                 link_or_copy(src, tmp / src.name)
         write_json_atomic(tmp / SHARD_MANIFEST, manifest)  # last: its presence is what `merge` checks
     if not config.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work_dir(work)
     return path
+
+
+def check_shard_out(out: str | Path, shard: ShardConfig, encode: EncodeConfig, corpus: Corpus | None = None,
+                    towers_dir: str | Path | None = None) -> Path:
+    """Refuse a shards dir, SHARD dir or work dir a sharded build could damage (``common.outputs``); returns
+    the shard's work dir (one per shard, also under an explicit --work-dir: torchrun gives every rank the same
+    options)."""
+    inputs = {"--towers": towers_dir, "--corpus": corpus if isinstance(corpus, (str, Path)) else None}
+    check_out_dir(out, ("shards",), verb="a sharded index build", inputs=inputs)
+    path = shard_dir(out, shard.shard_id, shard.num_shards)
+    check_out_dir(path, ("shard",), flag="shard dir", verb="a sharded index build")
+    if encode.work_dir:
+        check_work_dir(encode.work_dir, out)
+        return check_work_dir(Path(encode.work_dir) / path.name)
+    return check_work_dir(default_work_dir(path))
 
 
 def read_shard(path: str | Path) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Layout::
       docs/            datasets.save_to_disk: columns id, title, text, metadata (JSON string); memory-mapped
       removed.npy      int64 rows removed by `index remove` (tombstones, never returned by search)
       index.ivfdata    only from `index merge --method ondisk`: the IVF lists, memory-mapped by index.faiss
-      manifest.json    format_version, dim, metric, factory, ntotal, search defaults, fingerprint, ...
+      manifest.json    format_version, dim, metric, factory, ntotal, generation (+1 per change), search
+                       defaults, fingerprint, ...
 """
 from __future__ import annotations
 
@@ -93,6 +94,33 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def recorded_towers_dir(index_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """The TOWERS dir the index was built with (recorded in its manifest), checked to still be there.
+
+    Raises:
+        ValueError: no towers dir recorded. FileNotFoundError: it was moved or deleted; both say to pass
+        ``--towers``.
+    """
+    value = manifest.get("towers_dir")
+    if not value:
+        raise ValueError(f"index '{index_dir}' records no towers dir: pass the TOWERS dir (--towers)")
+    path = Path(value)
+    if not (path / "twotower.json").is_file():
+        state = "no longer exists" if not path.exists() else "holds no twotower.json"
+        raise FileNotFoundError(f"index '{index_dir}' was built with towers dir '{value}', which {state} (moved or "
+                                f"deleted?); pass --towers DIR with those towers (their fingerprint is checked)")
+    return path
+
+
+def next_generation(index_dir: str | Path) -> int:
+    """The ``generation`` for the next version of an INDEX dir: one more than the current version's (1 for a
+    new dir). Every publish (build --overwrite, add, remove) counts up, so a server can tell versions apart."""
+    try:
+        return int(read_manifest(index_dir).get("generation", 1)) + 1
+    except (FileNotFoundError, ValueError, TypeError):
+        return 1
+
+
 def write_manifest(index_dir: str | Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(Path(index_dir) / MANIFEST, manifest)
 
@@ -146,7 +174,7 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
         "n_live": m["ntotal"] - m.get("n_removed", 0), "search_defaults": m["search_defaults"],
         "fingerprint": m.get("fingerprint"), "towers_dir": m.get("towers_dir"), "encoder": m.get("encoder"),
         "corpus": m.get("corpus"), "size_bytes": size, "index_bytes": (path / INDEX_FILE).stat().st_size,
-        "created": m.get("created"), "faiss_version": m.get("faiss_version"),
+        "created": m.get("created"), "faiss_version": m.get("faiss_version"), "generation": m.get("generation", 1),
         "factory_reason": (m.get("build_config") or {}).get("factory_reason"),
     }
 

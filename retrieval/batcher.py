@@ -138,8 +138,11 @@ class MicroBatcher:
         return batch
 
     def _process(self, batch: list[_Job]) -> None:
+        # One retriever for the whole batch: ``serve`` may swap in a new index version meanwhile (see
+        # retrieval.reload); this batch finishes on the one it started with, which stays alive until then.
+        retriever = self.retriever
         try:
-            xq = self.retriever.encode([q for job in batch for q in job.queries])  # (nq, dim): one forward pass
+            xq = retriever.encode([q for job in batch for q in job.queries])  # (nq, dim): one forward pass
             # One faiss search per distinct (k, nprobe): the batch usually shares one.
             groups: dict[tuple[int, int | None], list[int]] = {}
             for j, job in enumerate(batch):
@@ -150,7 +153,7 @@ class MicroBatcher:
             results: list[Any] = [None] * len(batch)
             for (k, nprobe), members in groups.items():
                 rows = [r for j in members for r in range(starts[j], starts[j + 1])]
-                hits = self.retriever.search_vectors(xq[rows], k, nprobe)
+                hits = retriever.search_vectors(xq[rows], k, nprobe)
                 pos = 0
                 for j in members:
                     n = len(batch[j].queries)

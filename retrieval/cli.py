@@ -5,13 +5,14 @@ Heavy imports (torch, faiss, fastapi) stay inside the run functions so ``twotowe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from common.cliargs import add_dataclass_args, dataclass_from_args
+from common.jsonl import BOM, dumps_strict, read_text_lines
+from common.text import is_blank
 from retrieval.config import DEFAULT_MAX_K, SearchConfig, ServeConfig
 
 TEXT_WIDTH = 100  # characters of a hit's first text line shown in the readable listing
@@ -34,8 +35,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="serve an index over HTTP (FastAPI + uvicorn)",
         description="Load the INDEX and its query tower once and answer POST /search {\"queries\": [...], "
-                    "\"k\": 10}, GET /health and GET /info; OpenAPI docs at /docs. Concurrent requests are "
-                    "micro-batched into one encode + search.")
+                    "\"k\": 10}, GET /health and GET /info; API docs at /docs (served offline), the OpenAPI "
+                    "schema at /openapi.json. Concurrent requests are micro-batched into one encode + search. "
+                    "A new version of the INDEX dir (index add/remove/build) is loaded and swapped in between "
+                    "batches, within --reload-interval seconds.")
     p.add_argument("--index", required=True, help="INDEX dir (output of `twotower index build`)")
     add_dataclass_args(p, ServeConfig, skip=("index",))
     p.set_defaults(func=run_serve)
@@ -43,12 +46,17 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def read_queries(path: str, stdin: TextIO | None = None) -> list[str]:
-    """Non-blank lines of ``path`` (``-`` = stdin), stripped of their line ends."""
+    """Non-blank lines of ``path`` (``-`` = stdin), without line ends (LF or CRLF) or a BOM. A line of only
+    invisible characters (zero-width spaces, NUL, ...) is refused naming it, like an empty query."""
     if path == "-":
-        lines: Iterable[str] = stdin or sys.stdin
-        return [line.rstrip("\r\n") for line in lines if line.strip()]
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f if line.strip()]
+        lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(stdin or sys.stdin, 1) if line.strip()]
+        lines = [(n, line[1:] if n == 1 and line.startswith(BOM) else line) for n, line in lines]
+    else:
+        lines = read_text_lines(path, "--queries-file")
+    for n, line in lines:
+        if is_blank(line):
+            raise ValueError(f"{'stdin' if path == '-' else path}: line {n}: the query has no visible character")
+    return [line for _, line in lines]
 
 
 def first_line(text: str, width: int = TEXT_WIDTH) -> str:
@@ -97,7 +105,7 @@ def run_search(args: argparse.Namespace) -> int:
     out = sys.stdout
     for i, (query, hits) in enumerate(zip(queries, results)):
         if config.json:
-            out.write(json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False) + "\n")
+            out.write(dumps_strict({"query": query, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False) + "\n")
         else:
             out.write(("\n" if i else "") + format_hits(query, hits) + "\n")
     out.flush()

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.cliargs import field
+from common.cliargs import check_range, field
 
 DEFAULT_MAX_K = 1000  # the cap on k: beyond it a request is an export, not a search
+MAX_K_CAP = 100_000  # the highest --max-k: faiss allocates nq x k results per search
+MAX_THREADS = 4096  # torch.set_num_threads overflows on absurd values
+MAX_LIMIT = 2**31 - 1  # the other limits: far above any use, below what queues and faiss take
 # nprobe above the IVF list count is clamped by faiss, so no real request needs more; faiss keeps it in a
 # size_t, and a bigger Python int overflows inside faiss (an internal error instead of a 422).
 MAX_NPROBE = 2**31 - 1
@@ -30,6 +33,9 @@ class SearchConfig:
                                    "units), or onnx (fp32 in ONNX Runtime on the CPU; extra .[onnx])",
                            choices=["fp32", "bf16", "fp16", "onnx"])
     batch_size: int = field(64, "queries encoded per forward pass")
+
+    def __post_init__(self) -> None:
+        check_range(self, "batch_size", 1, MAX_LIMIT)  # k and nprobe: retriever.check_k / check_nprobe, same words
 
 
 @dataclass
@@ -55,6 +61,20 @@ class ServeConfig:
                                    "queries of max_query_chars characters, JSON-escaped)")
     access_log: bool = field(False, "log every request (costs throughput)")
     log_level: str = field("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
+    reload_interval: float = field(2.0, "seconds between checks of the INDEX dir for a new version (index add, "
+                                        "remove, build --overwrite), which is then loaded and swapped in between "
+                                        "batches; 0 = serve the version loaded at start")
+
+    def __post_init__(self) -> None:
+        """Every limit checked before the index or the towers load (a typo is one line, not a half-started server)."""
+        check_range(self, "port", 1, 65535)
+        check_range(self, "threads", 0, MAX_THREADS)
+        for name in ("max_batch", "max_queue", "max_queries", "max_query_chars"):
+            check_range(self, name, 1, MAX_LIMIT)
+        check_range(self, "max_k", 1, MAX_K_CAP)
+        check_range(self, "max_body_bytes", 0, MAX_LIMIT)
+        check_range(self, "max_wait_ms", 0, 60_000)
+        check_range(self, "reload_interval", 0, 86_400)
 
     def body_limit(self) -> int:
         """``max_body_bytes``, or when 0 the worst case of a valid request (every char a 12-byte surrogate pair

@@ -6,6 +6,7 @@ doc rows for all hits come from one batched Arrow take (see ``retrieval.doctable
 """
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from common.device import check_device, check_precision, resolve_device
+from common.text import is_blank
 from index.load import load_index
+from index.store import read_manifest, recorded_towers_dir
 from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE
 from retrieval.doctable import DocTable
 from towers.inference import TowerEncoder
@@ -74,8 +77,8 @@ def check_queries(queries: str | Sequence[str]) -> list[str]:
     for i, q in enumerate(queries):
         if not isinstance(q, str):
             raise ValueError(f"query {i} must be a str, got {type(q).__name__}")
-        if not q.strip():
-            raise ValueError(f"query {i} is empty")
+        if is_blank(q):
+            raise ValueError(f"query {i} is empty (no visible character)")
         if not is_encodable(q):
             raise ValueError(f"query {i} is not valid text: it holds a lone UTF-16 surrogate")
     return list(queries)
@@ -153,14 +156,12 @@ class Retriever:
         check_retrieval_precision(precision)  # a bad name fails before the load
         check_device(device)
         tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
+        # Towers first (a moved TOWERS dir is named before anything loads), then the index.
+        towers_dir = Path(towers_dir) if towers_dir is not None else recorded_towers_dir(index_dir,
+                                                                                          read_manifest(index_dir))
+        meta = read_towers_meta(towers_dir)
         # The index picks its own GPU path under "auto" (faiss-gpu, torch exact search, or the CPU index).
         index = load_index(index_dir, device="auto" if device == "auto" else tower_device.split(":")[0])
-        if towers_dir is None:
-            towers_dir = index.towers_dir
-            if towers_dir is None:
-                raise ValueError(f"index '{index_dir}' records no towers dir: pass the TOWERS dir (--towers)")
-        towers_dir = Path(towers_dir)
-        meta = read_towers_meta(towers_dir)
         fingerprint = meta.get("fingerprint")
         if not fingerprint:
             raise ValueError(f"{towers_dir / 'twotower.json'} has no fingerprint: cannot check it matches "
@@ -175,6 +176,15 @@ class Retriever:
             tower = onnx_copy(tower)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size, precision=precision)
+
+    def with_index(self, index: Any) -> Retriever:
+        """This retriever's query encoder (shared, not reloaded) over another version of its INDEX dir: what
+        ``serve`` swaps in when the dir changes. The caller checks the fingerprint."""
+        if int(index.dim) != self.dim:
+            raise ValueError(f"index '{index.path}' has dim {index.dim}, the query tower {self.dim}")
+        new = copy.copy(self)  # no warm-up encode: the shared tokenizer may be in use by the serving thread
+        new.index, new.docs = index, DocTable(index.docs)
+        return new
 
     # ---- properties -------------------------------------------------------------------------------
     @property

@@ -1,14 +1,17 @@
-"""HTTP service: FastAPI app with POST /search, GET /health, GET /info (OpenAPI docs at /docs).
+"""HTTP service: FastAPI app with POST /search, GET /health, GET /info (API docs at /docs, served offline by
+``retrieval.apidocs``; the schema at /openapi.json).
 
 The index and query tower are loaded once (before ``uvicorn`` starts, or in the app's lifespan);
 concurrent requests are merged by ``retrieval.batcher.MicroBatcher`` into one encode + search in a worker
 thread, so the event loop never blocks. Every input limit answers 422 with ``detail`` (FastAPI's list of
 ``{loc, msg, type}``) and ``error`` (one readable line naming the field); an oversized body 413, a body of
-unknown length 411, a full queue 503.
+unknown length 411, a full queue 503. A new version of the INDEX dir is swapped in between batches
+(``retrieval.reload``). Every body is strict JSON (no NaN/Infinity: ``common.jsonl.dumps_strict``).
 """
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,11 +20,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from common.jsonl import dumps_strict
+from common.text import is_blank
+from retrieval.apidocs import render_docs
 from retrieval.batcher import MicroBatcher, Overloaded
 from retrieval.config import MAX_NPROBE, ServeConfig
+from retrieval.reload import IndexWatcher
 from retrieval.retriever import Hit, Retriever, is_encodable
 
 
@@ -59,8 +66,8 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
     if len(req.queries) > config.max_queries:
         return err(("queries",), f"too many queries: {len(req.queries)} > max_queries {config.max_queries}")
     for i, q in enumerate(req.queries):
-        if not q.strip():
-            return err(("queries", i), f"query {i} is empty")
+        if is_blank(q):
+            return err(("queries", i), f"query {i} is empty (no visible character)")
         if not is_encodable(q):
             return err(("queries", i), f"query {i} is not valid text: it holds a lone UTF-16 surrogate")
         if len(q) > config.max_query_chars:
@@ -107,7 +114,7 @@ def _error_response(status: int, detail: list[dict[str, Any]]) -> JSONResponse:
 
 def _hits_json(hits: list[list[Hit]]) -> bytes:
     """One request's results as JSON bytes (runs in the batcher's worker thread)."""
-    return json.dumps([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
+    return dumps_strict([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
 
 
 def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastAPI:
@@ -120,13 +127,20 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
         r.max_k = config.max_k
         batcher = MicroBatcher(r, config.max_batch, config.max_wait_ms, config.max_queue, finish=_hits_json)
         app.state.retriever, app.state.batcher = r, batcher.start()
+        app.state.watcher = IndexWatcher(config, batcher, on_swap=lambda new: setattr(app.state, "retriever", new))
+        task = asyncio.create_task(app.state.watcher.run()) if config.reload_interval > 0 else None
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             batcher.close()
 
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: off; /docs is served by the app itself.
     app = FastAPI(title="twotower", summary="Two-tower dense retrieval: query tower + FAISS index.",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
 
     app.add_middleware(BodyLimit, max_bytes=config.body_limit())
 
@@ -158,14 +172,21 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness: the index is loaded and the batcher runs."""
-        return {"status": "ok", "ntotal": app.state.retriever.ntotal, **app.state.batcher.stats()}
+        """Liveness: the index is loaded and the batcher runs; which index version is served."""
+        r = app.state.retriever
+        return {"status": "ok", "ntotal": r.ntotal, "generation": r.index.manifest.get("generation", 1),
+                "reloads": app.state.watcher.reloads, **app.state.batcher.stats()}
 
     @app.get("/info")
-    async def info() -> dict[str, Any]:
+    async def info() -> Response:
         """Index manifest, towers meta (twotower.json) and the serve limits."""
         limits = {k: v for k, v in asdict(config).items() if k not in ("host", "port")}
-        return {**app.state.retriever.info(), "serve": limits}
+        body = dumps_strict({**app.state.retriever.info(), "serve": limits}, ensure_ascii=False)
+        return Response(body.encode(), media_type="application/json")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        return HTMLResponse(render_docs(app.openapi(), str(request.base_url).rstrip("/")))
 
     return app
 

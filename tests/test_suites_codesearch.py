@@ -205,7 +205,7 @@ def test_build_suite_end_to_end(wheels: list[Path], tmp_path: Path) -> None:
 def test_build_suite_refuses_unrelated_folder(wheels: list[Path], tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a suite built by"):
+    with pytest.raises(FileExistsError, match="did not make \\(not a suite built by `twotower data build`\\)"):
         build_suite("codesearch-py", tmp_path / "mine", sources=wheels, options=OPTIONS)
     with pytest.raises(ValueError, match="unknown suite 'code': choose codesearch-py, nq"):
         build_suite("code", tmp_path / "x")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.atomic import apply_umask
 from common.cache import cache_dir
 
 BASE_NAMES = ("minilm", "smollm2", "gemma3")
@@ -52,6 +53,7 @@ def _gguf_to_hf(gguf_path: Path, out: Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        apply_umask(tmp)  # a shared cache: readable by the other users the umask allows, not 0700 from mkdtemp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

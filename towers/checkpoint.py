@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_dir, write_bytes_atomic
 from common.hashing import file_sha256
+from common.jsonl import dumps_strict
 
 if TYPE_CHECKING:
     from towers.loss import Temperature
@@ -50,7 +51,7 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
     with atomic_dir(dest) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
         torch.save(trainer, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True) + "\n")
+        (tmp / "state.json").write_text(dumps_strict({"step": step, **state}, indent=2, sort_keys=True) + "\n")
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": files}, indent=2, sort_keys=True) + "\n")
     return dest
@@ -219,7 +220,7 @@ class TrainLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(dumps_strict(record) + "\n")  # a diverged loss is null, not NaN
 
 
 def publish_towers(model: TwoTower, out: Path) -> None:

@@ -42,9 +42,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     config = dataclass_from_args(TrainConfig, args)
+    from towers.train import LOG_NAME, check_train_out, train
+
+    check_train_out(config)  # before any process, model or data loads
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(config)
-    from towers.train import LOG_NAME, train
 
     model = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -66,9 +68,15 @@ def torchrun_command(config: TrainConfig) -> list[str]:
 def launch_torchrun(config: TrainConfig) -> int:
     """Run ``config`` under torchrun on this machine (``--standalone``: a free local rendezvous port); its exit
     status. Inputs are checked here first so a bad file is one clean error, not N tracebacks."""
+    import torch
+
     from towers.checkpoint import RUN_FILES
     from towers.data import load_pairs
 
+    slots = max(os.cpu_count() or 1, torch.cuda.device_count())
+    if config.nproc > slots:
+        raise ValueError(f"--nproc {config.nproc} is more processes than this machine has CPUs or GPUs ({slots}); "
+                         f"use --nproc <= {slots}, or torchrun across machines (docs/scale-out.md)")
     cols = (config.query_column, config.positive_column, config.negatives_column)
     for path in (config.pairs, config.dev):
         if path:

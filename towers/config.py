@@ -14,6 +14,7 @@ from common.cliargs import check_required, field
 from common.device import check_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+MAX_TOKENS = 131_072  # the longest context of any base twotower knows; beyond it a length is a typo
 BACKEND_CHOICES = ("auto", "gloo", "nccl")  # towers.distributed.BACKENDS (not imported: keeps --help free of torch)
 
 
@@ -105,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
+        for name in ("query_max_length", "result_max_length"):
+            if getattr(self, name) > MAX_TOKENS:
+                raise ValueError(f"--{name.replace('_', '-')} must be <= {MAX_TOKENS} tokens, got {getattr(self, name)}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend '{self.backend}': choose {', '.join(BACKEND_CHOICES)}")
         if not self.dist_timeout > 0:

@@ -5,28 +5,32 @@ or a ``datasets`` hub name (only when the argument is not a local path). Every r
 training starts; errors name the file, the row (JSONL: the line) and the column, because a bad row found
 an hour into training is a wasted hour.
 
-JSONL is parsed line by line here rather than by ``datasets``' JSON builder: its errors do not say which
-line is broken, and it chokes on blank lines and mixed types. CSV cells are read as text (CSV has no types),
-with pandas' "NA"/"null" guessing turned off so a query that reads "null" stays a query.
+JSONL and CSV are parsed line by line here (``common.jsonl``, the one text reader: a BOM and CRLF line ends
+from spreadsheet tools are dropped) rather than by ``datasets``' builders: their errors do not say which line
+is broken, and they choke on blank lines and mixed types. CSV cells are read as text (CSV has no types), so a
+query that reads "null" or "NA" stays a query. A bare name that is not a file must look like a hub dataset id
+(``owner/name``), else it fails at once instead of after the hub client's retries.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.jsonl import iter_csv_rows, iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.text import is_blank
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 DEFAULT_NEGATIVES = "negatives"
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells dataset ids
 
 
 def load_pairs(
@@ -72,10 +76,20 @@ def load_pairs(
         else:
             raise ValueError(f"pairs file '{source}' has unsupported extension '{suffix}': choose "
                              f"{', '.join(SUFFIXES)}")
+    elif not HUB_NAME.fullmatch(source):  # fail now, not after the hub client's retries (~30 s offline)
+        raise FileNotFoundError(f"no such file '{source}'; a hub dataset needs owner/name (e.g. "
+                                f"sentence-transformers/natural-questions)")
     else:
         ds = _select(_load_hub(source, split), wanted, source)
     _validate(ds, source, wanted)
     return ds
+
+
+def count_overlap(pairs: datasets.Dataset, dev: datasets.Dataset) -> int:
+    """Rows of ``dev`` whose (query, positive) pair is also in ``pairs``: dev recall over them measures
+    memorisation, not retrieval of unseen queries."""
+    seen = set(zip(pairs["query"], pairs["positive"]))
+    return sum((q, p) in seen for q, p in zip(dev["query"], dev["positive"]))
 
 
 def pairs_fingerprint(ds: datasets.Dataset) -> str:
@@ -127,31 +141,33 @@ def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
 
 
 def _load_csv(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
-    try:
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            header, first = next(reader, None), next(reader, None)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a block)") from None
+    """A CSV file with a header row, read through ``common.jsonl.iter_csv_rows`` like every text file (BOM and
+    CRLF dropped, bad bytes named by line); every cell is text (CSV has no types, so "null" stays "null")."""
+    rows = iter_csv_rows(path)
+    _, header = next(rows, (0, []))
     if not header:
         raise ValueError(f"{path}: zero rows (empty CSV file, not even a header)")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}: the header names a column twice: {', '.join(header)}")
     _check_columns(header, wanted, str(path))
-    if first is not None and len(first) != len(header):  # pandas would silently take extra fields as an index
-        raise ValueError(f"{path}: row 1 has {len(first)} fields but the header has {len(header)}")
     if wanted["negatives"] in header:
         raise ValueError(f"{path}: column '{wanted['negatives']}' cannot hold a list of negatives in CSV; "
                          "use a JSONL or Parquet file for hard negatives")
+    columns: dict[str, list[str]] = {c: [] for c in header}
+    n = 0
+    for line, fields in rows:
+        if not fields:
+            continue  # a blank line
+        n += 1
+        if len(fields) != len(header):
+            raise ValueError(f"{path}: row {n} has {len(fields)} fields but the header has {len(header)} "
+                             f"(line {line})")
+        for name, value in zip(header, fields):
+            columns[name].append(value)
+    if n == 0:
+        raise ValueError(f"{path}: zero rows (only a header)")
     features = datasets.Features({c: datasets.Value("string") for c in header})
-    try:
-        ds = datasets.load_dataset("csv", data_files=str(path), split="train", features=features,
-                                   keep_default_na=False)
-    except ValueError as exc:  # header only: datasets says 'Instruction "train" corresponds to no data'
-        if "corresponds to no data" in str(exc):
-            raise ValueError(f"{path}: zero rows (only a header)") from None
-        raise ValueError(f"{path}: cannot read CSV: {exc}") from exc
-    except datasets.exceptions.DatasetGenerationError as exc:  # bad bytes, unbalanced quotes, ragged rows
-        raise ValueError(f"{path}: cannot read CSV: {str(exc.__cause__ or exc).strip()}") from exc
-    return _select(ds, wanted, str(path))
+    return _select(datasets.Dataset.from_dict(columns, features=features), wanted, str(path))
 
 
 def _load_builder(builder: str, path: Path) -> datasets.Dataset:
@@ -206,12 +222,12 @@ def _check_row(row: dict[str, Any], where: str, wanted: dict[str, str]) -> None:
         if not isinstance(value, str):
             raise ValueError(f"{where}: column '{wanted[name]}' must be a string, got "
                              f"{type(value).__name__} {value!r:.60}")
-        if not value.strip():
-            raise ValueError(f"{where}: column '{wanted[name]}' is empty")
+        if is_blank(value):
+            raise ValueError(f"{where}: column '{wanted[name]}' is empty (no visible character)")
         _check_encodable(value, where, wanted[name])
     if "negatives" in row:
         negs = row["negatives"]
-        if not isinstance(negs, list) or not all(isinstance(n, str) and n.strip() for n in negs):
+        if not isinstance(negs, list) or not all(isinstance(n, str) and not is_blank(n) for n in negs):
             raise ValueError(f"{where}: column '{wanted['negatives']}' must be a list of non-empty strings, "
                              f"got {negs!r:.80}")
         for n in negs:

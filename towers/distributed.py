@@ -26,10 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from common.cliargs import USER_ERRORS
+
 BACKENDS = ("auto", "gloo", "nccl")
 T = TypeVar("T")
 # Errors re-raised on every rank with their own type (the CLI prints these as one clean line).
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+_USER_ERRORS = USER_ERRORS
 
 
 @dataclass(frozen=True)

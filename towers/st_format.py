@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.jsonl import dumps_strict
+
 # sentence-transformers Pooling config key for each of our pooling modes.
 ST_POOLING_KEYS = {
     "mean": "pooling_mode_mean_tokens",
@@ -37,7 +39,7 @@ class STConfig:
 
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    path.write_text(dumps_strict(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_st_files(path: Path, hidden: int, pooling: str, max_length: int, normalize: bool,

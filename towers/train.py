@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Collection
@@ -27,11 +28,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from common.device import autocast_dtype, resolve_device
 from common.metrics import recall_at_k
+from common.outputs import check_out_dir
 from towers import checkpoint as ckpt
 from towers.bases import resolve_base
 from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, prepare_out, publish_towers
 from towers.config import TrainConfig
-from towers.data import load_pairs, pairs_fingerprint
+from towers.data import count_overlap, load_pairs, pairs_fingerprint
 from towers.distributed import (
     DistEnv,
     all_gather_object,
@@ -232,6 +234,25 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
                          "--out:\n  " + "\n  ".join(problems))
 
 
+def check_train_out(config: TrainConfig) -> None:
+    """Refuse an ``--out`` that is not (or not yet) a TOWERS dir or training run of ours (``common.outputs``)."""
+    check_out_dir(config.out, ("towers", "run"), verb="train",
+                  inputs={"--pairs": config.pairs, "--dev": config.dev, "--base": config.base})
+
+
+def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
+    """One warning line when ``--dev`` is ``--pairs`` or shares (query, positive) rows with it."""
+    if Path(config.dev).exists() and Path(config.pairs).exists() and \
+            Path(config.dev).resolve() == Path(config.pairs).resolve():
+        print(f"twotower train: warning: --dev is the same file as --pairs ({config.dev}); dev recall@10 will "
+              f"measure memorisation, not unseen queries", file=sys.stderr)
+        return
+    n = count_overlap(pairs, dev)
+    if n:
+        print(f"twotower train: warning: {n} of {len(dev)} --dev pairs are also in --pairs (same query and "
+              f"positive); dev recall@10 will be optimistic", file=sys.stderr)
+
+
 def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
     resolve_base(config.base)
@@ -287,6 +308,7 @@ def train(config: TrainConfig) -> TwoTower:
         The trained model (also saved, with this config in ``twotower.json``), on every rank.
     """
     check_launch(config.nproc)
+    check_train_out(config)
     device = resolve_device(config.device)
     env = init_distributed(config.backend, device, config.dist_timeout)
     try:
@@ -300,6 +322,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
     dev = load_pairs(config.dev, *cols) if config.dev else None
+    if dev is not None and env.is_main:
+        warn_dev_overlap(config, pairs, dev)
     queries, positives = list(pairs["query"]), list(pairs["positive"])
     negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
     fingerprint = pairs_fingerprint(pairs)

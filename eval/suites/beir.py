@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Any
 
 from common.atomic import atomic_dir
 from common.hashing import file_sha256
-from common.jsonl import iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.jsonl import dumps_strict, iter_utf8_lines, lone_surrogate_at, parse_json_line
+from common.text import id_problem, is_blank
 from index.corpus import doc_text, iter_docs
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
@@ -122,12 +122,21 @@ def str_field(obj: Mapping[str, Any], key: str, where: str, *, required: bool = 
     value = obj[key]
     if not isinstance(value, str):
         raise ValueError(f"{where}: field '{key}' must be a string, got {type(value).__name__} {value!r:.60}")
-    if not empty_ok and not value.strip():
-        raise ValueError(f"{where}: field '{key}' is empty")
+    if not empty_ok and is_blank(value):
+        raise ValueError(f"{where}: field '{key}' is empty (no visible character)")
     at = lone_surrogate_at(value)
     if at is not None:
         raise ValueError(f"{where}: field '{key}' is not valid text: lone UTF-16 surrogate {value[at]!r} at "
                          f"character {at}")
+    return value
+
+
+def check_id(value: str, where: str) -> str:
+    """``value`` when it can be an id (``common.text.id_problem``: no tab or newline, which qrels TSV lines
+    could not hold), else a ValueError naming ``where``."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValueError(f"{where}: field '_id' {value!r} {problem}")
     return value
 
 
@@ -188,7 +197,7 @@ def load_beir(path: str | Path, split: str = "test") -> Suite:
     seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(queries_path):
         where = f"{queries_path}:{lineno}"
-        qid, text = str_field(obj, "_id", where), str_field(obj, "text", where)
+        qid, text = check_id(str_field(obj, "_id", where), where), str_field(obj, "text", where)
         if qid in seen:
             raise ValueError(f"{where}: duplicate query id '{qid}' (first on line {seen[qid]})")
         seen[qid] = lineno
@@ -212,7 +221,7 @@ def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
     n = 0
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(dumps_strict(row, ensure_ascii=False) + "\n")
             n += 1
     return n
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from common.atomic import atomic_dir
 from common.cache import cache_dir
+from common.jsonl import dumps_strict
+from common.outputs import check_out_dir
 from eval.suites.beir import Suite, file_sha256, iter_jsonl, read_qrels, write_beir_files, write_jsonl
 
 # suite name -> module with ``fetch(download_dir) -> list[Path]``, ``build(paths, seed=..., **options)``
@@ -123,12 +125,11 @@ def build_suite(
         "sources": [Path(p).name for p in sources] if sources is not None else module.pins(),
     }
     params = json.loads(json.dumps(params))  # tuples -> lists, as they read back from checksums.json
+    check_out_dir(out, ("suite",), verb="data build")  # only a suite of ours (or nothing) is ever replaced
     existing = read_checksums(out) if out.is_dir() else None
     if existing is not None and existing.get("params") == params and all((out / f).is_file() for f in FILES):
         print(f"{name}: up to date in {out} (same build params); nothing to do", file=sys.stderr)
         return out
-    if existing is None and out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not a suite built by `twotower data build`; choose a new --out")
     t0 = time.perf_counter()
     small = max_queries is not None or max_corpus is not None
     full_dir = cache_dir() / "suites" / ".full" / name
@@ -153,7 +154,7 @@ def build_suite(
             "stats": built.stats, "python": platform.python_version(),
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
-        (tmp / "checksums.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "checksums.json").write_text(dumps_strict(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"{name}: built in {record['build_seconds']} s -> {out}: {counts}", file=sys.stderr)
     return out
 

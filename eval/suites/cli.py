@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from common.cliargs import add_dataclass_args, dataclass_from_args, field
+from common.jsonl import dumps_strict
+from common.outputs import check_out_dir
 
 SUITE_NAMES = ("codesearch-py", "nq")  # kept in sync with eval.suites.build.SUITES (checked in tests)
 
@@ -22,6 +24,12 @@ class DataBuildConfig:
     max_queries: int | None = field(None, "keep at most this many test queries (small CPU runs)")
     max_corpus: int | None = field(None, "keep at most this many test docs: all relevant ones + random distractors")
     seed: int = field(0, "seed of the test subsample and of the dev sample")
+
+    def __post_init__(self) -> None:
+        for name in ("max_queries", "max_corpus"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
+                                 f"{getattr(self, name)}")
 
 
 def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -62,6 +70,7 @@ def run_data_build(args: argparse.Namespace) -> int:
     config = dataclass_from_args(DataBuildConfig, args)
     if not config.out:
         raise ValueError("--out is required: the folder to build the suite into")
+    check_out_dir(config.out, ("suite",), verb="data build")  # before any download
     out = build_suite(args.name, config.out, config.max_queries, config.max_corpus, seed=config.seed)
     print(out)
     return 0
@@ -86,7 +95,7 @@ def run_data_info(args: argparse.Namespace) -> int:
         record = verify_suite(root)
         info.update(files_verified=len(record["files"]), build=record["params"], stats=record.get("stats", {}))
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+        print(dumps_strict(info, indent=2, sort_keys=True))
     else:
         if "build" in info:  # one line per key: name the pinned sources by count, not 33 file names
             info["build"] = {**info["build"], "sources": f"{len(info['build']['sources'])} pinned files"}
