@@ -7,12 +7,19 @@ bad request a client can send (k/nprobe out of range or of the wrong type, empty
 queries, lone surrogates, extra fields, malformed or non-UTF-8 or over-deep JSON, a body over the limit, a
 chunked body, wrong path/method). Each kind has the status it must get.
 
+With ``--mutate-every SECONDS`` the index changes under the running server: every SECONDS a real
+``twotower index add`` (5 new docs) or ``twotower index remove`` (the docs of the previous add) runs against
+the served INDEX dir, and the server swaps each new version in between batches (``retrieval.reload``).
+
 Checks (exit status 1 if any fails): no 5xx, every request got its kind's status, no connection errors or
 timeouts, the server is alive and answers /health at the end, and its RSS grew < --max-rss-growth between
-the end of the first thousand requests and the end of the last thousand. Prints a summary and one JSON line.
+the end of the first thousand requests and the end of the last thousand; with --mutate-every also: every
+add/remove succeeded and the server ends up serving the index's last generation. Prints a summary and one
+JSON line.
 
     python scripts/soak_serve.py                      # MiniLM towers, 2000 docs, 10k requests, 16 clients
     python scripts/soak_serve.py --base tiny --requests 2000
+    python scripts/soak_serve.py --mutate-every 5     # the same, with an add or a remove every 5 s
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -229,6 +238,50 @@ async def soak(port: int, pid: int, requests: list[tuple[Kind, bytes]], concurre
             "rss_mb": [(n, round(b / 2**20, 1) if b else None) for n, b in rss], "failures": failures}
 
 
+# ---- the index changing under the server -------------------------------------------------------------------
+class Mutator(threading.Thread):
+    """Every ``every`` seconds a real ``twotower index add`` (5 new docs) or ``index remove`` (those docs again)
+    of the served INDEX dir, as a separate process, as an operator would run it."""
+
+    def __init__(self, index: Path, root: Path, every: float) -> None:
+        super().__init__(name="soak-mutator", daemon=True)
+        self.index, self.root, self.every = index, root, every
+        self.stop = threading.Event()
+        self.ops: list[dict[str, Any]] = []
+
+    def run(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+        i = 0
+        while not self.stop.wait(self.every):
+            ids = [f"soak-{i // 2}-{j}" for j in range(5)]
+            cli = [sys.executable, "-m", "twotower_cli", "index"]
+            if i % 2 == 0:
+                batch = self.root / f"add-{i // 2}.jsonl"
+                batch.write_text("".join(json.dumps({"_id": d, "text": f"soak doc {d} about sorting files"}) + "\n"
+                                         for d in ids))
+                cmd = [*cli, "add", str(self.index), "--corpus", str(batch), "--device", "cpu", "--no-progress",
+                       "--wait", "120"]
+            else:
+                cmd = [*cli, "remove", str(self.index), "--ids", *ids, "--wait", "120"]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            self.ops.append({"op": cmd[4], "rc": done.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                             "stderr": done.stderr[-300:] if done.returncode else ""})
+            i += 1
+
+
+async def wait_for_generation(port: int, generation: int, timeout_s: float = 60.0) -> int | None:
+    """The generation /health reports once it reaches ``generation`` (or the last one seen after the timeout)."""
+    seen, deadline = None, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, body = await Connection(port).request(get("/health"))
+        seen = json.loads(body).get("generation") if status == 200 else None
+        if seen == generation:
+            break
+        await asyncio.sleep(0.5)
+    return seen
+
+
 # ---- setup -------------------------------------------------------------------------------------------------
 def tiny_base(root: Path) -> Path:
     """A random 2-layer, 32-wide BERT with the MiniLM tokenizer (no download): fast to serve."""
@@ -279,6 +332,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="keep towers/index here (default: a temp dir, deleted)")
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
+    ap.add_argument("--mutate-every", type=float, default=0.0,
+                    help="seconds between `twotower index add` / `index remove` runs on the served index (0 = none)")
     args = ap.parse_args()
 
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="soak-serve-"))
@@ -293,7 +348,22 @@ def main() -> int:
         proc, url = start_server(index, towers, server_args)
         port = int(url.rsplit(":", 1)[1])
         requests = plan(args.requests, queries, args.seed)
+        mutator = Mutator(index, root, args.mutate_every) if args.mutate_every > 0 else None
+        if mutator is not None:
+            mutator.start()
         result = asyncio.run(soak(port, proc.pid, requests, args.concurrency, args.timeout, args.max_seconds))
+        if mutator is not None:
+            mutator.stop.set()
+            mutator.join()
+            from index.store import read_manifest
+
+            final = int(read_manifest(index).get("generation", 1))
+            served = asyncio.run(wait_for_generation(port, final)) if proc.poll() is None else None
+            result["mutations"] = {"ops": len(mutator.ops), "adds": sum(o["op"] == "add" for o in mutator.ops),
+                                   "removes": sum(o["op"] == "remove" for o in mutator.ops),
+                                   "failed": [o for o in mutator.ops if o["rc"]], "final_generation": final,
+                                   "served_generation": served,
+                                   "op_seconds": [o["seconds"] for o in mutator.ops]}
         alive = proc.poll() is None
         health = asyncio.run(Connection(port).request(get("/health")))[0] if alive else None
     finally:
@@ -315,6 +385,16 @@ def main() -> int:
         "server alive, /health 200": alive and health == 200,
         f"RSS growth < {args.max_rss_growth:.0%}": growth is not None and growth < args.max_rss_growth,
     }
+    mutations = result.get("mutations")
+    if mutations is not None:
+        checks["every index add/remove succeeded"] = mutations["ops"] > 0 and not mutations["failed"]
+        checks["server serves the last generation"] = mutations["served_generation"] == mutations["final_generation"]
+        print(f"index changes under the server: {mutations['adds']} adds, {mutations['removes']} removes "
+              f"(each {min(mutations['op_seconds'], default=0)}-{max(mutations['op_seconds'], default=0)} s), "
+              f"{len(mutations['failed'])} failed; last generation {mutations['final_generation']}, served "
+              f"{mutations['served_generation']}")
+        for failed in mutations["failed"][:5]:
+            print(f"FAIL {failed['op']}: rc {failed['rc']}: {failed['stderr']}")
     valid = sum(v for k, c in result["by_kind"].items() for s, v in c.items() if s == "200" and k != "health")
     print(f"\n{result['answered']} requests ({valid} valid searches) from {args.concurrency} clients in "
           f"{result['seconds']} s: {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
@@ -331,6 +411,7 @@ def main() -> int:
     record = {"bench": "soak_serve", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "python": platform.python_version(), "base": args.base, "docs": args.docs, "factory": args.factory,
               "requests": args.requests, "concurrency": args.concurrency, "rss_growth": growth,
+              "mutate_every": args.mutate_every,
               "checks": checks, **{k: v for k, v in result.items() if k != "failures"},
               "n_failures": len(result["failures"]), "loadavg_1min": round(os.getloadavg()[0], 2),
               "command": " ".join(sys.argv)}

@@ -135,7 +135,7 @@ def test_invisible_text_is_refused_in_every_file(tiny, tmp_path, capsys):
         {"query": "\u200b\u200b", "positive": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"p\.jsonl: line 2: column 'query' is empty \(no visible character\)"):
         load_pairs(pairs)
-    with pytest.raises(ValueError, match=r"row 1: the doc is empty: 'title' and 'text' hold no visible character"):
+    with pytest.raises(ValueError, match=r"row 1: document 'b' has empty 'title' and 'text' \(no visible character\)"):
         list(iter_docs([{"_id": "a", "text": "fine"}, {"_id": "b", "title": "\ufeff", "text": "\x00"}]))
     queries = tmp_path / "q.txt"
     queries.write_text("fine\n\u200b\n")
