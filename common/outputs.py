@@ -99,14 +99,15 @@ def _is_run(p: Path) -> bool:
                                                             (c / "COMPLETE.json").is_file()) for c in ckpts.iterdir()):
         return True
     log = p / "train_log.jsonl"
-    if log.is_file():
-        with open(log, "rb") as fh:
-            first = fh.readline()
-        try:
-            return isinstance(json.loads(first), dict) and "step" in json.loads(first)
-        except ValueError:
-            return False
-    return False
+    if not log.is_file():
+        return False
+    with open(log, "rb") as fh:
+        first = fh.readline()
+    try:
+        record = json.loads(first)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8: not our log
+        return False
+    return isinstance(record, dict) and "step" in record
 
 
 def is_empty_dir(path: Path) -> bool:

@@ -272,12 +272,13 @@ def test_values_wrong_on_their_face_are_refused_before_anything_loads(verb, flag
 
 def test_os_errors_are_one_line_naming_the_path(inputs, tripwires, tmp_path, capsys):
     """Errors of the machine rather than of a value: a name too long for the filesystem, a path through a
-    file, a lock file that cannot be created."""
+    file, a lock file that cannot be created (sysfs takes no new files, not even from root)."""
     work = tmp_path / "w"
     fresh(inputs, work)
     cases = [
         (work / ("x" * 300), "File name too long"),
         (inputs["file"] / "sub" / "idx", "Not a directory"),
+        (Path("/sys/twotower-test-index"), "'/sys/.twotower-test-index.lock'"),
     ]
     for out, message in cases:
         argv = ["index", "merge", "--shards", str(inputs["shards"]), "--out", str(out), "--no-progress"]
