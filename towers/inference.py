@@ -34,22 +34,24 @@ class TowerEncoder:
             (:func:`common.device.autocast_dtype`).
         max_length: token cap per text (default: the tower's own).
         fingerprint: the vector space this encoder produces (default: the tower's weights hash).
+        prompt: prepended to every text (default: the tower's own; a shared tower's result side passes its own).
     """
 
     def __init__(self, tower: Tower, device: str = "auto", precision: str = "auto", max_length: int | None = None,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, prompt: str | None = None) -> None:
         self.device = resolve_device(device)
         self.tower = tower.to(self.device).eval()
         self.precision = precision
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.max_length = max_length
+        self.prompt = prompt
         self.dim = int(tower.dim)
         self._fingerprint = fingerprint
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         """texts -> float32 (n, dim), input order kept."""
         return self.tower.encode(list(texts), batch_size, show_progress=show_progress, amp_dtype=self.amp_dtype,
-                                 max_length=self.max_length)
+                                 max_length=self.max_length, prompt=self.prompt)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -59,15 +61,15 @@ class TowerEncoder:
 
 def tower_encoder(two_tower: TwoTower, side: str = "result", device: str = "auto",
                   precision: str = "auto") -> TowerEncoder:
-    """The query or result side of ``two_tower`` as an encoder; both report the pair's fingerprint (the
-    result tower's weights), which is what an index records."""
+    """The query or result side of ``two_tower`` as an encoder, with that side's max length and prompt; both
+    report the pair's fingerprint (the result tower's weights), which is what an index records."""
     if side not in SIDES:
         raise ValueError(f"unknown tower side '{side}': choose {', '.join(SIDES)}")
     if side == "result":
         return TowerEncoder(two_tower.result_tower, device, precision, two_tower.result_max_length,
-                            two_tower.fingerprint())
+                            two_tower.fingerprint(), two_tower.result_prompt)
     return TowerEncoder(two_tower.query_tower, device, precision, two_tower.query_tower.max_length,
-                        two_tower.fingerprint())
+                        two_tower.fingerprint(), two_tower.query_prompt)
 
 
 def result_encoder(two_tower: TwoTower, device: str = "auto", precision: str = "auto") -> TowerEncoder:

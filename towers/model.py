@@ -21,14 +21,21 @@ from transformers import AutoModel, AutoTokenizer
 from common.atomic import atomic_dir
 from common.encoder import encode_batched, length_groups
 from towers.bases import resolve_base
+from towers.llm import append_eos, appends_eos, default_pooling, left_padded, position_ids
+from towers.lora import plain_encoder
 from towers.pooling import check_pooling, pool
-from towers.st_format import read_st_files, write_json, write_st_files
+from towers.st_format import ST_SIDE_NAMES, read_st_files, write_json, write_router_files, write_st_files
 
 TOWERS_FORMAT_VERSION = 1
 
 
 class Tower(nn.Module):
-    """One encoder tower. ``forward(input_ids, attention_mask) -> (B, dim)``."""
+    """One encoder tower. ``forward(input_ids, attention_mask) -> (B, dim)``.
+
+    ``prompt`` (an instruction such as ``"Instruct: Given a docstring, retrieve the Python function\nQuery: "``)
+    is prepended to every text the tower tokenises, in training and at inference, the way
+    sentence-transformers applies a prompt: it counts into ``max_length`` and truncation cuts the text's end.
+    """
 
     def __init__(
         self,
@@ -38,6 +45,7 @@ class Tower(nn.Module):
         max_length: int = 256,
         proj_dim: int | None = None,
         normalize: bool = True,
+        prompt: str = "",
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -45,6 +53,7 @@ class Tower(nn.Module):
         self.pooling = check_pooling(pooling)
         self.max_length = max_length
         self.normalize = normalize
+        self.prompt = prompt
         hidden = encoder.config.hidden_size
         self.proj = nn.Linear(hidden, proj_dim) if proj_dim else None
         self.dim = proj_dim or hidden
@@ -55,31 +64,47 @@ class Tower(nn.Module):
     @classmethod
     def from_base(
         cls, base: str | Path, pooling: str = "mean", max_length: int = 256, proj_dim: int | None = None,
-        normalize: bool = True,
+        normalize: bool = True, prompt: str = "", eos: bool = False,
     ) -> Tower:
-        """A fresh tower on a base model dir (see ``towers.bases.resolve_base``)."""
+        """A fresh tower on a base model dir (see ``towers.bases.resolve_base``).
+
+        Args:
+            eos: make the tokenizer end every input with its EOS token (``towers.llm.append_eos``; a no-op for
+                tokenizers without one).
+        """
         check_pooling(pooling)
         encoder = AutoModel.from_pretrained(base, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base)
-        return cls(encoder, tokenizer, pooling, max_length, proj_dim, normalize)
+        if eos:
+            append_eos(tokenizer)
+        return cls(encoder, tokenizer, pooling, max_length, proj_dim, normalize, prompt)
 
     @property
     def device(self) -> torch.device:
         param = next(self.parameters(), None)  # an ONNX copy without projection has no torch parameters
         return param.device if param is not None else torch.device("cpu")
 
-    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Padded model inputs (input_ids, attention_mask: (B, T)); ``max_length`` defaults to the tower's."""
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length or self.max_length, return_tensors="pt"
-        )
+    def with_prompt(self, texts: Sequence[str], prompt: str | None = None) -> list[str]:
+        """``texts`` with the tower's prompt (or ``prompt``, e.g. a shared tower's result prompt) in front."""
+        prompt = self.prompt if prompt is None else prompt
+        return [prompt + t for t in texts] if prompt else list(texts)
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None,
+                 prompt: str | None = None) -> dict[str, torch.Tensor]:
+        """Padded model inputs (input_ids, attention_mask: (B, T)) of the prompted texts; ``max_length`` and
+        ``prompt`` default to the tower's; padding is on the tokenizer's side."""
+        batch = self.tokenizer(self.with_prompt(texts, prompt), padding=True, truncation=True,
+                               max_length=max_length or self.max_length, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) - or their input embeddings (B, T, H) - and mask (B, T) -> (B, dim)."""
+        extra = {}
+        if left_padded(attention_mask):  # positions from each text's first real token (see towers.llm)
+            extra["position_ids"] = position_ids(attention_mask)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              inputs_embeds=inputs_embeds).last_hidden_state  # (B, T, H)
+                              inputs_embeds=inputs_embeds, **extra).last_hidden_state  # (B, T, H)
         # Pooling, projection and the L2 norm run in float32 whatever the encoder's precision (autocast or a
         # half-precision cast_copy): a bf16 norm is unit only to ~4e-3, and inner-product scores need unit.
         with torch.autocast(hidden.device.type, enabled=False):
@@ -124,7 +149,7 @@ class Tower(nn.Module):
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False,
-        amp_dtype: torch.dtype | None = None, max_length: int | None = None,
+        amp_dtype: torch.dtype | None = None, max_length: int | None = None, prompt: str | None = None,
     ) -> np.ndarray:
         """Encoder protocol: texts -> float32 (n, dim), input order kept.
 
@@ -133,12 +158,14 @@ class Tower(nn.Module):
 
         Args:
             amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for full precision.
-            max_length: token cap per text (default: the tower's ``max_length``).
+            max_length: token cap per text, prompt included (default: the tower's ``max_length``).
+            prompt: prepended to every text (default: the tower's ``prompt``).
         """
         was_training = self.training
         self.eval()
         device = self.device
-        ids = self.tokenizer(list(texts), truncation=True, max_length=max_length or self.max_length)["input_ids"]
+        ids = self.tokenizer(self.with_prompt(texts, prompt), truncation=True,
+                             max_length=max_length or self.max_length)["input_ids"]
         pad_id = self.tokenizer.pad_token_id
 
         def run(batch: list[list[int]]) -> np.ndarray:
@@ -158,15 +185,26 @@ class Tower(nn.Module):
             self.train(was_training)
 
     # ---- persistence: plain HF dir + sentence-transformers module files -----------------------------
-    def save(self, path: str | Path, max_length: int | None = None) -> None:
-        """Write this tower as an HF model dir loadable by AutoModel and SentenceTransformer (``max_length``
-        overrides the recorded token cap: a shared tower is saved once per side)."""
+    def save(self, path: str | Path, max_length: int | None = None, side: str = "query",
+             prompts: dict[str, str] | None = None) -> None:
+        """Write this tower as an HF model dir loadable by AutoModel and SentenceTransformer.
+
+        A shared tower is saved once per side, so the side's settings can override the tower's own:
+
+        Args:
+            max_length: the token cap recorded (default: the tower's).
+            side: ``query`` or ``result``: whose prompt is this tower's default in sentence-transformers.
+            prompts: the pair's prompts by side (default: this tower's own prompt for ``side``); all are
+                exported as sentence-transformers prompts (``query``, ``document``).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(path, safe_serialization=True)
+        prompts = prompts if prompts is not None else {side: self.prompt}
+        plain_encoder(self.encoder).save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         write_st_files(path, self.encoder.config.hidden_size, self.pooling, max_length or self.max_length,
-                       self.normalize, self.proj)
+                       self.normalize, self.proj, {ST_SIDE_NAMES[k]: v for k, v in prompts.items()},
+                       ST_SIDE_NAMES[side])
 
     @classmethod
     def load(cls, path: str | Path) -> Tower:
@@ -176,7 +214,7 @@ class Tower(nn.Module):
         encoder = AutoModel.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
         proj_dim = st.proj["weight"].shape[0] if st.proj is not None else None
-        tower = cls(encoder, tokenizer, st.pooling, st.max_length, proj_dim, normalize=st.normalize)
+        tower = cls(encoder, tokenizer, st.pooling, st.max_length, proj_dim, normalize=st.normalize, prompt=st.prompt)
         if st.proj is not None:
             tower.proj.load_state_dict(st.proj)
         return tower
@@ -194,15 +232,20 @@ class Tower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """A query tower and a result tower; ``shared=True`` makes them one module (tied weights)."""
+    """A query tower and a result tower; ``shared=True`` makes them one module (tied weights).
+
+    Each side has its own prompt: the tower's, except that a shared tower's result side takes
+    ``result_prompt`` (one module, two prompts).
+    """
 
     def __init__(self, query_tower: Tower, result_tower: Tower | None = None, base: str = "",
-                 train_config: dict[str, Any] | None = None) -> None:
+                 train_config: dict[str, Any] | None = None, result_prompt: str | None = None) -> None:
         super().__init__()
         self.query_tower = query_tower
         self.result_tower = result_tower if result_tower is not None else query_tower
         self.base = base
         self.train_config = train_config or {}
+        self._result_prompt = result_prompt
 
     @property
     def shared(self) -> bool:
@@ -210,33 +253,53 @@ class TwoTower(nn.Module):
 
     @classmethod
     def from_base(cls, base: str, shared: bool = False, pooling: str | None = None, query_max_length: int = 64,
-                  result_max_length: int = 256, proj_dim: int | None = None, normalize: bool = True) -> TwoTower:
+                  result_max_length: int = 256, proj_dim: int | None = None, normalize: bool = True,
+                  query_prompt: str = "", result_prompt: str = "", eos: bool | None = None) -> TwoTower:
         """Two towers on one base (``minilm``, ``smollm2``, ``gemma3`` or a local HF dir).
 
-        ``pooling=None`` picks ``last`` for decoder LLM bases and ``mean`` otherwise.
+        Args:
+            pooling: None picks ``last`` for decoder LLM bases and ``mean`` otherwise.
+            query_prompt, result_prompt: prepended to every query / result text (instructions, e5-style).
+            eos: end every input with the tokenizer's EOS token; None = on with ``last`` pooling (the pooled
+                token is then the EOS, which has read the whole text).
         """
         path = resolve_base(base)
         if pooling is None:
-            pooling = _default_pooling(path)
-        query = Tower.from_base(path, pooling, query_max_length, proj_dim, normalize)
+            pooling = default_pooling(path)
+        eos = pooling == "last" if eos is None else eos
+        query = Tower.from_base(path, pooling, query_max_length, proj_dim, normalize, query_prompt, eos)
         result = None
         if not shared:
-            result = Tower.from_base(path, pooling, result_max_length, proj_dim, normalize)
+            result = Tower.from_base(path, pooling, result_max_length, proj_dim, normalize, result_prompt, eos)
             if proj_dim:  # both towers start from the same projection, like they start from the same encoder
                 result.proj.load_state_dict(query.proj.state_dict())
-        return cls(query, result, base=str(base))
+        return cls(query, result, base=str(base), result_prompt=result_prompt)
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64, **kw: Any) -> np.ndarray:
         return self.query_tower.encode(texts, batch_size, **kw)
 
     def encode_results(self, texts: Sequence[str], batch_size: int = 64, **kw: Any) -> np.ndarray:
-        # A shared tower is the query tower: results get their own (longer) max length.
+        # A shared tower is the query tower: results get their own (longer) max length and prompt.
         kw.setdefault("max_length", self.result_max_length)
+        kw.setdefault("prompt", self.result_prompt)
         return self.result_tower.encode(texts, batch_size, **kw)
 
     @property
     def result_max_length(self) -> int:
         return self.train_config.get("result_max_length", self.result_tower.max_length)
+
+    @property
+    def query_prompt(self) -> str:
+        return self.query_tower.prompt
+
+    @property
+    def result_prompt(self) -> str:
+        return self._result_prompt if self._result_prompt is not None else self.result_tower.prompt
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """Prompt per side: ``{"query": ..., "result": ...}``."""
+        return {"query": self.query_prompt, "result": self.result_prompt}
 
     def fingerprint(self) -> str:
         return self.result_tower.fingerprint()
@@ -252,15 +315,23 @@ class TwoTower(nn.Module):
             "result_max_length": self.result_max_length,
             "dim": self.result_tower.dim,
             "metric": "ip" if self.result_tower.normalize else "ip_unnormalized",
+            "query_prompt": self.query_prompt,
+            "result_prompt": self.result_prompt,
+            "append_eos": appends_eos(self.result_tower.tokenizer),
             "train_config": self.train_config,
             "fingerprint": self.fingerprint(),
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the TOWERS dir (query_tower/, result_tower/, twotower.json) atomically: temp dir + rename."""
+        """Write the TOWERS dir (query_tower/, result_tower/, twotower.json, and the sentence-transformers
+        Router files that make the dir one ``SentenceTransformer``) atomically: temp dir + rename."""
         with atomic_dir(path) as tmp:
-            self.query_tower.save(tmp / "query_tower")
-            self.result_tower.save(tmp / "result_tower", max_length=self.result_max_length)
+            self.query_tower.save(tmp / "query_tower", side="query", prompts=self.prompts)
+            self.result_tower.save(tmp / "result_tower", max_length=self.result_max_length, side="result",
+                                   prompts=self.prompts)
+            write_router_files(tmp, {ST_SIDE_NAMES["query"]: tmp / "query_tower",
+                                     ST_SIDE_NAMES["result"]: tmp / "result_tower"},
+                               {ST_SIDE_NAMES[k]: v for k, v in self.prompts.items()}, self.result_tower.normalize)
             write_json(tmp / "twotower.json", self.metadata())
 
     @classmethod
@@ -277,7 +348,8 @@ class TwoTower(nn.Module):
         result = None if meta.get("shared") else Tower.load(path / "result_tower")
         train_config = dict(meta.get("train_config") or {})
         train_config.setdefault("result_max_length", meta.get("result_max_length", query.max_length))
-        model = cls(query, result, base=meta.get("base", ""), train_config=train_config)
+        model = cls(query, result, base=meta.get("base", ""), train_config=train_config,
+                    result_prompt=meta.get("result_prompt") if meta.get("shared") else None)
         expected = meta.get("fingerprint")
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{path}: result tower weights do not match the fingerprint in twotower.json "
@@ -291,9 +363,3 @@ def read_towers_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.exists():
         raise FileNotFoundError(f"towers dir '{path}' has no twotower.json (expected the output of `twotower train`)")
     return json.loads(meta_path.read_text())
-
-
-def _default_pooling(model_dir: Path) -> str:
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return "last" if config.get("is_decoder") or any("CausalLM" in a for a in config.get("architectures") or []) \
-        or config.get("model_type") in ("llama", "gpt2", "gemma3_text", "gemma3", "qwen2", "mistral") else "mean"

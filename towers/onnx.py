@@ -105,7 +105,7 @@ def onnx_copy(tower: Any, path: str | Path | None = None, threads: int | None = 
         path = Path(tempfile.mkdtemp(prefix="twotower-onnx-")) / "encoder.onnx"
     model_path = export_encoder(tower, path)
     clone = Tower(OnnxEncoder(model_path, tower.encoder.config, threads), tower.tokenizer, tower.pooling,
-                  tower.max_length, normalize=tower.normalize)
+                  tower.max_length, normalize=tower.normalize, prompt=tower.prompt)
     if tower.proj is not None:
         clone.proj = copy.deepcopy(tower.proj).float().cpu()
         clone.dim = tower.dim

@@ -18,8 +18,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     ``last`` takes the last non-pad token and works with left or right padding.
     """
     if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        m = mask.bool().unsqueeze(-1)  # where(), not a product: a decoder's left-pad states may be non-finite
+        return torch.where(m, hidden, 0).sum(1) / m.sum(1).to(hidden.dtype).clamp(min=1e-9)
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "last":

@@ -31,7 +31,7 @@ from common.metrics import recall_at_k
 from common.outputs import check_out_dir
 from towers import checkpoint as ckpt
 from towers.bases import resolve_base
-from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, prepare_out, publish_towers
+from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, dry_save, prepare_out, publish_towers
 from towers.config import TrainConfig
 from towers.data import count_overlap, load_pairs, pairs_fingerprint
 from towers.distributed import (
@@ -47,6 +47,7 @@ from towers.distributed import (
     wrap_ddp,
 )
 from towers.gradcache import Features, cached_backward
+from towers.lora import apply_lora, merge_lora
 from towers.loss import Temperature, contrastive_loss
 from towers.model import Tower, TwoTower
 from towers.pooling import check_pooling
@@ -83,14 +84,16 @@ def collate(rows: np.ndarray, queries: list[str], positives: list[str], negative
     return Batch(qs, ps, negs)
 
 
-def _features(tower: Tower, texts: list[str], max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in tower.tokenize(texts, max_length).items()}
+def _features(tower: Tower, texts: list[str], max_length: int, device: torch.device,
+              prompt: str | None = None) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tower.tokenize(texts, max_length, prompt).items()}
 
 
 def features(model: TwoTower, batch: Batch, device: torch.device) -> tuple[Features, Features]:
-    """Token ids of the queries (B, T_q) and of the results, positives then hard negatives (B + M, T_r)."""
+    """Token ids of the prompted queries (B, T_q) and results, positives then hard negatives (B + M, T_r)."""
     return (_features(model.query_tower, batch.queries, model.query_tower.max_length, device),
-            _features(model.result_tower, batch.positives + batch.negatives, model.result_max_length, device))
+            _features(model.result_tower, batch.positives + batch.negatives, model.result_max_length, device,
+                      model.result_prompt))
 
 
 class TowerForward(nn.Module):
@@ -343,8 +346,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
 
     _seed_all(config.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
     model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
-                               config.result_max_length, config.proj_dim)
+                               config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
+                               result_prompt=config.result_prompt, eos=config.append_eos)
     model.train_config = config.to_dict()  # also tells a shared tower its result max length
+    if config.lora_r:
+        apply_lora(model, config.lora_r, config.lora_alpha or 2.0 * config.lora_r, config.lora_targets)
+    run_collectively(lambda: dry_save(model, out, config.base), main_only=True)  # unsaveable: fail before step 1
     temp = Temperature(config.temperature, config.learn_temperature)
     model.to(device).train()
     temp.to(device)
@@ -440,6 +447,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         save_checkpoint()  # a --resume of a finished run then has nothing left to redo
     model.train_config = {**config.to_dict(), "steps": step, "final_temperature": float(temp().detach()),
                           "data_fingerprint": fingerprint, "dev_recall@10": recall, "world_size": env.world_size}
+    merge_lora(model)  # the TOWERS dir and the returned model hold plain (merged) weights
     model.eval()
     run_collectively(lambda: publish_towers(model, out), main_only=True)
     return model
