@@ -66,7 +66,7 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     device = str(resolve_device(c.device))
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
     built = build_systems(specs, device, c.query_max_length, c.doc_max_length,
-                          None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size)
+                          None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size, c.llm_precision)
     full = load_beir(c.suite)
     suite = full.subsample(max_queries, max_corpus, seed) if (max_queries or max_corpus) else full
     docs, queries, relevant = suite.doc_texts(), suite.query_texts, suite.relevant_rows()
@@ -121,7 +121,7 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
                   "max_queries": max_queries, "max_corpus": max_corpus, "seed": seed},
         "systems": rows,
         "bench": {"k_max": k_max, "batch_size": batch_size, "llm_batch_size": c.llm_batch_size,
-                  "query_max_length": c.query_max_length, "doc_max_length": c.doc_max_length, "prompt": c.prompt,
+                  "query_max_length": c.query_max_length, "doc_max_length": c.doc_max_length, "prompt": c.prompt, "llm_precision": c.llm_precision,
                   "n_random": c.n_random, "seed": seed, "systems": [dataclasses.asdict(s) for s in specs],
                   "search": "faiss IndexFlatIP (exact inner product on L2-normalised vectors)"},
         "environment": environment(device),

@@ -7,6 +7,8 @@ import dataclasses
 from common.cliargs import check_required, field
 from common.device import check_device
 
+LLM_PRECISIONS = ("auto", "fp32", "bf16")
+
 
 @dataclasses.dataclass
 class BenchConfig:
@@ -26,6 +28,9 @@ class BenchConfig:
     query_max_length: int = field(64, "query tokens for minilm and raw-llm (trained towers keep their own)")
     doc_max_length: int = field(256, "doc tokens for minilm and raw-llm (raw-llm's prompt comes on top)")
     prompt: str = field("promptEOL", "raw-llm prompt: promptEOL, none, or a template with {text}")
+    llm_precision: str = field("auto", "precision of the decoder-LLM encoders (raw-llm, and towers on an LLM base): "
+                                       "auto (bf16 where the CPU has AVX512-BF16/AMX or on a GPU, else fp32), "
+                                       "fp32, bf16", choices=LLM_PRECISIONS)
     n_random: int = field(10, "random docs per query for the similarity plot")
     seed: int = field(0, "seed for the query/corpus subsample and the random docs")
 
@@ -39,9 +44,16 @@ class BenchConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
                                  f"{getattr(self, name)}")
+        if self.llm_precision not in LLM_PRECISIONS:
+            raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
 
 
 SUITE_NAMES = ("codesearch-py", "nq")
+# e5-mistral-style instructions of the demo's SmolLM2 towers, one per suite (the towers keep them in twotower.json).
+LLM_QUERY_PROMPTS = {
+    "codesearch-py": "Instruct: Given a docstring, retrieve the Python function\nQuery: ",
+    "nq": "Instruct: Given a question, retrieve Wikipedia passages that answer it\nQuery: ",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +70,20 @@ class Profile:
     query_max_length: int  # for the towers and every baseline
     doc_max_length: int  # for the towers and every baseline
     eval_every: int
+    # SmolLM2 (decoder LLM) towers: fine-tuned on the same pairs; 0 steps = no such row
+    llm_max_steps: int = 0
+    llm_lr: float = 1e-4
+    llm_batch_size: int = 32
+    llm_query_max_length: int = 48  # the instruction prompt (~15 tokens) comes out of this budget
 
 
 PROFILES: dict[str, Profile] = {
     "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
-                         temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0),
+                         temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
+                         llm_max_steps=60, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
-                    temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500),
+                    temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,
+                    llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80),
 }
 
 
@@ -72,20 +91,28 @@ PROFILES: dict[str, Profile] = {
 class DemoConfig:
     """Options of ``twotower demo`` (the CLI is generated from these fields)."""
 
-    suite: str = field("codesearch-py", "suite to build and benchmark", choices=list(SUITE_NAMES))
+    suite: str = field("codesearch-py", "suite to build and benchmark; all = every suite, plus one combined "
+                                        "report that says what the results answer", choices=[*SUITE_NAMES, "all"])
     profile: str = field("cpu-small", "cpu-small (fits 20 min on 2 CPU cores) or full (whole suite, for a GPU)",
                          choices=list(PROFILES))
     workdir: str = field("runs/demo", "where the suite, towers, index and report go (one subdir per suite+profile)")
     device: str = field("auto", "auto | cpu | cuda | cuda:N")
     max_steps: int | None = field(None, "override the profile's training steps")
     raw_llm: str = field("smollm2", "the raw decoder LLM baseline: smollm2, gemma3 or a causal-LM dir")
+    llm_towers: bool = field(True, "also fine-tune the raw LLM as two towers on the same pairs (the "
+                                   "towers-smollm2 row): the same model before and after contrastive training")
+    llm_max_steps: int | None = field(None, "override the profile's LLM towers training steps")
+    llm_precision: str = field("auto", "decoder-LLM encoding and training precision: auto (bf16 where the "
+                                       "hardware has it), fp32, bf16", choices=LLM_PRECISIONS)
 
     def __post_init__(self) -> None:
         check_device(self.device)
         if not self.workdir:
             raise ValueError("--workdir is required (the dir that holds every demo run)")
-        if self.suite not in SUITE_NAMES:
-            raise ValueError(f"unknown suite '{self.suite}': choose {', '.join(SUITE_NAMES)}")
+        if self.suite not in (*SUITE_NAMES, "all"):
+            raise ValueError(f"unknown suite '{self.suite}': choose {', '.join(SUITE_NAMES)} or all")
+        if self.llm_precision not in LLM_PRECISIONS:
+            raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile '{self.profile}': choose {', '.join(PROFILES)}")
         if self.max_steps is not None and self.max_steps < 0:

@@ -1,11 +1,17 @@
-"""The main job: build a suite, train towers from MiniLM, index the corpus, benchmark against the baselines.
+"""The main job: build a suite, train towers from MiniLM and from the raw LLM (SmolLM2), index the corpus,
+benchmark against the baselines, and say what the results answer.
+
+Per suite: MiniLM towers (``towers-minilm``) and SmolLM2 fine-tuned as two towers on the same pairs
+(``towers-smollm2``: EOS + last-token pooling, an e5-style query instruction, bf16 where the hardware has it),
+next to the raw SmolLM2 rows, the untrained MiniLM and BM25. ``--suite all`` runs every suite and writes one
+combined report whose section "What this answers" (``eval.answers``) reads the gains off the tables.
 
 Every step is cached so a rerun is quick: the suite build is skipped when built alike, training when the
 TOWERS dir is complete with the same settings (an interrupted run resumes from its last checkpoint), the
 index when it matches the towers' fingerprint, and the raw LLM's embeddings come from the on-disk cache.
 
-Profiles: ``cpu-small`` fits 20 minutes on 2 CPU cores (SmolLM2 encodes ~2-3 docs/s there, which sizes
-the corpus); ``full`` runs the whole suite (meant for a GPU).
+Profiles: ``cpu-small`` fits 20 minutes on 2 quiet CPU cores (docs/bench.md has the measured budget); ``full``
+runs the whole suite (meant for a GPU).
 """
 from __future__ import annotations
 
@@ -16,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_bytes_atomic
-from common.device import resolve_device
+from common.atomic import atomic_dir, write_bytes_atomic
+from common.device import llm_autocast_dtype, precision_of, resolve_device
 from common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
+from eval.answers import render as render_answers
 from eval.bench import run_bench
-from eval.config import PROFILES, BenchConfig, DemoConfig
+from eval.config import LLM_QUERY_PROMPTS, PROFILES, SUITE_NAMES, BenchConfig, DemoConfig, Profile
 from eval.report import format_table
 from eval.suites.build import build_suite
 from index.build import build_index
@@ -74,8 +81,57 @@ def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, dev
     return "built"
 
 
+def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: Path, device: str) -> TrainConfig:
+    """SmolLM2 towers on the suite's train pairs: same pairs, temperature and doc length as the MiniLM towers;
+    the LLM's own steps, lr and query budget (its instruction prompt comes out of it); bf16 where native."""
+    amp = precision_of(llm_autocast_dtype(config.llm_precision, device)).replace("fp32", "none")  # --amp's names
+    return TrainConfig(
+        pairs=str(suite_dir / "train.jsonl"), out=str(out), base=config.raw_llm,
+        max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,
+        batch_size=prof.llm_batch_size, lr=prof.llm_lr, temperature=prof.temperature,
+        query_max_length=prof.llm_query_max_length, result_max_length=prof.doc_max_length,
+        query_prompt=LLM_QUERY_PROMPTS[config.suite], eval_every=0, checkpoint_every=20, amp=amp, device=device,
+        seed=42)
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Suite -> towers -> index -> bench -> report; prints the table. Returns the bench results."""
+    """Every suite of ``config`` (``all`` = each in turn), then the combined report with "What this answers".
+
+    Returns:
+        ``{suite: bench results}``.
+    """
+    suites = SUITE_NAMES if config.suite == "all" else (config.suite,)
+    per_suite = {s: run_suite(dataclasses.replace(config, suite=s)) for s in suites}
+    out = Path(config.workdir) / f"report-{config.suite}-{config.profile}"
+    write_combined_report(per_suite, out)
+    print(f"\ncombined report: {out / 'report.md'}")
+    return per_suite
+
+
+def write_combined_report(per_suite: dict[str, dict[str, Any]], out: Path) -> Path:
+    """report.md (per suite: the table, cosine separation, step timings; then "What this answers") and
+    results.json (every suite's results), written atomically."""
+    lines = ["# twotower demo: towers vs the raw LLM, per suite", ""]
+    for suite, res in per_suite.items():
+        demo = res.get("extra", {}).get("demo", {})
+        s = res["suite"]
+        lines += [f"## {suite} ({demo.get('profile', '?')}: {s['queries']} queries, {s['corpus']} docs)", "",
+                  format_table(res), "", "| system | cos relevant | cos random | AUC |", "|---|---:|---:|---:|"]
+        for name, row in res["systems"].items():
+            if "similarity" in row:
+                sim = row["similarity"]
+                lines.append(f"| {name} | {sim['relevant_mean']:.3f} | {sim['random_mean']:.3f} | {sim['auc']:.3f} |")
+        steps = demo.get("steps", {})
+        lines += ["", "Steps: " + ", ".join(f"{k} {v['seconds']} s ({v['status']})" for k, v in steps.items()), ""]
+    lines.append(render_answers(per_suite))
+    with atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text("\n".join(lines))
+        (tmp / "results.json").write_text(json.dumps(per_suite, indent=2, default=str) + "\n")
+    return out
+
+
+def run_suite(config: DemoConfig) -> dict[str, Any]:
+    """Suite -> towers (MiniLM, SmolLM2) -> index -> bench -> report; prints the table. Returns the results."""
     prof = PROFILES[config.profile]
     device = str(resolve_device(config.device))
     work = Path(config.workdir) / f"{config.suite}-{config.profile}"
@@ -103,12 +159,21 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         query_max_length=prof.query_max_length, result_max_length=prof.doc_max_length,
         eval_every=prof.eval_every, checkpoint_every=100, device=device, seed=42)
     step("train", _train_towers, train_cfg, towers_dir)
+    llm_name = Path(config.raw_llm).name
+    # Raw and fine-tuned LLM first, then MiniLM untrained and trained: the similarity plot pairs them up.
+    systems = [f"raw-llm={config.raw_llm}"]
+    llm_dir = work / f"towers-{llm_name}"
+    if config.llm_towers and (config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps):
+        step(f"train-{llm_name}", _train_towers, _llm_train_config(config, prof, Path(suite_dir), llm_dir, device),
+             llm_dir)
+        systems.append(f"towers:towers-{llm_name}={llm_dir}")
     step("index", _build_index, towers_dir, Path(suite_dir) / "corpus.jsonl", work / "index", 64, device)
-    systems = f"towers={towers_dir},raw-llm={config.raw_llm},minilm,bm25"
+    systems += ["minilm", f"towers:towers-minilm={towers_dir}", "bm25"]
     extra = {"demo": {"suite": config.suite, "profile": config.profile, "profile_settings": dataclasses.asdict(prof),
                       "steps": steps, "towers": str(towers_dir), "index": str(work / "index")}}
-    bench = BenchConfig(suite=str(suite_dir), systems=systems, out=str(work / "report"), k_max=100, batch_size=64,
-                        device=device, query_max_length=prof.query_max_length, doc_max_length=prof.doc_max_length)
+    bench = BenchConfig(suite=str(suite_dir), systems=",".join(systems), out=str(work / "report"), k_max=100,
+                        batch_size=64, device=device, query_max_length=prof.query_max_length,
+                        doc_max_length=prof.doc_max_length, llm_precision=config.llm_precision)
     results = step("bench", run_bench, bench, extra=extra)
     total = round(time.perf_counter() - t_all, 1)
     print(f"\n{format_table(results)}\n")

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.atomic import write_bytes_atomic
 from common.cache import cache_dir
-from common.device import autocast_dtype, resolve_device
+from common.device import llm_autocast_dtype, resolve_device
 from common.hashing import file_sha256
 from common.jsonl import dumps_strict
 from towers.bases import resolve_base
@@ -131,12 +131,14 @@ class RawLLMEncoder:
         max_length: tokens kept of each text; the prompt and special tokens are added on top.
         batch_size: texts per forward pass.
         cache: keep embeddings on disk under ``common.cache.cache_dir()/emb/``.
-        device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; fp32 on CPU, bf16 (fp16 without
-            bf16) on GPU.
+        device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``: bf16 on a GPU (fp16 without bf16) and on a CPU with native bf16, else fp32;
+            ``fp32``; ``bf16`` (see ``common.device.llm_autocast_dtype``).
     """
 
     def __init__(self, model_dir_or_name: str = "smollm2", pooling: str = "last", prompt: str | None = "promptEOL",
-                 max_length: int = 256, batch_size: int = 16, cache: bool = True, device: str = "auto") -> None:
+                 max_length: int = 256, batch_size: int = 16, cache: bool = True, device: str = "auto",
+                 precision: str = "auto") -> None:
         (self.pooling,) = check_llm_poolings([pooling])
         self.name = str(model_dir_or_name)
         self.model_dir = resolve_base(self.name)
@@ -148,8 +150,8 @@ class RawLLMEncoder:
         self.batch_size = batch_size
         self.use_cache = cache
         self.device = resolve_device(device)
-        # Weights in the policy's half precision on a GPU (bf16, or fp16 where the GPU has no bf16), float32 on CPU.
-        self.dtype = autocast_dtype("auto", self.device) or torch.float32
+        # Weights in half precision where the hardware computes it natively (a GPU; a CPU with AVX512-BF16/AMX).
+        self.dtype = llm_autocast_dtype(precision, self.device) or torch.float32
         self._model: Any = None
         self._tokenizer: Any = None
         self._fingerprint: str | None = None

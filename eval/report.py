@@ -19,6 +19,7 @@ import torch
 
 from common.atomic import atomic_dir
 from common.jsonl import dumps_strict
+from eval.answers import comparisons
 
 METRIC_COLUMNS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "mrr@10", "ndcg@10", "map@100")
 PACKAGES = ("twotower", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "datasets", "numpy",
@@ -155,14 +156,26 @@ def plot_recall(results: Mapping[str, Any]) -> bytes:
     return _png(fig)
 
 
+def similarity_panels(results: Mapping[str, Any], names: list[str]) -> tuple[list[str], dict[str, str], int]:
+    """Panel order, per-panel tag and column count of the similarity plot: each before/after pair of
+    ``eval.answers.comparisons`` (raw SmolLM2 | fine-tuned SmolLM2, MiniLM | MiniLM towers) side by side on its
+    own row, then the other rows; without such pairs, the bench order in rows of three."""
+    pairs = comparisons(results)
+    pairs = [pairs[key] for key in ("b", "a") if pairs[key][0] in names and pairs[key][1] in names]  # LLM first
+    if not pairs:
+        return names, {}, min(3, max(len(names), 1))
+    order = [n for pair in pairs for n in pair]
+    tags = {n: tag for pair in pairs for n, tag in zip(pair, ("before", "after"))}
+    return order + [n for n in names if n not in order], tags, 2
+
+
 def plot_similarity(results: Mapping[str, Any], similarity: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(similarity)
-    ncols = min(3, max(len(names), 1))
+    names, tags, ncols = similarity_panels(results, list(similarity))
     nrows = max(1, -(-len(names) // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), dpi=110, squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -172,7 +185,8 @@ def plot_similarity(results: Mapping[str, Any], similarity: Mapping[str, Mapping
         ax.hist(sim["random"], bins=bins, density=True, alpha=0.55, label="random doc", color="tab:gray")
         ax.hist(sim["relevant"], bins=bins, density=True, alpha=0.55, label="relevant doc", color="tab:green")
         auc = results["systems"][name].get("similarity", {}).get("auc", float("nan"))
-        ax.set_title(f"{name}\nAUC {auc:.3f}", fontsize=9)
+        tag = f" ({tags[name]} training)" if name in tags else ""
+        ax.set_title(f"{name}{tag}\nAUC {auc:.3f}", fontsize=9)
         ax.set_xlabel("cos(query, doc)", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(names):]:

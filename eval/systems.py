@@ -23,8 +23,10 @@ import numpy as np
 
 from eval.bm25 import BM25Retriever
 from eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
+from common.device import llm_autocast_dtype, precision_of
 from towers.bases import resolve_base
 from towers.inference import TowerEncoder, tower_encoder
+from towers.llm import is_decoder_config
 from towers.model import Tower, TwoTower, read_towers_meta
 
 SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25")
@@ -87,15 +89,18 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
 
 
 class TowersSystem:
-    """Trained towers: query tower encodes queries, result tower encodes docs."""
+    """Trained towers: query tower encodes queries, result tower encodes docs (each with its prompt). Towers on
+    a decoder-LLM base encode in ``llm_precision`` (bf16 where native), others in the device's default."""
 
     dense = True
 
-    def __init__(self, spec: SystemSpec, device: str = "cpu") -> None:
+    def __init__(self, spec: SystemSpec, device: str = "cpu", llm_precision: str = "auto") -> None:
         self.label = spec.label
         self.path = Path(spec.value or "")
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
+        self.llm_precision = llm_precision
+        self.precision = "auto"
         self._model: Any = None
 
     @property
@@ -105,7 +110,9 @@ class TowersSystem:
     def _encoder(self, side: str) -> TowerEncoder:
         if self._model is None:
             self._model = TwoTower.load(self.path)
-        return tower_encoder(self._model, side, self.device)
+            if is_decoder_config(self._model.result_tower.encoder.config.to_dict()):
+                self.precision = precision_of(llm_autocast_dtype(self.llm_precision, self.device))
+        return tower_encoder(self._model, side, self.device, self.precision)
 
     def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
         return {self.label: self._encoder("query").encode(texts, batch_size, show_progress)}
@@ -119,7 +126,8 @@ class TowersSystem:
                              "pooling": m.get("pooling"), "shared": m.get("shared"), "dim": m.get("dim"),
                              "query_max_length": m.get("query_max_length"),
                              "result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
-                             "train_config": m.get("train_config")}}
+                             "query_prompt": m.get("query_prompt"), "result_prompt": m.get("result_prompt"),
+                             "precision": self.precision, "train_config": m.get("train_config")}}
 
 
 class MiniLMSystem:
@@ -162,12 +170,13 @@ class RawLLMSystem:
     dense = True
 
     def __init__(self, spec: SystemSpec, device: str = "cpu", query_max_length: int = 64, doc_max_length: int = 256,
-                 prompt: str | None = "promptEOL", llm_batch_size: int = 16) -> None:
+                 prompt: str | None = "promptEOL", llm_batch_size: int = 16, precision: str = "auto") -> None:
         self.label = spec.label
         self.poolings = spec.poolings or LLM_POOLINGS
         self.query_max_length = query_max_length
         self.encoder = RawLLMEncoder(spec.value or "smollm2", pooling=self.poolings[0], prompt=prompt,
-                                     max_length=doc_max_length, batch_size=llm_batch_size, device=device)
+                                     max_length=doc_max_length, batch_size=llm_batch_size, device=device,
+                                     precision=precision)
 
     @property
     def rows(self) -> list[str]:
@@ -213,16 +222,19 @@ System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System
 
 
 def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
-                  doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16) -> list[System]:
-    """Instantiate parsed specs (cheap: models load on first encode)."""
+                  doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16,
+                  llm_precision: str = "auto") -> list[System]:
+    """Instantiate parsed specs (cheap: models load on first encode). ``llm_precision`` applies to the decoder
+    LLMs (raw-llm, and towers on an LLM base)."""
     systems: list[System] = []
     for spec in specs:
         if spec.kind == "towers":
-            systems.append(TowersSystem(spec, device))
+            systems.append(TowersSystem(spec, device, llm_precision))
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":
-            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, llm_batch_size))
+            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, llm_batch_size,
+                                        llm_precision))
         elif spec.kind == "bm25":
             systems.append(BM25System(spec))
         else:

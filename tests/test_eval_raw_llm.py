@@ -32,7 +32,9 @@ def _manual(model_dir, enc: RawLLMEncoder, text: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_poolings_match_single_text_forward(tiny_llama_dir, cache_env, side: str) -> None:
-    enc = RawLLMEncoder(str(tiny_llama_dir), prompt="promptEOL", max_length=64, batch_size=8, cache=False)
+    # float32 (auto is bf16 on CPUs with native bf16): the reference forward below is float32
+    enc = RawLLMEncoder(str(tiny_llama_dir), prompt="promptEOL", max_length=64, batch_size=8, cache=False,
+                        precision="fp32")
     enc._load_model()
     enc._tokenizer.padding_side = side
     got = enc.encode_all_poolings(TEXTS)
