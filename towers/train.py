@@ -180,16 +180,18 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
     optimizer.zero_grad(set_to_none=True)
 
 
-def dev_recall(model: TwoTower, queries: list[str], positives: list[str], k: int = 10, batch_size: int = 64) -> float:
+def dev_recall(model: TwoTower, queries: list[str], positives: list[str], k: int = 10, batch_size: int = 64,
+               amp_dtype: torch.dtype | None = None) -> float:
     """Recall@k of exact search over the dev positives (a text shared by several rows is one doc, relevant
-    to each of them; a query text repeated with different positives has all of them relevant)."""
+    to each of them; a query text repeated with different positives has all of them relevant), encoded with
+    the training's autocast dtype (an LLM's float32 evaluation would cost more than its bf16 training)."""
     doc_of: dict[str, int] = {}
     relevant_of: dict[str, dict[int, float]] = {}
     for q, p in zip(queries, positives):
         relevant_of.setdefault(q, {})[doc_of.setdefault(p, len(doc_of))] = 1.0
     uq = list(relevant_of)
-    xq = model.encode_queries(uq, batch_size)  # (nq, d)
-    xb = model.encode_results(list(doc_of), batch_size)  # (nb, d)
+    xq = model.encode_queries(uq, batch_size, amp_dtype=amp_dtype)  # (nq, d)
+    xb = model.encode_results(list(doc_of), batch_size, amp_dtype=amp_dtype)  # (nb, d)
     k = min(k, len(xb))
     I = np.concatenate([_top_k(xq[i:i + 1024] @ xb.T, k) for i in range(0, len(xq), 1024)])  # (nq, k)
     return recall_at_k(I, [relevant_of[q] for q in uq], k)
@@ -405,7 +407,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         assert dev is not None, "evaluate() needs a dev set"
 
         def measure() -> float:
-            value = dev_recall(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size)
+            value = dev_recall(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size, amp_dtype)
             log.write({"step": step, "dev_recall@10": value})
             tqdm.write(f"step {step}: dev recall@10 = {value:.4f}")
             return value
