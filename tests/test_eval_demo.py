@@ -44,3 +44,17 @@ def test_dev_subset_and_profiles(tmp_path) -> None:
     assert _dev_subset(dev, None, tmp_path / "unused.jsonl") == dev
     small = PROFILES["cpu-small"]
     assert small.max_queries and small.max_corpus and small.doc_max_length <= PROFILES["full"].doc_max_length
+
+
+def test_llm_towers_config_uses_the_same_pairs_with_the_llm_settings(tmp_path, monkeypatch) -> None:
+    from eval.config import LLM_QUERY_PROMPTS, DemoConfig
+    from eval.demo import _llm_train_config
+
+    prof = PROFILES["cpu-small"]
+    for precision, amp in (("fp32", "none"), ("bf16", "bf16")):
+        cfg = _llm_train_config(DemoConfig(llm_precision=precision), prof, tmp_path / "suite", tmp_path / "out", "cpu")
+        assert (cfg.base, cfg.amp, cfg.max_steps, cfg.lr) == ("smollm2", amp, prof.llm_max_steps, prof.llm_lr)
+        assert cfg.pairs == str(tmp_path / "suite" / "train.jsonl") and cfg.result_max_length == prof.doc_max_length
+        assert cfg.query_prompt == LLM_QUERY_PROMPTS["codesearch-py"] and cfg.query_prompt.endswith("\nQuery: ")
+    steps = _llm_train_config(DemoConfig(suite="nq", llm_max_steps=7), prof, tmp_path, tmp_path, "cpu")
+    assert steps.max_steps == 7 and "question" in steps.query_prompt
