@@ -116,7 +116,8 @@ def test_ir_evaluator_ndcg_equals_twotower_bench(pairs_file, tiny_llama_lm_dir, 
     qrels = {f"q{i}": {f"d{i}": 1, f"d{(i + 3) % len(WORDS)}": 1} for i in range(len(WORDS))}
     suite = load_beir(write_beir(tmp_path / "mini", corpus, queries, qrels))
     results = run_bench(BenchConfig(suite=str(suite.path), systems=f"towers={out}", out=str(tmp_path / "report"),
-                                    device="cpu", k_max=10), show_progress=False)
+                                    device="cpu", k_max=10, llm_precision="fp32"), show_progress=False)
+    assert results["systems"]["towers"]["config"]["precision"] == "fp32"  # as sentence-transformers encodes
     ours = results["systems"]["towers"]["metrics"]["ndcg@10"]
     evaluator = InformationRetrievalEvaluator(
         queries=dict(zip(suite.query_ids, suite.query_texts)), corpus=dict(zip(suite.corpus_ids, suite.doc_texts())),
