@@ -26,7 +26,7 @@ from eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
 from common.device import llm_autocast_dtype, precision_of
 from towers.bases import resolve_base
 from towers.inference import TowerEncoder, tower_encoder
-from towers.llm import is_decoder_config
+from towers.llm import is_decoder_dir
 from towers.model import Tower, TwoTower, read_towers_meta
 
 SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25")
@@ -99,8 +99,8 @@ class TowersSystem:
         self.path = Path(spec.value or "")
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
-        self.llm_precision = llm_precision
-        self.precision = "auto"
+        decoder = is_decoder_dir(self.path / "result_tower")
+        self.precision = precision_of(llm_autocast_dtype(llm_precision, device)) if decoder else "auto"
         self._model: Any = None
 
     @property
@@ -110,8 +110,6 @@ class TowersSystem:
     def _encoder(self, side: str) -> TowerEncoder:
         if self._model is None:
             self._model = TwoTower.load(self.path)
-            if is_decoder_config(self._model.result_tower.encoder.config.to_dict()):
-                self.precision = precision_of(llm_autocast_dtype(self.llm_precision, self.device))
         return tower_encoder(self._model, side, self.device, self.precision)
 
     def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
