@@ -80,7 +80,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
                          temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
-                         llm_max_steps=120, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48),
+                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
                     temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,
                     llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80),

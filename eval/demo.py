@@ -90,7 +90,7 @@ def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: P
         max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,
         batch_size=prof.llm_batch_size, lr=prof.llm_lr, temperature=prof.temperature,
         query_max_length=prof.llm_query_max_length, result_max_length=prof.doc_max_length,
-        query_prompt=LLM_QUERY_PROMPTS[config.suite], eval_every=0, checkpoint_every=20, amp=amp, device=device,
+        query_prompt=LLM_QUERY_PROMPTS[config.suite], eval_every=0, checkpoint_every=24, amp=amp, device=device,
         seed=42)
 
 
