@@ -74,12 +74,12 @@ def render(per_suite: Mapping[str, Mapping[str, Any]], llm: str = "smollm2") -> 
     """Markdown of the section: one table per comparison (a row per suite), then the domain-gap reading."""
     all_gains = {suite: gains(res, llm) for suite, res in per_suite.items()}
     lines = ["## What this answers", "",
-             "Same test queries and corpus per suite; gains are absolute (after - before). "
-             "AUC = P(cos(query, relevant doc) > cos(query, random doc)).", ""]
+             ("Same test queries and corpus per suite; gains are absolute (after - before). "
+              "AUC = P(cos(query, relevant doc) > cos(query, random doc))."), ""]
     for key, title in TITLES.items():
         lines += [f"### ({key}) {title}", "",
-                  "| suite | gap | before | after | recall@10 before -> after (gain) | nDCG@10 before -> after (gain) "
-                  "| AUC before -> after |", "|---|---|---|---|---:|---:|---:|"]
+                  ("| suite | gap | before | after | recall@10 before -> after (gain) "
+                   "| nDCG@10 before -> after (gain) | AUC before -> after |"), "|---|---|---|---|---:|---:|---:|"]
         for suite, g in all_gains.items():
             row = g[key]
             gap = SUITE_GAPS.get(suite, "?")

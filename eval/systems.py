@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from common.device import llm_autocast_dtype, precision_of
 from eval.bm25 import BM25Retriever
 from eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
-from common.device import llm_autocast_dtype, precision_of
 from towers.bases import resolve_base
 from towers.inference import TowerEncoder, tower_encoder
 from towers.llm import is_decoder_dir

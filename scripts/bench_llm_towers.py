@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import codesearch_dir, emit, median, print_table, take_turns  # noqa: E402
+from bench_common import codesearch_dir, emit, median, print_table, take_turns
 
 TRAIN_VARIANTS = ("fp32", "bf16", "bf16+ckpt", "bf16+gc8", "bf16+lora16")
 
@@ -53,12 +53,12 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from towers.config import TrainConfig
     from towers.inference import cast_copy
     from towers.lora import apply_lora
     from towers.loss import Temperature
     from towers.model import TwoTower
     from towers.train import Batch, TowerForward, _enable_checkpointing, _param_groups, forward_backward, optimizer_step
-    from towers.config import TrainConfig
 
     pairs_path = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
     rows = [json.loads(line) for line in pairs_path.read_text(encoding="utf-8").splitlines()[:4096]]

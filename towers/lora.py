@@ -8,7 +8,7 @@ other model dir, with no ``peft`` installed. Checkpoints keep the adapted state 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -67,10 +67,3 @@ def merge_lora(model: TwoTower) -> None:
         if is_lora(tower.encoder):
             tower.encoder = tower.encoder.merge_and_unload()
 
-
-def trainable_summary(model: nn.Module) -> dict[str, Any]:
-    """Trainable vs all parameters (de-duplicated), for the train log."""
-    params = {id(p): p for p in model.parameters()}.values()
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
-    return {"trainable_params": trainable, "all_params": total}
