@@ -110,7 +110,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 def write_combined_report(per_suite: dict[str, dict[str, Any]], out: Path) -> Path:
     """report.md (per suite: the table, cosine separation, step timings; then "What this answers") and
-    results.json (every suite's results), written atomically."""
+    results.json (``per_suite``: every suite's results), written atomically over a previous report only."""
     lines = ["# twotower demo: towers vs the raw LLM, per suite", ""]
     for suite, res in per_suite.items():
         demo = res.get("extra", {}).get("demo", {})
@@ -124,9 +124,13 @@ def write_combined_report(per_suite: dict[str, dict[str, Any]], out: Path) -> Pa
         steps = demo.get("steps", {})
         lines += ["", "Steps: " + ", ".join(f"{k} {v['seconds']} s ({v['status']})" for k, v in steps.items()), ""]
     lines.append(render_answers(per_suite))
+    check_out_dir(out, ("report",), flag="combined report dir", verb="demo")  # replaces only a report of ours
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text("\n".join(lines))
-        (tmp / "results.json").write_text(json.dumps(per_suite, indent=2, default=str) + "\n")
+        # "suite" and "systems" at the top, as every report's results.json (what marks the dir as a report)
+        combined = {"suite": "+".join(per_suite), "systems": sorted({n for r in per_suite.values() for n in r["systems"]}),
+                    "per_suite": per_suite}
+        (tmp / "results.json").write_text(json.dumps(combined, indent=2, default=str) + "\n")
     return out
 
 

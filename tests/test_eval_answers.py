@@ -2,6 +2,10 @@
 the similarity plot's before/after pairing and the demo's combined report."""
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from eval.answers import comparisons, gains, render
 from eval.report import METRIC_COLUMNS, similarity_panels
 
@@ -63,4 +67,9 @@ def test_combined_report_has_every_suite_and_the_answers(tmp_path) -> None:
     out = write_combined_report(per_suite, tmp_path / "report")
     text = (out / "report.md").read_text()
     assert "## codesearch-py (cpu-small" in text and "## nq (cpu-small" in text and "## What this answers" in text
-    assert (out / "results.json").exists()
+    assert set(json.loads((out / "results.json").read_text())["per_suite"]) == {"codesearch-py", "nq"}
+    write_combined_report(per_suite, out)  # a rerun replaces its own report
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):  # never a dir that is not a report of ours
+        write_combined_report(per_suite, tmp_path / "other")
