@@ -31,7 +31,7 @@ def test_labels_and_repeated_flags() -> None:
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("tower=x", "unknown system 'tower' in 'tower=x': choose towers, raw-llm, minilm, bm25"),
+    ("tower=x", "unknown system 'tower' in 'tower=x': choose towers, raw-llm, minilm, bm25, hybrid, hybrid-minilm"),
     ("towers", "towers needs a directory"),
     ("towers=a,towers=b", "duplicate system label"),
     ("raw-llm=smollm2:avg", "unknown raw-llm pooling 'avg': choose last, mean, logits"),
