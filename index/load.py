@@ -112,7 +112,8 @@ class LoadedIndex:
             nprobe / ef_search: override the manifest's search defaults (ignored by indexes without IVF/HNSW).
             allowed: bool (ntotal,): only these rows may be returned (a metadata filter, see :meth:`allowed`);
                 faiss searches them through an ``IDSelector``, visiting ``nprobe / selectivity`` IVF lists and
-                ``ef_search / selectivity`` HNSW candidates (capped) so a selective filter still finds k rows.
+                ``ef_search / selectivity`` HNSW candidates (capped) so a selective filter still finds k rows;
+                an HNSW whose graph walk would cost more than scanning the allowed rows scans them (exact).
 
         Returns:
             D float32 (nq, k) scores, I int64 (nq, k) doc rows; -1 where fewer than k live docs exist.
@@ -154,7 +155,16 @@ class LoadedIndex:
         ivf = ivf_of(self.cpu_index)
         nprobe = faiss_utils.widened(nprobe, ivf.nlist if ivf is not None else 0, fraction)
         ef_search = faiss_utils.widened(ef_search, max(self.ntotal, ef_search or 0), fraction)
-        params = faiss_utils.search_params(self.cpu_index, nprobe, ef_search, faiss_utils.allow_selector(allowed))
+        sel = faiss_utils.allow_selector(allowed)
+        inner = faiss.downcast_index(self.cpu_index)
+        if isinstance(inner, faiss.IndexHNSW) and n_ok < (ef_search or 0) * inner.hnsw.nb_neighbors(1):
+            # A graph walk visits about efSearch * M nodes, allowed or not; a scan of the allowed rows in the
+            # HNSW's own storage (flat or SQ codes) costs n_ok distances and is exact: cheaper below that.
+            storage = faiss.downcast_index(inner.storage)
+            params = faiss_utils.search_params(storage, sel=sel)
+            if params is not None:
+                return storage.search(xq, k, params=params)
+        params = faiss_utils.search_params(self.cpu_index, nprobe, ef_search, sel)
         if params is None:  # index classes without selector support
             with self._lock:
                 return faiss_utils.search_allowed_post(self.cpu_index, xq, k, allowed, n_ok)
