@@ -273,12 +273,14 @@ class HybridSystem:
         return self.inner.encode_docs(texts, batch_size, show_progress)
 
     def config(self) -> dict[str, dict[str, Any]]:
-        dense = next(iter(self.inner.config().values()))
+        inner = next(iter(self.inner.config().values()))
+        dense = f"towers {inner['path']} ({inner.get('fingerprint')})" if inner["kind"] == "towers" else inner["base"]
+        bm25 = self.retriever.config()
         out = {}
         for f in self.fusions:
             fusion = {"fusion": f, "rrf_k": 60} if f == "rrf" else {"fusion": f, "alpha": self.alpha, "norm": self.norm}
             out[f"{self.label}-{f}"] = {"kind": "hybrid", **fusion, "depth": self.depth, "dense": dense,
-                                        "bm25": self.retriever.config()}
+                                        "bm25": f"bm25s {bm25['version']} {bm25['method']} k1={bm25['k1']} b={bm25['b']}"}
         return out
 
 
