@@ -253,3 +253,23 @@ def test_no_bm25_side_and_unknown_fields_are_refused_before_models_load(tmp_path
         r.search("numpy 3", mode="bm25")
     with pytest.raises(ValueError, match="needs the BM25 side"):
         IndexBuildConfig(bm25=False, default_mode="hybrid")
+
+
+def test_gpu_paths_filter_alike_on_the_cpu() -> None:
+    """The torch exact search (masking) and the over-fetch path of GPU clones, run on the CPU, equal brute force."""
+    from index.faiss_utils import build_faiss, search_allowed_post
+    from index.torch_search import TorchFlatSearcher
+
+    xb = clustered_vectors(3000, 16, seed=8)
+    xq = clustered_vectors(20, 16, seed=9)
+    excluded = np.arange(0, 3000, 7)
+    live = np.ones(3000, bool)
+    live[excluded] = False
+    for frac in (0.005, 0.1, 0.6):
+        allowed = np.random.default_rng(1).random(3000) < frac
+        gt = brute_force_filtered(xb, xq, 10, allowed & live)
+        _, I = TorchFlatSearcher(xb, "cpu", excluded=excluded, max_scores=4096).search(xq, 10, allowed=allowed)
+        np.testing.assert_array_equal(I, gt)
+        ok = allowed & live
+        _, I = search_allowed_post(build_faiss(xb, "Flat"), xq, 10, ok, int(ok.sum()))
+        np.testing.assert_array_equal(I, gt)
