@@ -1,4 +1,5 @@
-"""BM25 lexical baseline (the ``bm25s`` package): corpus in, ranked doc rows out, same metrics path as the rest.
+"""BM25 lexical baseline of ``twotower bench``: the INDEX dir's own BM25 side (``index.bm25``, bm25s), so the
+bench row and ``search --mode bm25`` rank alike.
 
 Tokenisation is bm25s' default (lowercase, ``\\w\\w+`` words, English stopwords, no stemmer). Scoring is
 Lucene's BM25 with k1 = 1.5, b = 0.75. Docs that share no term with the query score 0; they are not
@@ -11,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from index.bm25 import BM25Index
+
 
 class BM25Retriever:
     """``index(corpus_texts)`` then ``search(query_texts, k) -> (D, I)`` (faiss-style arrays)."""
@@ -19,25 +22,18 @@ class BM25Retriever:
         self.k1 = k1
         self.b = b
         self.stopwords = stopwords
-        self._retriever: Any = None
-        self._tokenizer: Any = None
+        self._index: BM25Index | None = None
         self.ntotal = 0
 
     def config(self) -> dict[str, Any]:
-        import bm25s  # optional extra `.[bench]`: imported where used, so the other systems work without it
+        import bm25s
 
         return {"package": "bm25s", "version": bm25s.__version__, "method": "lucene", "k1": self.k1, "b": self.b,
                 "stopwords": self.stopwords, "stemmer": None, "lowercase": True}
 
     def index(self, corpus: Sequence[str], show_progress: bool = False) -> None:
         """Tokenise and index the corpus (row i of ``corpus`` = doc id i)."""
-        import bm25s
-        from bm25s.tokenization import Tokenizer
-
-        self._tokenizer = Tokenizer(stopwords=self.stopwords, stemmer=None)
-        tokens = self._tokenizer.tokenize(list(corpus), show_progress=show_progress)
-        self._retriever = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
-        self._retriever.index(tokens, show_progress=show_progress)
+        self._index = BM25Index.build(corpus, self.k1, self.b, self.stopwords, show_progress=show_progress)
         self.ntotal = len(corpus)
 
     def search(self, queries: Sequence[str], k: int, show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -46,18 +42,6 @@ class BM25Retriever:
         Returns:
             D float32 (nq, k) BM25 scores, I int64 (nq, k) doc rows, ``-1`` where fewer than k docs match.
         """
-        if self._retriever is None:
+        if self._index is None:
             raise ValueError("BM25Retriever.search called before index()")
-        nq = len(queries)
-        kk = min(k, self.ntotal)
-        D = np.zeros((nq, k), dtype=np.float32)
-        I = np.full((nq, k), -1, dtype=np.int64)
-        if nq == 0 or kk == 0:
-            return D, I
-        # update_vocab=False: query words unseen in the corpus map to the empty token (scores nothing).
-        tokens = self._tokenizer.tokenize(list(queries), update_vocab=False, show_progress=False)
-        ids, scores = self._retriever.retrieve(tokens, k=kk, show_progress=show_progress, n_threads=1)
-        matched = scores > 0  # (nq, kk)
-        D[:, :kk] = np.where(matched, scores, 0.0)
-        I[:, :kk] = np.where(matched, ids, -1)
-        return D, I
+        return self._index.search(list(queries), k)

@@ -17,7 +17,8 @@ class BenchConfig:
     suite: str = field("", "BEIR suite dir (corpus.jsonl, queries.jsonl, qrels/test.tsv), e.g. "
                            "runs/demo/codesearch-py-cpu-small/codesearch-py (built by `twotower demo`)", required=True)
     systems: str = field("raw-llm=smollm2,minilm,bm25",
-                         "comma list: towers[:LABEL]=DIR, raw-llm[=MODEL[:last+mean+logits]], minilm, bm25")
+                         "comma list: towers[:LABEL]=DIR, raw-llm[=MODEL[:last+mean+logits]], minilm, bm25, "
+                         "hybrid[:LABEL]=DIR[:rrf+weighted] (towers fused with bm25), hybrid-minilm[=rrf+weighted]")
     out: str = field("REPORT", "report dir to write (report.md, results.json, recall_at_k.png, similarity.png)")
     k_max: int = field(100, "results retrieved per query (recall@k is reported up to this k)")
     batch_size: int = field(64, "texts per batch for the towers and MiniLM")
@@ -31,13 +32,23 @@ class BenchConfig:
     llm_precision: str = field("auto", "precision of the decoder-LLM encoders (raw-llm, and towers on an LLM base): "
                                        "auto (bf16 where the CPU has AVX512-BF16/AMX or on a GPU, else fp32), "
                                        "fp32, bf16", choices=LLM_PRECISIONS)
+    hybrid_alpha: float = field(0.5, "hybrid systems, weighted fusion: weight of the dense side (0..1; choose it on "
+                                     "dev data, not on the test queries)")
+    hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
+                             choices=["minmax", "zscore"])
+    hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
     n_random: int = field(10, "random docs per query for the similarity plot")
     seed: int = field(0, "seed for the query/corpus subsample and the random docs")
 
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random"):
+        if not 0.0 <= self.hybrid_alpha <= 1.0:
+            raise ValueError(f"--hybrid-alpha must be between 0 and 1, got {self.hybrid_alpha:g}")
+        if self.hybrid_norm not in ("minmax", "zscore"):
+            raise ValueError(f"unknown --hybrid-norm '{self.hybrid_norm}': choose minmax, zscore")
+        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random",
+                     "hybrid_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queries", "max_corpus"):

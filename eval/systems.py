@@ -7,6 +7,9 @@ Grammar (comma-separated, ``--systems`` may also repeat)::
                                           causal-LM dir; POOL in last, mean, logits (default: all three)
     minilm                                the untrained sentence encoder the towers start from
     bm25                                  lexical baseline (bm25s)
+    hybrid[:LABEL]=DIR[:rrf+weighted]     towers DIR fused with bm25 (``index.hybrid``): one row per fusion,
+                                          LABEL-rrf and LABEL-weighted (default: both)
+    hybrid-minilm[=rrf+weighted]          the untrained MiniLM fused with bm25, the same way
 
 Each system may carry a label (``NAME:LABEL[=VALUE]``); labels must be unique. A dense system returns
 ``{row: (n, d) float32}`` from ``encode_queries``/``encode_docs`` (raw-llm has one row per pooling);
@@ -24,12 +27,13 @@ import numpy as np
 from common.device import llm_autocast_dtype, precision_of
 from eval.bm25 import BM25Retriever
 from eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
+from index.hybrid import DEFAULT_DEPTH, FUSIONS, NORMS, check_alpha, check_choice
 from towers.bases import resolve_base
 from towers.inference import TowerEncoder, tower_encoder
 from towers.llm import is_decoder_dir
 from towers.model import Tower, TwoTower, read_towers_meta
 
-SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25")
+SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,18 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
             else:
                 poolings = LLM_POOLINGS
             default_label = f"raw-llm-{Path(value).name}"
+        elif kind in ("hybrid", "hybrid-minilm"):
+            if kind == "hybrid" and value is None:
+                raise ValueError(f"'{part}': hybrid needs a towers directory, e.g. hybrid=runs/demo/towers")
+            fusions = ""
+            if kind == "hybrid-minilm":
+                value, fusions = None, value or ""
+            elif value is not None:
+                path, sep, tail = value.rpartition(":")
+                if sep and "/" not in tail and all(f in FUSIONS for f in tail.split("+")):
+                    value, fusions = path, tail
+            poolings = tuple(check_choice("fusion", f, FUSIONS) for f in fusions.split("+")) if fusions else FUSIONS
+            default_label = kind
         else:
             if value is not None:
                 raise ValueError(f"'{part}': {kind} takes no value (write just '{kind}')")
@@ -106,6 +122,11 @@ class TowersSystem:
     @property
     def rows(self) -> list[str]:
         return [self.label]
+
+    @property
+    def dense_key(self) -> tuple[str, str]:
+        """Identity of the vectors (a hybrid system over the same towers reuses them in the bench)."""
+        return ("towers", str(self.path.resolve()))
 
     def _encoder(self, side: str) -> TowerEncoder:
         if self._model is None:
@@ -144,6 +165,10 @@ class MiniLMSystem:
     @property
     def rows(self) -> list[str]:
         return [self.label]
+
+    @property
+    def dense_key(self) -> tuple[str, str]:
+        return ("minilm", "")
 
     def _encode(self, texts: Sequence[str], max_length: int, batch_size: int, show_progress: bool) -> np.ndarray:
         if self._tower is None:
@@ -216,14 +241,58 @@ class BM25System:
         return {self.label: {"kind": "bm25", **self.retriever.config()}}
 
 
-System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System
+class HybridSystem:
+    """A dense system (towers or MiniLM) and BM25 fused (``index.hybrid``): each side's top ``k * depth``
+    candidates, one report row per fusion (``LABEL-rrf``, ``LABEL-weighted``). The bench reuses the vectors and
+    BM25 rankings of the same encoder / corpus when the plain systems run too."""
+
+    dense = True
+    hybrid = True
+
+    def __init__(self, spec: SystemSpec, dense: TowersSystem | MiniLMSystem, alpha: float = 0.5,
+                 norm: str = "minmax", depth: int = DEFAULT_DEPTH) -> None:
+        self.label = spec.label
+        self.inner = dense
+        self.fusions = spec.poolings or FUSIONS
+        self.alpha, self.norm, self.depth = check_alpha(alpha), check_choice("norm", norm, NORMS), depth
+        self.retriever = BM25Retriever()
+
+    @property
+    def rows(self) -> list[str]:
+        return [f"{self.label}-{f}" for f in self.fusions]
+
+    @property
+    def dense_key(self) -> tuple[str, str]:
+        """Which plain system's vectors these are (the bench encodes once for both)."""
+        return self.inner.dense_key
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return self.inner.encode_queries(texts, batch_size, show_progress)
+
+    def encode_docs(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
+        return self.inner.encode_docs(texts, batch_size, show_progress)
+
+    def config(self) -> dict[str, dict[str, Any]]:
+        inner = next(iter(self.inner.config().values()))
+        dense = f"towers {inner['path']} ({inner.get('fingerprint')})" if inner["kind"] == "towers" else inner["base"]
+        bm25 = self.retriever.config()
+        out = {}
+        for f in self.fusions:
+            fusion = {"fusion": f, "rrf_k": 60} if f == "rrf" else {"fusion": f, "alpha": self.alpha, "norm": self.norm}
+            out[f"{self.label}-{f}"] = {"kind": "hybrid", **fusion, "depth": self.depth, "dense": dense,
+                                        "bm25": f"bm25s {bm25['version']} {bm25['method']} k1={bm25['k1']} b={bm25['b']}"}
+        return out
+
+
+System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem
 
 
 def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
                   doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16,
-                  llm_precision: str = "auto") -> list[System]:
+                  llm_precision: str = "auto", hybrid_alpha: float = 0.5, hybrid_norm: str = "minmax",
+                  hybrid_depth: int = DEFAULT_DEPTH) -> list[System]:
     """Instantiate parsed specs (cheap: models load on first encode). ``llm_precision`` applies to the decoder
-    LLMs (raw-llm, and towers on an LLM base)."""
+    LLMs (raw-llm, and towers on an LLM base); ``hybrid_*`` to the hybrid systems' weighted fusion and depth."""
     systems: list[System] = []
     for spec in specs:
         if spec.kind == "towers":
@@ -235,6 +304,12 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
                                         llm_precision))
         elif spec.kind == "bm25":
             systems.append(BM25System(spec))
+        elif spec.kind in ("hybrid", "hybrid-minilm"):
+            inner_spec = SystemSpec(spec.kind.removeprefix("hybrid-") if spec.value is None else "towers",
+                                    spec.label, spec.value)
+            inner: TowersSystem | MiniLMSystem = TowersSystem(inner_spec, device, llm_precision) \
+                if spec.value is not None else MiniLMSystem(inner_spec, device, query_max_length, doc_max_length)
+            systems.append(HybridSystem(spec, inner, hybrid_alpha, hybrid_norm, hybrid_depth))
         else:
             raise AssertionError(f"parse_systems let through unknown kind {spec.kind!r}")
     return systems

@@ -20,11 +20,23 @@ from common.encoder import Encoder
 from common.lock import exclusive
 from common.outputs import check_out_dir, check_work_dir, remove_work_dir
 from index.config import EncodeConfig, IndexBuildConfig
-from index.corpus import Corpus, count_rows, describe
+from index.corpus import Corpus, count_rows, describe, doc_text
 from index.encode import EncodedCorpus, default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
 from index.factory import auto_factory, parse_memory
 from index.faiss_utils import ivf_of, make_index, search_defaults, train_index
-from index.store import DOCS_DIR, FORMAT_VERSION, INDEX_FILE, link_or_copy, next_generation, save_docs, write_manifest
+from index.bm25 import BM25_DIR, BM25Index
+from index.filters import FILTERS_FILE, build_filter_table, describe_fields, save_filter_table
+from index.hybrid import QUERY_DEFAULTS
+from index.store import (
+    DOCS_DIR,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    link_or_copy,
+    load_docs,
+    next_generation,
+    save_docs,
+    write_manifest,
+)
 
 
 def build_index(encoder: Encoder, corpus: Corpus, out: str | Path, config: IndexBuildConfig | None = None,
@@ -89,7 +101,8 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
         build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason, "memory_budget_bytes": budget,
                "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
     manifest["generation"] = next_generation(out)
-    write_index_dir(out, index, [*enc.docs_paths()], manifest)
+    manifest["query_defaults"] = config.query_defaults()
+    write_index_dir(out, index, [*enc.docs_paths()], manifest, bm25=config.bm25)
     if not encode.keep_work:
         remove_work_dir(work)
 
@@ -155,12 +168,45 @@ def new_manifest(*, dim: int, factory: str, ntotal: int, search_defaults: dict[s
     }
 
 
+def write_query_sides(tmp: Path, docs: Any, manifest: dict[str, Any], bm25: bool = True,
+                      previous: Path | None = None) -> None:
+    """Write the metadata filter map and (``bm25``) the BM25 side of the doc store ``docs`` into ``tmp``, and
+    describe them in ``manifest`` (row i of each = doc row i = faiss id i)."""
+    table = docs.data
+    t0 = time.time()
+    fmap = build_filter_table(table.column("metadata").to_pylist())
+    save_filter_table(fmap, tmp / FILTERS_FILE)
+    manifest["filters"] = {"file": FILTERS_FILE, "fields": describe_fields(fmap)}
+    manifest.pop("bm25", None)
+    if bm25:
+        old = None
+        if previous is not None and (previous / BM25_DIR).is_dir():
+            old = BM25Index.load(previous / BM25_DIR, mmap=True)
+            old = old if old.ntotal <= table.num_rows else None
+        start = old.ntotal if old is not None else 0
+        titles = table.column("title").slice(start).to_pylist()
+        texts = [doc_text(t or "", x) for t, x in zip(titles, table.column("text").slice(start).to_pylist())]
+        side = old.extend(texts) if old is not None else BM25Index.build(texts)
+        side.save(tmp / BM25_DIR)
+        manifest["bm25"] = side.config()
+    manifest.setdefault("query_defaults", dict(QUERY_DEFAULTS))
+    manifest["sides_seconds"] = round(time.time() - t0, 2)
+
+
 def write_index_dir(out: Path, index: Any, doc_parts: list[Any], manifest: dict[str, Any],
-                    extra_files: dict[str, Path] | None = None) -> None:
-    """Write index.faiss, docs/ and manifest.json to a temp dir and rename it onto ``out`` (atomic)."""
+                    extra_files: dict[str, Path] | None = None, bm25: bool = True,
+                    previous: Path | None = None) -> None:
+    """Write index.faiss, docs/, the query-time sides (bm25/, filters.arrow) and manifest.json to a temp dir and
+    rename it onto ``out`` (atomic: a crash leaves the previous INDEX dir whole, every side in step with it).
+
+    Args:
+        bm25: store the BM25 side; previous: the INDEX dir this one extends (``index add``): its BM25 side is
+            extended with the new rows instead of re-tokenising every row.
+    """
     with atomic_dir(out) as tmp:
         faiss.write_index(index, str(tmp / INDEX_FILE))
         save_docs(doc_parts, tmp / DOCS_DIR)
+        write_query_sides(tmp, load_docs(tmp), manifest, bm25, previous)
         for name, src in (extra_files or {}).items():
             link_or_copy(src, tmp / name)
         manifest["index_bytes"] = (tmp / INDEX_FILE).stat().st_size

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from common.cliargs import field, flag_of
 from common.device import check_device
+from index.hybrid import FUSIONS, MODES, QUERY_DEFAULTS
 
 DTYPES = ("float32", "float16")
 MERGE_METHODS = ("add", "merge_from", "ondisk")
@@ -56,6 +57,29 @@ class IndexBuildConfig:
     ef_search: int = field(0, "default HNSW search breadth, stored in the manifest (0 = auto)")
     seed: int = field(0, "seed for the training sample")
     overwrite: bool = field(False, "replace an existing index dir at --out (atomically)")
+    bm25: bool = field(True, "also store a BM25 (bm25s) index of the same docs, for `search --mode bm25|hybrid` "
+                             "(seconds per 100k docs; --no-bm25 leaves it out)")
+    default_mode: str = field("dense", "query mode recorded in the manifest, used when a search names none: dense "
+                                       "(towers), bm25, or hybrid (both, fused)", choices=list(MODES))
+    default_fusion: str = field("rrf", "hybrid fusion recorded in the manifest: rrf (reciprocal rank, k=60) or "
+                                       "weighted (alpha * dense + (1 - alpha) * bm25 of normalised scores)",
+                                choices=list(FUSIONS))
+    default_alpha: float = field(0.5, "weight of the dense side in weighted fusion (0..1), recorded in the manifest")
+
+    def __post_init__(self) -> None:
+        if self.default_mode not in MODES:
+            raise ValueError(f"unknown --default-mode '{self.default_mode}': choose {', '.join(MODES)}")
+        if self.default_fusion not in FUSIONS:
+            raise ValueError(f"unknown --default-fusion '{self.default_fusion}': choose {', '.join(FUSIONS)}")
+        if not 0.0 <= self.default_alpha <= 1.0:
+            raise ValueError(f"--default-alpha must be between 0 and 1, got {self.default_alpha:g}")
+        if self.default_mode != "dense" and not self.bm25:
+            raise ValueError(f"--default-mode {self.default_mode} needs the BM25 side: drop --no-bm25")
+
+    def query_defaults(self) -> dict[str, object]:
+        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
+        return {**QUERY_DEFAULTS, "mode": self.default_mode, "fusion": self.default_fusion,
+                "alpha": self.default_alpha}
 
     def index_options_given(self) -> list[str]:
         """Flags of the index options set away from their defaults (``--overwrite`` is not one)."""

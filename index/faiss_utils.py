@@ -147,6 +147,55 @@ def exclusion_selector(excluded: np.ndarray) -> faiss.IDSelector | None:
     return sel
 
 
+def allow_selector(allowed: np.ndarray) -> faiss.IDSelector:
+    """A selector that accepts exactly the rows where ``allowed`` (bool (ntotal,)) is True (a metadata filter).
+
+    Sparse sets (under 1 row in 64) go into an ``IDSelectorBatch`` (a hash set, smaller than the bitmap); denser
+    ones into an ``IDSelectorBitmap`` of ntotal bits (one bit test per candidate). The selector keeps a reference
+    to the bits it reads (SWIG holds a bare pointer).
+    """
+    allowed = np.asarray(allowed, bool)
+    rows = np.flatnonzero(allowed)
+    if len(rows) * 64 < len(allowed):
+        return faiss.IDSelectorBatch(rows.astype(np.int64))
+    bits = np.packbits(allowed, bitorder="little")  # faiss: bit i = (bitmap[i >> 3] >> (i & 7)) & 1
+    sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+    sel.referenced_objects = [bits]
+    return sel
+
+
+def widened(value: int | None, cap: int, fraction: float) -> int | None:
+    """``value / fraction`` (at most ``cap``, at least ``value``): the nprobe / efSearch of a filtered search.
+
+    An IVF search that visits ``nprobe`` lists sees about ``fraction`` of their vectors pass a filter, so it
+    visits ``nprobe / fraction`` lists to score about as many allowed vectors as an unfiltered search scores.
+    """
+    if not value:
+        return value
+    return int(max(value, min(cap, np.ceil(value / max(fraction, 1e-9)))))
+
+
+def search_allowed_post(index: faiss.Index, xq: np.ndarray, k: int, allowed: np.ndarray,
+                        n_allowed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Filtered search for indexes that take no selector (GPU clones): fetch more and more results and keep the
+    allowed ones, until every query has ``k`` of them or the fetch covers the whole index."""
+    ntotal = int(index.ntotal)
+    frac = max(n_allowed / max(ntotal, 1), 1e-9)
+    fetch = int(min(ntotal, max(2 * k, np.ceil(2 * k / frac))))
+    while True:
+        D, I = index.search(xq, max(min(fetch, 2048 if not _is_cpu(index) else fetch), 1))
+        ok = (I >= 0) & allowed[np.clip(I, 0, None)]
+        if fetch >= ntotal or (ok.sum(1) >= min(k, n_allowed)).all() or I.shape[1] < fetch:
+            break
+        fetch = min(ntotal, fetch * 4)
+    Do = np.full((len(xq), k), -np.inf, np.float32)
+    Io = np.full((len(xq), k), -1, np.int64)
+    for q in range(len(xq)):
+        row = np.flatnonzero(ok[q])[:k]
+        Do[q, : len(row)], Io[q, : len(row)] = D[q, row], I[q, row]
+    return Do, Io
+
+
 def search(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None,
            excluded: np.ndarray | None = None, sel: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner-product search.

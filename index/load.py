@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from index import faiss_utils
-from index.faiss_utils import read_index, unwrap
+from index.bm25 import BM25_DIR, BM25Index
+from index.faiss_utils import ivf_of, read_index, unwrap
+from index.filters import FILTERS_FILE, FilterMap
 from index.store import INDEX_FILE, live_rows, load_docs, read_manifest, read_removed
 from index.torch_search import TorchFlatSearcher
 
@@ -44,6 +46,9 @@ class LoadedIndex:
         self._params: dict[tuple[int | None, int | None], Any] = {}
         self._gpu_index = None
         self._torch = None
+        self._sides: dict[str, Any] = {}  # the BM25 side and the filter map, loaded on first use
+        self._live = np.ones(self.ntotal, bool)
+        self._live[removed] = False
         self.device = device
         if device == "faiss-gpu":
             self._gpu_index = faiss_utils.to_gpu(index, float16)
@@ -59,13 +64,56 @@ class LoadedIndex:
     def n_live(self) -> int:
         return self.ntotal - len(self.removed)
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def bm25(self) -> BM25Index:
+        """The BM25 side (``index.bm25``), loaded on first use. ValueError when the index has none."""
+        side = self._sides.get("bm25")
+        if side is None:
+            path = self.path / BM25_DIR
+            if not self.manifest.get("bm25") or not path.is_dir():
+                raise ValueError(f"index '{self.path}' has no BM25 side (built with --no-bm25 or by an older "
+                                 f"twotower): rebuild it with `twotower index build` to search with mode bm25 or "
+                                 f"hybrid")
+            with self._lock:
+                side = self._sides.get("bm25") or BM25Index.load(path, mmap=True)
+            if side.ntotal != self.ntotal:
+                raise ValueError(f"index '{self.path}': the BM25 side has {side.ntotal} rows, index.faiss "
+                                 f"{self.ntotal}; the index dir is inconsistent, rebuild it")
+            self._sides["bm25"] = side
+        return side
+
+    @property
+    def filters(self) -> FilterMap:
+        """The metadata filter map (``index.filters``), loaded on first use. ValueError when the index has none."""
+        fmap = self._sides.get("filters")
+        if fmap is None:
+            path = self.path / FILTERS_FILE
+            if not path.is_file():
+                raise ValueError(f"index '{self.path}' has no metadata filter map ({FILTERS_FILE}; built by an "
+                                 f"older twotower): rebuild it with `twotower index build` to search with a filter")
+            fmap = self._sides["filters"] = FilterMap.load(path, self.ntotal)
+        return fmap
+
+    def allowed(self, filter: dict[str, Any] | None) -> np.ndarray | None:
+        """Live rows matching ``filter`` (bool (ntotal,)), or None for no filter. FilterError on a bad filter."""
+        if not filter:
+            if filter is not None and not isinstance(filter, dict):
+                self.filters.allowed(filter)  # raises, naming what a filter must be
+            return None
+        mask = self.filters.allowed(filter)
+        return None if mask is None else mask & self._live
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` docs per query by inner product. Thread-safe.
 
         Args:
             xq: query vectors (nq, dim) (float32; other float dtypes are converted).
             nprobe / ef_search: override the manifest's search defaults (ignored by indexes without IVF/HNSW).
+            allowed: bool (ntotal,): only these rows may be returned (a metadata filter, see :meth:`allowed`);
+                faiss searches them through an ``IDSelector``, visiting ``nprobe / selectivity`` IVF lists and
+                ``ef_search / selectivity`` HNSW candidates (capped) so a selective filter still finds k rows;
+                an HNSW whose graph walk would cost more than scanning the allowed rows scans them (exact).
 
         Returns:
             D float32 (nq, k) scores, I int64 (nq, k) doc rows; -1 where fewer than k live docs exist.
@@ -75,6 +123,8 @@ class LoadedIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         nprobe = nprobe or self.search_defaults.get("nprobe")
         ef_search = ef_search or self.search_defaults.get("ef_search")
+        if allowed is not None:
+            return self._search_allowed(xq, k, nprobe, ef_search, np.asarray(allowed, bool) & self._live)
         if self._torch is not None:
             return self._torch.search(xq, k)
         if self._gpu_index is not None:
@@ -88,6 +138,37 @@ class LoadedIndex:
                     self._params[(nprobe, ef_search)] = params
             return self.cpu_index.search(xq, k, params=params)
         return faiss_utils.search(self.cpu_index, xq, k, nprobe, ef_search, excluded=self.removed, sel=self._sel)
+
+    def _search_allowed(self, xq: np.ndarray, k: int, nprobe: int | None, ef_search: int | None,
+                        allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n_ok = int(allowed.sum())
+        if n_ok == 0:
+            return np.full((len(xq), k), -np.inf, np.float32), np.full((len(xq), k), -1, np.int64)
+        if self._torch is not None:
+            return self._torch.search(xq, k, allowed=allowed)
+        if self._gpu_index is not None:
+            with self._lock:
+                if nprobe or ef_search:
+                    faiss_utils._set_params(self._gpu_index, nprobe, ef_search)
+                return faiss_utils.search_allowed_post(self._gpu_index, xq, k, allowed, n_ok)
+        fraction = n_ok / max(self.n_live, 1)
+        ivf = ivf_of(self.cpu_index)
+        nprobe = faiss_utils.widened(nprobe, ivf.nlist if ivf is not None else 0, fraction)
+        ef_search = faiss_utils.widened(ef_search, max(self.ntotal, ef_search or 0), fraction)
+        sel = faiss_utils.allow_selector(allowed)
+        inner = faiss.downcast_index(self.cpu_index)
+        if isinstance(inner, faiss.IndexHNSW) and n_ok < (ef_search or 0) * inner.hnsw.nb_neighbors(1):
+            # A graph walk visits about efSearch * M nodes, allowed or not; a scan of the allowed rows in the
+            # HNSW's own storage (flat or SQ codes) costs n_ok distances and is exact: cheaper below that.
+            storage = faiss.downcast_index(inner.storage)
+            params = faiss_utils.search_params(storage, sel=sel)
+            if params is not None:
+                return storage.search(xq, k, params=params)
+        params = faiss_utils.search_params(self.cpu_index, nprobe, ef_search, sel)
+        if params is None:  # index classes without selector support
+            with self._lock:
+                return faiss_utils.search_allowed_post(self.cpu_index, xq, k, allowed, n_ok)
+        return self.cpu_index.search(xq, k, params=params)
 
     def check_fingerprint(self, fingerprint: str) -> None:
         """Refuse a query tower from a different towers pair than the result tower the index was built with.
@@ -161,3 +242,19 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
         raise ValueError(f"index '{path}': removed.npy ({len(removed)} rows) disagrees with manifest.json "
                          f"(n_removed={manifest.get('n_removed', 0)}, ntotal={index.ntotal})")
     return LoadedIndex(path, index, manifest, docs, removed, index_placement(index, device), float16)
+
+
+def check_query_sides(index_dir: str | Path, mode: str | None, filter: dict[str, Any] | None) -> None:
+    """Fail fast (before any model loads) when the INDEX dir cannot serve ``mode`` (None: its default) or
+    ``filter``: no BM25 side, no filter map, an unknown filter field or a bad operator."""
+    path = Path(index_dir)
+    manifest = read_manifest(path)
+    mode = mode or (manifest.get("query_defaults") or {}).get("mode", "dense")
+    if mode != "dense" and not (manifest.get("bm25") and (path / BM25_DIR).is_dir()):
+        raise ValueError(f"index '{path}' has no BM25 side (built with --no-bm25 or by an older twotower): rebuild "
+                         f"it with `twotower index build` to search with mode {mode}")
+    if filter:
+        if not (path / FILTERS_FILE).is_file():
+            raise ValueError(f"index '{path}' has no metadata filter map ({FILTERS_FILE}; built by an older "
+                             f"twotower): rebuild it with `twotower index build` to search with a filter")
+        FilterMap.load(path / FILTERS_FILE, int(manifest["ntotal"])).allowed(filter)

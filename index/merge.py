@@ -262,7 +262,8 @@ def _merge(shards: Sequence[str | Path], out: Path, config: IndexBuildConfig, me
     if extra:
         manifest["ivfdata"] = IVFDATA_FILE
     manifest["generation"] = next_generation(out)
-    write_index_dir(out, index, whole.docs_paths(), manifest, extra)
+    manifest["query_defaults"] = config.query_defaults()
+    write_index_dir(out, index, whole.docs_paths(), manifest, extra, bm25=config.bm25)
     del index, trained  # unmaps the scratch ivfdata (the INDEX dir holds a hard link to it) before deleting it
     remove_work_dir(scratch)
 

@@ -89,7 +89,9 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
     manifest["history"] = [*manifest.get("history", []), {"op": "add", "time": _now(), "rows": enc.n,
                                                           "corpus": describe(corpus)}]
     extra = {REMOVED_FILE: path / REMOVED_FILE} if (path / REMOVED_FILE).exists() else {}
-    write_index_dir(path, index, [docs, *enc.docs_paths()], manifest, extra)
+    # The BM25 side is extended with the new rows (kept only when the index had one); the filter map is rebuilt.
+    write_index_dir(path, index, [docs, *enc.docs_paths()], manifest, extra, bm25=bool(manifest.get("bm25")),
+                    previous=path)
     if not config.keep_work:
         remove_work_dir(work)
     return enc.n

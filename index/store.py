@@ -6,6 +6,8 @@ Layout::
       index.faiss      CPU form of the faiss index; faiss id i = doc row i
       docs/            datasets.save_to_disk: columns id, title, text, metadata (JSON string); memory-mapped
       removed.npy      int64 rows removed by `index remove` (tombstones, never returned by search)
+      bm25/            the BM25 side of the same rows (index.bm25: numpy arrays + JSON, no pickles)
+      filters.arrow    per-field inverted map of the docs' metadata (index.filters), for filtered search
       index.ivfdata    only from `index merge --method ondisk`: the IVF lists, memory-mapped by index.faiss
       manifest.json    format_version, dim, metric, factory, ntotal, generation (+1 per change), search
                        defaults, fingerprint, ...
@@ -176,6 +178,8 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
         "corpus": m.get("corpus"), "size_bytes": size, "index_bytes": (path / INDEX_FILE).stat().st_size,
         "created": m.get("created"), "faiss_version": m.get("faiss_version"), "generation": m.get("generation", 1),
         "factory_reason": (m.get("build_config") or {}).get("factory_reason"),
+        "bm25": bool(m.get("bm25")), "filter_fields": sorted((m.get("filters") or {}).get("fields") or {}),
+        "query_defaults": m.get("query_defaults"),
     }
 
 

@@ -32,8 +32,16 @@ class TorchFlatSearcher:
             self.mask[torch.from_numpy(np.asarray(excluded, np.int64)).to(self.device)] = True
         self.max_scores = max_scores
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: D float32 (nq, k) descending, I int64 (nq, k)."""
+    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: D float32 (nq, k) descending, I int64 (nq, k).
+
+        Args:
+            allowed: bool (n,): only these rows may be returned (a metadata filter), besides the exclusions.
+        """
+        mask = self.mask
+        if allowed is not None:
+            blocked = torch.from_numpy(~np.asarray(allowed, bool)).to(self.device)
+            mask = blocked if mask is None else (mask | blocked)
         nq = xq.shape[0]
         kk = min(k, self.n)
         q_chunk = max(1, min(nq, 4096))
@@ -41,7 +49,7 @@ class TorchFlatSearcher:
         D = np.full((nq, k), -np.inf, np.float32)
         I = np.full((nq, k), -1, np.int64)
         with torch.inference_mode():
-            if nq * self.n <= self.max_scores and self.mask is None:  # one block: one matmul, one topk
+            if nq * self.n <= self.max_scores and mask is None:  # one block: one matmul, one topk
                 q = torch.from_numpy(xq).to(self.device, self.dtype)  # (nq, d)
                 scores = q @ self.xb.T  # (nq, n)
                 d, i = scores.float().topk(kk, dim=1)  # .float() returns float32 scores as they are
@@ -54,8 +62,8 @@ class TorchFlatSearcher:
                 best_d = best_i = None
                 for ds in range(0, self.n, db_chunk):
                     scores = (q @ self.xb[ds : ds + db_chunk].T).float()  # (b, chunk); no copy when float32
-                    if self.mask is not None:
-                        scores.masked_fill_(self.mask[ds : ds + db_chunk], float("-inf"))
+                    if mask is not None:
+                        scores.masked_fill_(mask[ds : ds + db_chunk], float("-inf"))
                     d, i = scores.topk(min(kk, scores.shape[1]), dim=1)
                     i += ds
                     if best_d is not None:  # merge with the running top-k of earlier db chunks

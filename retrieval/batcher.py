@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from retrieval.retriever import Hit, Retriever, check_k, check_nprobe, check_queries
+import numpy as np
+
+from retrieval.retriever import Hit, QueryOptions, Retriever, check_k, check_nprobe, check_queries
 
 
 class Overloaded(RuntimeError):
@@ -28,6 +30,7 @@ class _Job:
     queries: list[str]
     k: int
     nprobe: int | None
+    opts: QueryOptions
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float  # time.monotonic() when queued: the wait for others counts from here
@@ -84,12 +87,15 @@ class MicroBatcher:
         return {"batches": self.batches, "queries": self.queries, "largest_batch": self.largest,
                 "mean_batch": round(self.queries / self.batches, 2) if self.batches else 0.0}
 
-    async def search(self, queries: list[str], k: int, nprobe: int | None = None) -> Any:
+    async def search(self, queries: list[str], k: int, nprobe: int | None = None, **options: Any) -> Any:
         """Hits (or ``finish(hits)``) for ``queries``, computed in a merged batch.
+
+        Args:
+            options: mode, fusion, alpha, norm, depth, filter (``Retriever.search``; None = the index default).
 
         Raises:
             Overloaded: the queue is full.
-            ValueError: from the retriever (bad k, empty query).
+            ValueError: from the retriever (bad k, empty query, bad mode or filter).
         """
         if self._thread is None:
             raise RuntimeError("MicroBatcher.search called before start()")
@@ -97,8 +103,9 @@ class MicroBatcher:
         queries = check_queries(queries)
         k = check_k(k, self.retriever.max_k)
         nprobe = check_nprobe(nprobe)
+        opts = self.retriever.options(**options)
         loop = asyncio.get_running_loop()
-        job = _Job(queries, k, nprobe, loop, loop.create_future(), time.monotonic())
+        job = _Job(queries, k, nprobe, opts, loop, loop.create_future(), time.monotonic())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -142,18 +149,25 @@ class MicroBatcher:
         # retrieval.reload); this batch finishes on the one it started with, which stays alive until then.
         retriever = self.retriever
         try:
-            xq = retriever.encode([q for job in batch for q in job.queries])  # (nq, dim): one forward pass
-            # One faiss search per distinct (k, nprobe): the batch usually shares one.
-            groups: dict[tuple[int, int | None], list[int]] = {}
+            texts = [q for job in batch for q in job.queries]
+            dense = [job.opts.mode != "bm25" for job in batch for _ in job.queries]
+            xq = None
+            if any(dense):  # (nq, dim): one forward pass for every query that needs a vector
+                xq = np.zeros((len(texts), retriever.dim), np.float32)
+                xq[dense] = retriever.encode([t for t, d in zip(texts, dense) if d])
+            # One search per distinct (k, nprobe, options): the batch usually shares one.
+            groups: dict[tuple[Any, ...], list[int]] = {}
             for j, job in enumerate(batch):
-                groups.setdefault((job.k, job.nprobe), []).append(j)
+                groups.setdefault((job.k, job.nprobe, job.opts.key()), []).append(j)
             starts = [0]
             for job in batch:
                 starts.append(starts[-1] + len(job.queries))
             results: list[Any] = [None] * len(batch)
-            for (k, nprobe), members in groups.items():
+            for (k, nprobe, _), members in groups.items():
                 rows = [r for j in members for r in range(starts[j], starts[j + 1])]
-                hits = retriever.search_vectors(xq[rows], k, nprobe)
+                opts = batch[members[0]].opts
+                hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows], k,
+                                                nprobe, opts)
                 pos = 0
                 for j in members:
                     n = len(batch[j].queries)

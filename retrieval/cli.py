@@ -95,13 +95,20 @@ def run_search(args: argparse.Namespace) -> int:
         queries += read_queries(config.queries_file)
     if not queries:
         raise ValueError("no queries: give them as arguments or with --queries-file FILE|-")
-    from retrieval.retriever import Retriever, check_k, check_nprobe
+    from index.filters import parse_filter
+    from index.load import check_query_sides
+    from retrieval.retriever import Retriever, check_depth, check_k, check_nprobe
 
     check_k(config.k, DEFAULT_MAX_K)  # fail before the (slow) load
     check_nprobe(config.nprobe)
+    if config.depth is not None:
+        check_depth(config.depth)
+    flt = parse_filter(config.filter) if config.filter is not None else None
+    check_query_sides(config.index, config.mode, flt)
     retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size,
                                precision=config.precision)
-    results = retriever.search(queries, k=config.k, nprobe=config.nprobe)
+    results = retriever.search(queries, k=config.k, nprobe=config.nprobe, mode=config.mode, fusion=config.fusion,
+                               alpha=config.alpha, norm=config.norm, depth=config.depth, filter=flt)
     out = sys.stdout
     for i, (query, hits) in enumerate(zip(queries, results)):
         if config.json:

@@ -33,9 +33,21 @@ class SearchConfig:
                                    "units), or onnx (fp32 in ONNX Runtime on the CPU; extra .[onnx])",
                            choices=["fp32", "bf16", "fp16", "onnx"])
     batch_size: int = field(64, "queries encoded per forward pass")
+    mode: str | None = field(None, "dense (towers), bm25 (the index's BM25 side) or hybrid (both, fused) (None: the "
+                                   "index manifest's default)", choices=["dense", "bm25", "hybrid"])
+    fusion: str | None = field(None, "hybrid fusion: rrf (reciprocal rank, k=60) or weighted (alpha * dense + "
+                                     "(1 - alpha) * bm25, per-query normalised) (None: the manifest's)",
+                               choices=["rrf", "weighted"])
+    alpha: float | None = field(None, "weighted fusion: weight of the dense side, 0..1 (None: the manifest's)")
+    norm: str | None = field(None, "weighted fusion: score normalisation (None: minmax)", choices=["minmax", "zscore"])
+    depth: int | None = field(None, "hybrid: candidates per side = k * depth (None: 10)")
+    filter: str | None = field(None, "metadata filter as JSON, e.g. '{\"package\": \"numpy\"}', "
+                                     "'{\"year\": {\"$gte\": 2020}}' (operators $eq $ne $in $nin $gt $gte $lt $lte)")
 
     def __post_init__(self) -> None:
         check_range(self, "batch_size", 1, MAX_LIMIT)  # k and nprobe: retriever.check_k / check_nprobe, same words
+        if self.alpha is not None:
+            check_range(self, "alpha", 0.0, 1.0)
 
 
 @dataclass

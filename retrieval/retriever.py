@@ -17,6 +17,7 @@ import numpy as np
 
 from common.device import check_device, check_precision, resolve_device
 from common.text import is_blank
+from index.hybrid import FUSIONS, MODES, NORMS, QUERY_DEFAULTS, check_alpha, check_choice, fuse
 from index.load import load_index
 from index.store import read_manifest, recorded_towers_dir
 from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE
@@ -66,6 +67,34 @@ def check_nprobe(nprobe: Any) -> int | None:
     if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= MAX_NPROBE:
         raise ValueError(f"nprobe must be a positive integer (at most {MAX_NPROBE}) or None, got {nprobe!r}")
     return int(nprobe)
+
+
+MAX_DEPTH = 100  # candidates per side of a hybrid search = k * depth
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """How a search ranks: ``mode`` dense | bm25 | hybrid; for hybrid the ``fusion`` (rrf | weighted), ``alpha``
+    (dense weight of weighted fusion), ``norm`` (minmax | zscore) and ``depth`` (candidates per side = k *
+    depth); ``filter``: a metadata filter (``index.filters``) or None."""
+
+    mode: str = "dense"
+    fusion: str = "rrf"
+    alpha: float = 0.5
+    norm: str = "minmax"
+    depth: int = QUERY_DEFAULTS["depth"]
+    filter: dict[str, Any] | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        """Hashable identity (the micro-batcher searches requests with equal keys together)."""
+        return (self.mode, self.fusion, self.alpha, self.norm, self.depth,
+                json.dumps(self.filter, sort_keys=True) if self.filter else None)
+
+
+def check_depth(depth: Any) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be an integer between 1 and {MAX_DEPTH}, got {depth!r}")
+    return int(depth)
 
 
 def check_queries(queries: str | Sequence[str]) -> list[str]:
@@ -206,26 +235,81 @@ class Retriever:
         """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
         return self.encoder.encode(check_queries(queries), batch_size=self.batch_size)
 
-    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+    def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
+                norm: str | None = None, depth: int | None = None,
+                filter: dict[str, Any] | None = None) -> QueryOptions:
+        """Checked :class:`QueryOptions`; every None comes from the manifest's ``query_defaults``.
+
+        Raises:
+            ValueError: a bad choice or number; ``index.filters.FilterError`` (a ValueError) for a filter on an
+                unknown field or with a bad operator (naming the field and the valid operators); a mode this
+                index cannot serve (no BM25 side).
+        """
+        d = {**QUERY_DEFAULTS, **(self.index.manifest.get("query_defaults") or {})}
+        opts = QueryOptions(mode=check_choice("mode", d["mode"] if mode is None else mode, MODES),
+                            fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
+                            alpha=check_alpha(d["alpha"] if alpha is None else alpha),
+                            norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
+                            depth=check_depth(d["depth"] if depth is None else depth), filter=filter or None)
+        if opts.mode != "dense":
+            _ = self.index.bm25  # raises when the index has no BM25 side
+        self.index.allowed(filter)  # raises on a bad filter
+        return opts
+
+    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None, mode: str | None = None,
+               fusion: str | None = None, alpha: float | None = None, norm: str | None = None,
+               depth: int | None = None, filter: dict[str, Any] | None = None) -> list[list[Hit]]:
         """Top-``k`` hits per query (one encode + one faiss search for all of them).
 
         Args:
             queries: one query or a list; a str gives a one-element result list.
             k: hits per query, 1..``max_k``.
             nprobe: IVF lists to visit (None: the index default).
+            mode: ``dense`` (the towers), ``bm25`` (the index's BM25 side) or ``hybrid`` (both, fused); None: the
+                manifest's default (``index build --default-mode``, else dense).
+            fusion: hybrid only: ``rrf`` (reciprocal rank fusion, k=60) or ``weighted`` (``alpha * dense + (1 -
+                alpha) * bm25`` of per-query ``norm``-alised scores: ``minmax`` or ``zscore``).
+            depth: hybrid only: each side contributes its top ``k * depth`` candidates.
+            filter: metadata filter, e.g. ``{"package": "numpy"}``, ``{"lang": {"$in": ["py", "java"]}}``,
+                ``{"year": {"$gte": 2020}}`` (see ``index.filters``); both sides search only matching rows.
 
         Returns:
-            One list of ``Hit`` per query, best first (fewer than k when the index holds fewer docs).
+            One list of ``Hit`` per query, best first (fewer than k when fewer docs match). ``score`` is the
+            cosine (dense), the BM25 score (bm25) or the fused score (hybrid).
         """
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
         queries = check_queries(queries)
+        opts = self.options(mode, fusion, alpha, norm, depth, filter)
         if not queries:
             return []
-        return self.search_vectors(self.encode(queries), k, nprobe)
+        xq = self.encode(queries) if opts.mode != "bm25" else None
+        return self.search_encoded(queries, xq, k, nprobe, opts)
 
-    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
-        """Hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query)."""
+    def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
+                       opts: QueryOptions) -> list[list[Hit]]:
+        """Hits for checked ``queries`` whose vectors ``xq`` (nq, dim) are already encoded (None for bm25 mode):
+        the one search path of ``search`` and the micro-batcher."""
+        D, I = self.rank(queries, xq, k, nprobe, opts)
+        return self.hits_from(D, I)
+
+    def rank(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
+             opts: QueryOptions) -> tuple[np.ndarray, np.ndarray]:
+        """faiss-style ``(D, I)`` (nq, k) of a search under ``opts`` (see :meth:`search`)."""
+        allowed = self.index.allowed(opts.filter)
+        if opts.mode == "dense":
+            return self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed)
+        depth_k = min(k * opts.depth, max(self.ntotal, 1))
+        Db, Ib = self.index.bm25.search(queries, k if opts.mode == "bm25" else depth_k, allowed=allowed,
+                                        excluded=self.index.removed)
+        if opts.mode == "bm25":
+            return Db, Ib
+        Dd, Id = self.index.search(np.ascontiguousarray(xq), depth_k, nprobe=nprobe, allowed=allowed)
+        return fuse([(Dd, Id), (Db, Ib)], k, opts.fusion, [opts.alpha, 1.0 - opts.alpha], opts.norm)
+
+    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
+                       filter: dict[str, Any] | None = None) -> list[list[Hit]]:
+        """Dense hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query), optionally filtered."""
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
         xq = np.asarray(xq, dtype=np.float32)
@@ -235,7 +319,8 @@ class Retriever:
             raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
         if xq.shape[0] == 0:
             return []
-        D, I = self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe)  # (nq, k) each
+        allowed = self.index.allowed(filter)
+        D, I = self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed)  # (nq, k) each
         return self.hits_from(D, I)
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:

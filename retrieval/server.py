@@ -16,15 +16,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from common.jsonl import dumps_strict
 from common.text import is_blank
+from index.filters import FilterError
 from retrieval.apidocs import render_docs
 from retrieval.batcher import MicroBatcher, Overloaded
 from retrieval.config import MAX_NPROBE, ServeConfig
@@ -40,6 +41,18 @@ class SearchRequest(BaseModel):
                                      examples=[["how do I sort a list", "open a file"]])
     k: StrictInt = Field(10, description="hits per query (1..max_k)")
     nprobe: StrictInt | None = Field(None, description="IVF lists to visit (default: the index's)")
+    mode: Literal["dense", "bm25", "hybrid"] | None = Field(
+        None, description="dense (towers), bm25, or hybrid (both, fused); default: the index manifest's")
+    fusion: Literal["rrf", "weighted"] | None = Field(
+        None, description="hybrid fusion: rrf (reciprocal rank, k=60) or weighted; default: the manifest's")
+    alpha: StrictFloat | StrictInt | None = Field(
+        None, description="weighted fusion: the dense side's weight, 0..1; default: the manifest's")
+    norm: Literal["minmax", "zscore"] | None = Field(None, description="weighted fusion: score normalisation")
+    depth: StrictInt | None = Field(None, description="hybrid: candidates per side = k * depth (1..100)")
+    filter: dict[str, Any] | None = Field(
+        None, description='metadata filter, e.g. {"package": "numpy"}, {"lang": {"$in": ["py", "java"]}}, '
+                          '{"year": {"$gte": 2020}}; operators $eq $ne $in $nin $gt $gte $lt $lte',
+        examples=[{"package": "numpy"}])
 
 
 class HitModel(BaseModel):
@@ -161,9 +174,12 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
         if errors:
             return _error_response(422, errors)
         try:
-            body = await app.state.batcher.search(req.queries, req.k, req.nprobe)
+            body = await app.state.batcher.search(req.queries, req.k, req.nprobe, mode=req.mode, fusion=req.fusion,
+                                                  alpha=req.alpha, norm=req.norm, depth=req.depth, filter=req.filter)
         except Overloaded as exc:
             return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
+        except FilterError as exc:  # unknown field / bad operator: names the field and the valid operators
+            return _error_response(422, [{"loc": ["body", "filter"], "msg": str(exc), "type": "value_error"}])
         except ValueError as exc:  # anything the retriever still rejects is the client's input
             return _error_response(422, [{"loc": ["body"], "msg": str(exc), "type": "value_error"}])
         took_ms = (time.perf_counter() - t0) * 1000.0

@@ -96,3 +96,21 @@ def test_table_bolds_best_per_column() -> None:
                            "b": {"metrics": {"recall@10": 0.7, "mrr@10": 0.1}}}}
     table = format_table(results, cols).splitlines()
     assert table[2] == "| a | 0.500 | **0.900** |" and table[3] == "| b | **0.700** | 0.100 |"
+
+
+def test_hybrid_systems_fuse_towers_and_bm25(tiny_suite, tiny_towers, tmp_path) -> None:
+    """hybrid=TOWERS gives one row per fusion; weighted with alpha 1 ranks exactly as the towers row."""
+    from eval.bench import run_bench
+    from eval.config import BenchConfig
+
+    systems = f"towers={tiny_towers},bm25,hybrid={tiny_towers},hybrid:h1={tiny_towers}:weighted"
+    cfg = BenchConfig(suite=str(tiny_suite), systems=systems, out=str(tmp_path / "R"), k_max=10, batch_size=8,
+                      device="cpu", n_random=5, hybrid_alpha=1.0, hybrid_depth=2)
+    results = run_bench(cfg, show_progress=False)
+    rows = results["systems"]
+    assert list(rows) == ["towers", "bm25", "hybrid-rrf", "hybrid-weighted", "h1-weighted"]
+    assert rows["hybrid-weighted"]["metrics"] == rows["towers"]["metrics"] == rows["h1-weighted"]["metrics"]
+    assert rows["hybrid-rrf"]["config"]["fusion"] == "rrf" and rows["hybrid-rrf"]["timings"]["candidates_per_side"] == 20
+    # RRF of a perfect (bm25 here) and a weak (random tiny towers) ranking keeps both relevant docs in the top 10
+    assert rows["bm25"]["metrics"]["recall@10"] == 1.0 and rows["hybrid-rrf"]["metrics"]["recall@10"] == 1.0
+    assert "| hybrid-rrf |" in (tmp_path / "R" / "report.md").read_text()

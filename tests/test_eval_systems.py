@@ -25,13 +25,21 @@ def test_raw_llm_defaults_and_pooling_subset() -> None:
     assert path.value == "models/my-llm" and path.label == "raw-llm-my-llm" and path.poolings == ("logits",)
 
 
+def test_hybrid_systems_and_their_fusions() -> None:
+    specs = parse_systems("hybrid=runs/t,hybrid:h=runs/t:weighted,hybrid-minilm,hybrid-minilm:m2=rrf,hybrid:p=a:b/c")
+    assert [(s.kind, s.label, s.value, s.poolings) for s in specs] == [
+        ("hybrid", "hybrid", "runs/t", ("rrf", "weighted")), ("hybrid", "h", "runs/t", ("weighted",)),
+        ("hybrid-minilm", "hybrid-minilm", None, ("rrf", "weighted")), ("hybrid-minilm", "m2", None, ("rrf",)),
+        ("hybrid", "p", "a:b/c", ("rrf", "weighted"))]
+
+
 def test_labels_and_repeated_flags() -> None:
     specs = parse_systems(["towers:a=runs/a,towers:b=runs/b", "bm25"])
     assert [(s.label, s.value) for s in specs] == [("a", "runs/a"), ("b", "runs/b"), ("bm25", None)]
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("tower=x", "unknown system 'tower' in 'tower=x': choose towers, raw-llm, minilm, bm25"),
+    ("tower=x", "unknown system 'tower' in 'tower=x': choose towers, raw-llm, minilm, bm25, hybrid, hybrid-minilm"),
     ("towers", "towers needs a directory"),
     ("towers=a,towers=b", "duplicate system label"),
     ("raw-llm=smollm2:avg", "unknown raw-llm pooling 'avg': choose last, mean, logits"),
@@ -39,6 +47,8 @@ def test_labels_and_repeated_flags() -> None:
     ("towers:=x", "empty label"),
     ("towers=", "empty value"),
     (" , ", "no systems given"),
+    ("hybrid", "hybrid needs a towers directory"),
+    ("hybrid-minilm=max", "unknown fusion 'max': choose rrf, weighted"),
 ])
 def test_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

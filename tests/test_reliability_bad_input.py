@@ -211,7 +211,7 @@ CLI_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("remove-nothing", lambda c: ["index", "remove", str(c.index)], r"nothing to remove: pass --ids"),
     # -- bench and suites -------------------------------------------------------------------------------------
     ("bench-unknown-system", lambda c: c.bench("bm25,colbert"),
-     r"unknown system 'colbert' in 'colbert': choose towers, raw-llm, minilm, bm25"),
+     r"unknown system 'colbert' in 'colbert': choose towers, raw-llm, minilm, bm25, hybrid, hybrid-minilm"),
     ("bench-towers-without-dir", lambda c: c.bench("towers"), r"'towers': towers needs a directory"),
     ("bench-value-on-valueless-system", lambda c: c.bench("bm25=fast"), r"'bm25=fast': bm25 takes no value"),
     ("bench-duplicate-label", lambda c: c.bench("bm25,bm25"), r"duplicate system label\(s\) bm25"),

@@ -71,6 +71,10 @@ def test_queries_from_file_and_stdin(built, expected, capsys, tmp_path, monkeypa
     ([], "no queries"),
     (["q", "-k", "0"], "k must be between 1 and 1000 (the cap), got 0"),
     (["q", "--towers", "{missing}"], "has no twotower.json"),
+    (["q", "--filter", '{"lang": "py"}'], "unknown filter field 'lang': the index has fields source (valid operators"),
+    (["q", "--filter", '{"source": {"$regex": "x"}}'], "filter field 'source': unknown operator '$regex'"),
+    (["q", "--filter", "{bad"], "--filter: not valid JSON"),
+    (["q", "--alpha", "2"], "--alpha must be between 0 and 1, got 2"),
 ])
 def test_errors_are_one_clean_line(built, capsys, tmp_path, extra, message) -> None:
     _, index_dir = built
@@ -78,3 +82,16 @@ def test_errors_are_one_clean_line(built, capsys, tmp_path, extra, message) -> N
     assert twotower_cli.main(["search", "--index", str(index_dir), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("twotower search: error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_mode_and_filter_options(built, capsys) -> None:
+    from retrieval.retriever import Retriever
+
+    _, index_dir = built
+    argv = ["search", "--index", str(index_dir), "--device", "cpu", "--json", "-k", "4", *QUERIES[:2]]
+    flt = {"source": {"$in": ["src-0", "src-2"]}}
+    assert twotower_cli.main([*argv, "--mode", "hybrid", "--fusion", "rrf", "--filter", json.dumps(flt)]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = Retriever.load(index_dir, device="cpu").search(QUERIES[:2], k=4, mode="hybrid", fusion="rrf", filter=flt)
+    assert [[h["id"] for h in r["hits"]] for r in got] == [[h.id for h in row] for row in want]
+    assert all(h["metadata"]["source"] in ("src-0", "src-2") for r in got for h in r["hits"])

@@ -141,6 +141,14 @@ BAD_REQUESTS = [
     (b'{"queries": ["unterminated', "body", "JSON decode error"),
     (b"", "body", "Field required"),
     (b'{"queries": ["ok", "\\ud800 lone surrogate"]}', "queries.1", "lone UTF-16 surrogate"),
+    ({"queries": ["ok"], "filter": {"lang": "py"}}, "filter", "unknown filter field 'lang': the index has fields source"),
+    ({"queries": ["ok"], "filter": {"source": {"$like": "x"}}}, "filter", "unknown operator '$like' (valid operators: $eq"),
+    ({"queries": ["ok"], "filter": {"source": {"$in": "src-1"}}}, "filter", "$in needs a list"),
+    ({"queries": ["ok"], "filter": ["source"]}, "filter", "valid dictionary"),
+    ({"queries": ["ok"], "mode": "sparse"}, "mode", "'dense', 'bm25' or 'hybrid'"),
+    ({"queries": ["ok"], "fusion": "max"}, "fusion", "'rrf' or 'weighted'"),
+    ({"queries": ["ok"], "alpha": 1.5}, "body", "alpha must be a number between 0 and 1"),
+    ({"queries": ["ok"], "depth": 0}, "body", "depth must be an integer between 1 and 100"),
 ]
 
 
@@ -197,3 +205,19 @@ def test_serve_parser_builds_config() -> None:
     config = dataclass_from_args(ServeConfig, args)
     assert (config.index, config.port, config.max_batch, config.max_wait_ms, config.max_k) == ("IDX", 9001, 8, 0.5, 50)
     assert config.host == "127.0.0.1"
+
+
+def test_mode_and_filter_over_http(client, retriever) -> None:
+    """The HTTP fields reach Retriever.search; the mode defaults to the manifest's (dense here)."""
+    for body in ({"mode": "hybrid", "fusion": "weighted", "alpha": 0.3, "filter": {"source": "src-1"}},
+                 {"mode": "bm25", "filter": {"source": {"$in": ["src-2", "src-3"]}}}, {}):
+        r = client.post("/search", json={"queries": ["sort a list", "thread lock queue"], "k": 5, **body})
+        assert r.status_code == 200, r.text
+        got = [[h["id"] for h in row] for row in r.json()["results"]]
+        opts = {k: v for k, v in body.items()}
+        want = retriever.search(["sort a list", "thread lock queue"], k=5, **opts)
+        assert got == [[h.id for h in row] for row in want]
+        if "filter" in body:
+            allowed = body["filter"]["source"]
+            allowed = allowed["$in"] if isinstance(allowed, dict) else [allowed]
+            assert all(h["metadata"]["source"] in allowed for row in r.json()["results"] for h in row)

@@ -1,0 +1,82 @@
+"""Choose the hybrid fusion and alpha on DEV pairs (never on the test queries): towers vs bm25 vs RRF vs
+weighted fusion at alpha 0.0..1.0 (minmax and zscore), recall@10 and nDCG@10.
+
+The dev pairs (JSONL rows with ``query`` and ``positive``, e.g. a suite's ``dev.jsonl``) become a small
+retrieval task: the corpus is every distinct positive, each query's relevant doc its own positive. Each side
+is ranked once (exact dense search of the towers' vectors, the bm25s index of ``index.bm25``), then every
+fusion setting is applied to the same two ranked lists (``index.hybrid.fuse``). Prints a table and one JSON
+line with the best setting per metric.
+
+    python scripts/tune_hybrid.py --towers TOWERS --pairs SUITE/dev.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--towers", required=True, help="TOWERS dir")
+    ap.add_argument("--pairs", required=True, help="dev pairs JSONL (query, positive)")
+    ap.add_argument("--k", type=int, default=10, help="cut-off of the reported metrics")
+    ap.add_argument("--depth", type=int, default=10, help="candidates per side = k_max * depth")
+    ap.add_argument("--k-max", type=int, default=100, help="results per query (as twotower bench)")
+    ap.add_argument("--batch-size", type=int, default=64, help="encode batch size")
+    args = ap.parse_args()
+
+    from common.jsonl import iter_utf8_lines
+    from common.metrics import evaluate
+    from eval.bm25 import BM25Retriever
+    from eval.systems import SystemSpec, TowersSystem
+    from index.faiss_utils import build_faiss, search
+    from index.hybrid import fuse
+
+    rows = [json.loads(line) for _, line in iter_utf8_lines(Path(args.pairs)) if line.strip()]
+    docs: dict[str, int] = {}
+    for r in rows:
+        docs.setdefault(r["positive"], len(docs))
+    queries = [r["query"] for r in rows]
+    relevant = [{docs[r["positive"]]: 1} for r in rows]
+    corpus = list(docs)
+    towers = TowersSystem(SystemSpec("towers", "towers", args.towers), "cpu")
+    xb = towers.encode_docs(corpus, args.batch_size, True)["towers"]
+    xq = towers.encode_queries(queries, args.batch_size, True)["towers"]
+    depth_k = min(args.k_max * args.depth, len(corpus))
+    Dd, Id = search(build_faiss(xb, "Flat"), xq, depth_k)
+    bm25 = BM25Retriever()
+    bm25.index(corpus)
+    Db, Ib = bm25.search(queries, depth_k)
+    recall, ndcg = f"recall@{args.k}", f"ndcg@{args.k}"
+    table: list[tuple[str, dict[str, float]]] = []
+
+    def add(name: str, I: np.ndarray) -> None:
+        m = evaluate(I[:, : args.k_max], relevant)
+        table.append((name, {recall: m[recall], ndcg: m[ndcg]}))
+
+    add("towers", Id)
+    add("bm25", Ib)
+    add("hybrid-rrf", fuse([(Dd, Id), (Db, Ib)], args.k_max, "rrf")[1])
+    for norm in ("minmax", "zscore"):
+        for alpha in np.round(np.arange(0.0, 1.01, 0.1), 2):
+            I = fuse([(Dd, Id), (Db, Ib)], args.k_max, "weighted", [float(alpha), 1.0 - float(alpha)], norm)[1]
+            add(f"weighted {norm} alpha={alpha:.1f}", I)
+    print(f"dev pairs {args.pairs}: {len(queries)} queries, {len(corpus)} docs; load {os.getloadavg()[0]:.2f}",
+          file=sys.stderr)
+    for name, m in table:
+        print(f"{name:<32} {recall} {m[recall]:.3f}  {ndcg} {m[ndcg]:.3f}", file=sys.stderr)
+    weighted = [(n, m) for n, m in table if n.startswith("weighted")]
+    best = {metric: max(weighted, key=lambda t: (t[1][metric], t[1][recall] + t[1][ndcg]))[0] for metric in (recall, ndcg)}
+    print(json.dumps({"pairs": args.pairs, "queries": len(queries), "docs": len(corpus), "towers": args.towers,
+                      "results": dict(table), "best_weighted": best}))
+
+
+if __name__ == "__main__":
+    main()
