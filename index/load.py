@@ -161,3 +161,31 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
         raise ValueError(f"index '{path}': removed.npy ({len(removed)} rows) disagrees with manifest.json "
                          f"(n_removed={manifest.get('n_removed', 0)}, ntotal={index.ntotal})")
     return LoadedIndex(path, index, manifest, docs, removed, index_placement(index, device), float16)
+
+
+def load_shard(shard_dir: str | Path, device: str = "cpu") -> LoadedIndex:
+    """One SHARD dir (``index.shard``) as an exact (Flat) searchable index of its rows: what a shard server of
+    ``serve --shards --engine ray`` holds. Ids are local (0..n-1); ``manifest["rows"][0]`` is the corpus row of
+    local id 0 (contiguous shards). Flat gives each shard's exact top-k, so merging the shards' top-k gives the
+    exact top-k of the whole corpus.
+
+    Raises:
+        FileNotFoundError / ValueError: not a finished shard, or a damaged one (``index.shard.read_shard``).
+    """
+    import datasets
+
+    from index.build import add_chunks
+    from index.encode import EncodedCorpus
+    from index.faiss_utils import make_index
+    from index.shard import read_shard
+
+    path = Path(shard_dir)
+    shard = read_shard(path)
+    enc = EncodedCorpus(path, int(shard["n"]), int(shard["dim"]), len(shard["chunks"]), bool(shard["normalized"]))
+    index = make_index("Flat", enc.dim)
+    add_chunks(index, enc, progress=False)
+    docs = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in enc.docs_paths()])
+    manifest = {**{k: shard[k] for k in ("shard_id", "num_shards", "rows", "fingerprint", "dim", "encoder",
+                                          "towers_dir", "corpus", "normalized")},
+                "factory": "Flat", "metric": "inner_product", "ntotal": enc.n, "search_defaults": {}, "n_removed": 0}
+    return LoadedIndex(path, index, manifest, docs, np.empty(0, np.int64), index_placement(index, device))
