@@ -246,6 +246,7 @@ def encode_shards(towers_dir: str | Path, corpus: str | Path, plan: RayPlan, enc
           f"rows) on {n_actors} actor(s) x {cpu_each:g} CPU, {gpu_each:g} GPU into '{plan.shards_dir}'",
           file=sys.stderr)
     records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
     try:
         with tqdm(total=len(plan.todo), desc="shards", unit="shard", disable=not encode.progress) as bar:
             for row in ds.iter_rows():
@@ -261,6 +262,11 @@ def encode_shards(towers_dir: str | Path, corpus: str | Path, plan: RayPlan, enc
         raise TimeoutError(f"the {n_actors} encoder actor(s) did not start within --ray-timeout "
                            f"{ray_cfg.ray_timeout:g} s; the cluster may lack the CPUs/GPUs they ask for, or its nodes "
                            f"cannot load --towers '{towers_dir}' (see the actor errors above)") from None
+    wall = time.perf_counter() - t0
+    busy, capacity = sum(r["seconds"] for r in records), max(wall * n_actors, 1e-9)
+    print(f"index build --engine ray: {len(records)} shards, {sum(r['rows'] for r in records)} docs encoded in "
+          f"{wall:.1f} s; actors busy {busy:.1f} of {capacity:.1f} actor-seconds ({busy / capacity:.0%}; the rest: "
+          f"actor start-up with the model load, and waiting for the last shard)", file=sys.stderr)
     return records
 
 
