@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cliargs import add_dataclass_args, dataclass_from_args, finite_float
-from index.config import EncodeConfig, IndexBuildConfig, MergeConfig, MineConfig, ShardConfig
+from index.config import EncodeConfig, IndexBuildConfig, MergeConfig, MineConfig, RayBuildConfig, ShardConfig
 
 
 def add_index_parser(subparsers: Any) -> None:
@@ -26,7 +26,9 @@ def add_index_parser(subparsers: Any) -> None:
                                        "chunks) and write a FAISS index + doc store to --out, atomically. With "
                                        "--shard-id I --num-shards N (or under torchrun: RANK of WORLD_SIZE) encode "
                                        "only shard I (contiguous rows) into --out/shard-I-of-N and build the index "
-                                       "afterwards with `twotower index merge --shards OUT`.")
+                                       "afterwards with `twotower index merge --shards OUT`. With --engine ray a "
+                                       "pool of Ray encoder actors (Ray Data) builds all --num-shards shards, on "
+                                       "this machine or a cluster, and merges them into --out.")
     build.add_argument("--towers", required=True, help="TOWERS dir (output of `twotower train`)")
     build.add_argument("--corpus", required=True,
                        help="corpus.jsonl (BEIR rows _id/title/text), .parquet, a BEIR dir, a saved dataset dir, "
@@ -35,6 +37,7 @@ def add_index_parser(subparsers: Any) -> None:
     add_dataclass_args(build, IndexBuildConfig)
     add_dataclass_args(build, EncodeConfig)
     add_dataclass_args(build, ShardConfig)
+    add_dataclass_args(build, RayBuildConfig)
     _add_wait(build)
     build.set_defaults(func=run_index_build)
 
@@ -109,7 +112,14 @@ def run_index_build(args: argparse.Namespace) -> int:
     config = dataclass_from_args(IndexBuildConfig, args)  # every option checked before anything loads
     encode = dataclass_from_args(EncodeConfig, args)
     shard = dataclass_from_args(ShardConfig, args)
+    ray_cfg = dataclass_from_args(RayBuildConfig, args)
     wait = _check_wait(args)
+    if ray_cfg.engine == "ray":  # before resolve_shard: --num-shards alone is how many shards the actors build
+        from index.ray_build import ray_build_index
+
+        _notice_stale_temp_dirs(args.out)
+        _print_info(ray_build_index(args.towers, args.corpus, args.out, config, encode, shard, ray_cfg, wait=wait))
+        return 0
     from index.build import build_index, check_build_out
     from index.corpus import check_corpus
     from index.shard import build_shard, check_shard_out, resolve_shard

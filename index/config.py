@@ -101,6 +101,48 @@ class ShardConfig:
         return self.num_shards > 0 or self.shard_id >= 0
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class RayBuildConfig:
+    """``index build --engine ray``: the corpus is cut into --num-shards shards that a pool of Ray encoder actors
+    (Ray Data ``map_batches``, one result tower each) writes in the SHARD format; ``index merge`` then builds --out."""
+
+    engine: str = field("local", "local: encode in this process (or one shard per torchrun rank); ray: a pool of "
+                                 "Ray encoder actors builds every shard, then the shards are merged into --out",
+                        choices=ENGINES)
+    ray_address: str = field("", "Ray cluster to run on: auto (the one `ray start` made on this node), HOST:6379, "
+                                 "ray://HOST:10001 ('': start a local Ray on this machine)")
+    num_encoders: int = field(0, "encoder actors (0 = one per --gpus-per-encoder GPUs, or on CPUs one per 4 CPUs "
+                                 "of the cluster, at least 1)")
+    gpus_per_encoder: float = field(0.0, "GPUs per encoder actor (0: CPU actors; 1: one GPU each; 0.5: two per GPU)")
+    cpus_per_encoder: float = field(0.0, "CPUs per encoder actor, also its torch threads (0 = the cluster's CPUs / "
+                                         "--num-encoders)")
+    shards_dir: str = field("", "where the SHARD dirs go; on a cluster a path every node shares (default: "
+                                ".<out>.shards beside --out, deleted after the merge unless --keep-work)")
+    merge_method: str = field("add", "how the shards are merged into --out (see `index merge --method`)",
+                              choices=MERGE_METHODS)
+    ray_timeout: float = field(600.0, "seconds to wait for the encoder actors to start (model load included) "
+                                      "before failing")
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine '{self.engine}': choose {', '.join(ENGINES)}")
+        for name in ("num_encoders", "gpus_per_encoder", "cpus_per_encoder"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name):g}")
+        if self.ray_timeout <= 0:
+            raise ValueError(f"--ray-timeout must be > 0 seconds, got {self.ray_timeout:g}")
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method '{self.merge_method}': choose {', '.join(MERGE_METHODS)}")
+        if self.engine == "local":
+            given = [flag_of(f) for f in dataclasses.fields(self)
+                     if f.name != "engine" and getattr(self, f.name) != f.default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with --engine ray")
+
+
 @dataclass
 class MergeConfig:
     """How ``twotower index merge`` puts the shards together (index options are ``IndexBuildConfig``'s)."""

@@ -258,3 +258,31 @@ def check_query_sides(index_dir: str | Path, mode: str | None, filter: dict[str,
             raise ValueError(f"index '{path}' has no metadata filter map ({FILTERS_FILE}; built by an older "
                              f"twotower): rebuild it with `twotower index build` to search with a filter")
         FilterMap.load(path / FILTERS_FILE, int(manifest["ntotal"])).allowed(filter)
+
+
+def load_shard(shard_dir: str | Path, device: str = "cpu") -> LoadedIndex:
+    """One SHARD dir (``index.shard``) as an exact (Flat) searchable index of its rows: what a shard server of
+    ``serve --shards --engine ray`` holds. Ids are local (0..n-1); ``manifest["rows"][0]`` is the corpus row of
+    local id 0 (contiguous shards). Flat gives each shard's exact top-k, so merging the shards' top-k gives the
+    exact top-k of the whole corpus.
+
+    Raises:
+        FileNotFoundError / ValueError: not a finished shard, or a damaged one (``index.shard.read_shard``).
+    """
+    import datasets
+
+    from index.build import add_chunks
+    from index.encode import EncodedCorpus
+    from index.faiss_utils import make_index
+    from index.shard import read_shard
+
+    path = Path(shard_dir)
+    shard = read_shard(path)
+    enc = EncodedCorpus(path, int(shard["n"]), int(shard["dim"]), len(shard["chunks"]), bool(shard["normalized"]))
+    index = make_index("Flat", enc.dim)
+    add_chunks(index, enc, progress=False)
+    docs = datasets.concatenate_datasets([datasets.Dataset.from_file(str(p)) for p in enc.docs_paths()])
+    manifest = {**{k: shard[k] for k in ("shard_id", "num_shards", "rows", "fingerprint", "dim", "encoder",
+                                          "towers_dir", "corpus", "normalized")},
+                "factory": "Flat", "metric": "inner_product", "ntotal": enc.n, "search_defaults": {}, "n_removed": 0}
+    return LoadedIndex(path, index, manifest, docs, np.empty(0, np.int64), index_placement(index, device))

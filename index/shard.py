@@ -125,10 +125,8 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, shard: ShardC
     if total < num_shards:
         raise ValueError(f"corpus '{describe(corpus)}' has {total} rows, fewer than --num-shards {num_shards}")
     lo, hi = shard_range(total, shard_id, num_shards)
-    expected = {"shard_id": shard_id, "num_shards": num_shards, "rows": [lo, hi], "fingerprint": fingerprint,
-                "dim": int(encoder.dim), "dtype": config.dtype}
-    if path.exists() and not overwrite:
-        _keep_existing(path, expected, identity)
+    expected = expected_shard(shard, (lo, hi), fingerprint, int(encoder.dim), config.dtype)
+    if not overwrite and is_complete(path, expected, identity):
         return path
     t0 = time.time()
     enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
@@ -209,6 +207,26 @@ def read_shard(path: str | Path) -> dict[str, Any]:
 
 def _npy_rows(path: Path) -> int:
     return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def expected_shard(shard: ShardConfig, rows: tuple[int, int], fingerprint: str, dim: int,
+                   dtype: str) -> dict[str, Any]:
+    """The ``shard.json`` fields a finished shard of this build must have (a rerun keeps a shard that has them)."""
+    return {"shard_id": shard.shard_id, "num_shards": shard.num_shards, "rows": list(rows),
+            "fingerprint": fingerprint, "dim": int(dim), "dtype": dtype}
+
+
+def is_complete(path: Path, expected: dict[str, Any], identity: dict[str, Any]) -> bool:
+    """True when ``path`` is a finished shard made from the same corpus and encoder (a rerun: keep it), False
+    when it does not exist yet.
+
+    Raises:
+        FileExistsError: ``path`` exists but is unfinished, damaged, or from another corpus or encoder.
+    """
+    if not path.exists():
+        return False
+    _keep_existing(path, expected, identity)
+    return True
 
 
 def _keep_existing(path: Path, expected: dict[str, Any], identity: dict[str, Any]) -> None:

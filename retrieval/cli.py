@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from common.cliargs import add_dataclass_args, dataclass_from_args
 from common.jsonl import BOM, dumps_strict, read_text_lines
 from common.text import is_blank
-from retrieval.config import DEFAULT_MAX_K, SearchConfig, ServeConfig
+from retrieval.config import DEFAULT_MAX_K, RayServeConfig, SearchConfig, ServeConfig
 
 TEXT_WIDTH = 100  # characters of a hit's first text line shown in the readable listing
 
@@ -38,9 +38,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "\"k\": 10}, GET /health and GET /info; API docs at /docs (served offline), the OpenAPI "
                     "schema at /openapi.json. Concurrent requests are micro-batched into one encode + search. "
                     "A new version of the INDEX dir (index add/remove/build) is loaded and swapped in between "
-                    "batches, within --reload-interval seconds.")
-    p.add_argument("--index", required=True, help="INDEX dir (output of `twotower index build`)")
+                    "batches, within --reload-interval seconds. With --shards SHARD_DIR... --engine ray the shards "
+                    "of a sharded build are served on Ray Serve instead, one deployment per shard behind a router "
+                    "that encodes each query once and merges the shards' top-k (same API).")
+    p.add_argument("--index", default="", help="INDEX dir (output of `twotower index build`); required unless "
+                                               "--shards with --engine ray")
     add_dataclass_args(p, ServeConfig, skip=("index",))
+    add_dataclass_args(p, RayServeConfig)
     p.set_defaults(func=run_serve)
     return p
 
@@ -122,6 +126,14 @@ def run_search(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     passive_openmp()
     config = dataclass_from_args(ServeConfig, args)
+    ray_cfg = dataclass_from_args(RayServeConfig, args)
+    if ray_cfg.engine == "ray":
+        from retrieval.ray_serve import serve_shards
+
+        serve_shards(config, ray_cfg)
+        return 0
+    if not config.index:
+        raise ValueError("--index is required (or --shards SHARD_DIR... with --engine ray)")
     import torch
 
     from retrieval.retriever import Retriever

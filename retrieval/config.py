@@ -92,3 +92,36 @@ class ServeConfig:
         """``max_body_bytes``, or when 0 the worst case of a valid request (every char a 12-byte surrogate pair
         escape)."""
         return self.max_body_bytes or self.max_queries * (12 * self.max_query_chars + 8) + 4096
+
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class RayServeConfig:
+    """``twotower serve --shards SHARD_DIR... --engine ray``: one Ray Serve deployment per index shard, a router
+    that encodes each query once and merges the shards' top-k."""
+
+    engine: str = field("local", "local: this process serves one --index; ray: Ray Serve serves the --shards, one "
+                                 "deployment per shard behind a router", choices=list(ENGINES))
+    shards: list[str] = field([], "SHARD dirs (or dirs holding them: the --shards-dir of `index build --engine "
+                                  "ray`, the --out of `index build --num-shards`); with --engine ray")
+    ray_address: str = field("", "Ray cluster to run on: auto, HOST:6379, ray://HOST:10001 ('': start a local Ray)")
+    replicas: int = field(1, "replicas of each shard's deployment (each holds the shard in memory)")
+    router_replicas: int = field(1, "replicas of the router (query encoding + merge)")
+    cpus_per_replica: float = field(0.0, "CPUs per replica, also its threads (0 = the cluster's CPUs shared by all "
+                                         "replicas, at most 1)")
+    gpus_per_shard: float = field(0.0, "GPUs per shard replica (Flat search in torch on the GPU)")
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine '{self.engine}': choose {', '.join(ENGINES)}")
+        check_range(self, "replicas", 1, 1024)
+        check_range(self, "router_replicas", 1, 1024)
+        check_range(self, "cpus_per_replica", 0, 4096)
+        check_range(self, "gpus_per_shard", 0, 64)
+        if self.engine == "ray" and not self.shards:
+            raise ValueError("--engine ray serves SHARD dirs: pass --shards SHARD_DIR [...] (and no --index)")
+        if self.engine == "local" and self.shards:
+            raise ValueError("--shards: serving shards needs --engine ray (or merge them with `twotower index merge` "
+                             "and serve --index)")

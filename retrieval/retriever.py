@@ -156,7 +156,8 @@ class Retriever:
         self.max_k = max_k
         self.batch_size = batch_size
         self.precision = precision
-        self.docs = DocTable(index.docs)
+        # A sharded index (retrieval.ray_serve) has no docs here: its shards return their hits themselves.
+        self.docs = DocTable(index.docs) if getattr(index, "docs", None) is not None else None
         # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
         # shared mutable state is the fast tokenizer's Rust-side truncation setting, which a concurrent
         # change could hit ("Already borrowed"); this tower's tokenizer is private to the retriever and
@@ -319,27 +320,37 @@ class Retriever:
             raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
         if xq.shape[0] == 0:
             return []
+        return self.search_checked(np.ascontiguousarray(xq), k, nprobe, filter)
+
+    def search_checked(self, xq: np.ndarray, k: int, nprobe: int | None,
+                       filter: dict[str, Any] | None = None) -> list[list[Hit]]:
+        """Hits for checked query vectors (float32 (nq, dim), nq >= 1): the step a sharded retriever replaces."""
         allowed = self.index.allowed(filter)
-        D, I = self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed)  # (nq, k) each
+        D, I = self.index.search(xq, k, nprobe=nprobe, allowed=allowed)  # (nq, k) each
         return self.hits_from(D, I)
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""
-        nq, k = I.shape
-        valid = I >= 0
-        if valid.all():  # every slot filled (the usual case): no masking, ranks repeat 1..k
-            rows, scores, ranks, counts = I.ravel(), D.ravel().tolist(), list(range(1, k + 1)) * nq, [k] * nq
-        else:
-            rows, scores = I[valid], D[valid].tolist()
-            ranks = np.cumsum(valid, axis=1)[valid].tolist()  # 1-based rank of each hit within its query
-            counts = valid.sum(1).tolist()
-        cols = self.docs.take(rows)  # one batched take for every hit of every query
-        # Metadata is stored as JSON text; the common empty case costs no parse (and a fresh dict per hit).
-        hits = [Hit(i, s, t, ti or "", {} if not m or m == "{}" else json.loads(m), r)
-                for i, s, t, ti, m, r in zip(cols["id"], scores, cols["text"], cols["title"], cols["metadata"], ranks)]
-        out: list[list[Hit]] = []
-        start = 0
-        for n in counts:
-            out.append(hits[start: start + n])
-            start += n
-        return out
+        return hits_from(self.docs, D, I)
+
+
+def hits_from(docs: DocTable, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
+    """``Hit`` lists from faiss output (D float32 (nq, k), I int64 (nq, k) rows of ``docs``, -1 = none)."""
+    nq, k = I.shape
+    valid = I >= 0
+    if valid.all():  # every slot filled (the usual case): no masking, ranks repeat 1..k
+        rows, scores, ranks, counts = I.ravel(), D.ravel().tolist(), list(range(1, k + 1)) * nq, [k] * nq
+    else:
+        rows, scores = I[valid], D[valid].tolist()
+        ranks = np.cumsum(valid, axis=1)[valid].tolist()  # 1-based rank of each hit within its query
+        counts = valid.sum(1).tolist()
+    cols = docs.take(rows)  # one batched take for every hit of every query
+    # Metadata is stored as JSON text; the common empty case costs no parse (and a fresh dict per hit).
+    hits = [Hit(i, s, t, ti or "", {} if not m or m == "{}" else json.loads(m), r)
+            for i, s, t, ti, m, r in zip(cols["id"], scores, cols["text"], cols["title"], cols["metadata"], ranks)]
+    out: list[list[Hit]] = []
+    start = 0
+    for n in counts:
+        out.append(hits[start: start + n])
+        start += n
+    return out
