@@ -28,6 +28,7 @@ class _Job:
     queries: list[str]
     k: int
     nprobe: int | None
+    rescore: int | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float  # time.monotonic() when queued: the wait for others counts from here
@@ -84,7 +85,7 @@ class MicroBatcher:
         return {"batches": self.batches, "queries": self.queries, "largest_batch": self.largest,
                 "mean_batch": round(self.queries / self.batches, 2) if self.batches else 0.0}
 
-    async def search(self, queries: list[str], k: int, nprobe: int | None = None) -> Any:
+    async def search(self, queries: list[str], k: int, nprobe: int | None = None, rescore: int | None = None) -> Any:
         """Hits (or ``finish(hits)``) for ``queries``, computed in a merged batch.
 
         Raises:
@@ -97,8 +98,9 @@ class MicroBatcher:
         queries = check_queries(queries)
         k = check_k(k, self.retriever.max_k)
         nprobe = check_nprobe(nprobe)
+        rescore = self.retriever.check_rescore(rescore) if rescore is not None else None
         loop = asyncio.get_running_loop()
-        job = _Job(queries, k, nprobe, loop, loop.create_future(), time.monotonic())
+        job = _Job(queries, k, nprobe, rescore, loop, loop.create_future(), time.monotonic())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -143,17 +145,17 @@ class MicroBatcher:
         retriever = self.retriever
         try:
             xq = retriever.encode([q for job in batch for q in job.queries])  # (nq, dim): one forward pass
-            # One faiss search per distinct (k, nprobe): the batch usually shares one.
-            groups: dict[tuple[int, int | None], list[int]] = {}
+            # One faiss search per distinct (k, nprobe, rescore): the batch usually shares one.
+            groups: dict[tuple[int, int | None, int | None], list[int]] = {}
             for j, job in enumerate(batch):
-                groups.setdefault((job.k, job.nprobe), []).append(j)
+                groups.setdefault((job.k, job.nprobe, job.rescore), []).append(j)
             starts = [0]
             for job in batch:
                 starts.append(starts[-1] + len(job.queries))
             results: list[Any] = [None] * len(batch)
-            for (k, nprobe), members in groups.items():
+            for (k, nprobe, rescore), members in groups.items():
                 rows = [r for j in members for r in range(starts[j], starts[j + 1])]
-                hits = retriever.search_vectors(xq[rows], k, nprobe)
+                hits = retriever.search_vectors(xq[rows], k, nprobe, rescore)
                 pos = 0
                 for j in members:
                     n = len(batch[j].queries)

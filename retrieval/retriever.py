@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from common.device import check_device, check_precision, resolve_device
+from common.encoder import TruncatedEncoder
 from common.text import is_blank
 from index.load import load_index
 from index.store import read_manifest, recorded_towers_dir
-from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE
+from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE, MAX_RESCORE
 from retrieval.doctable import DocTable
 from towers.inference import TowerEncoder
 from towers.model import Tower, read_towers_meta
@@ -68,6 +69,26 @@ def check_nprobe(nprobe: Any) -> int | None:
     return int(nprobe)
 
 
+def query_dim(index: Any, tower_dim: int) -> int | None:
+    """The dim queries are truncated to for ``index`` (None: the tower's own), or ValueError for a mismatch.
+
+    An index built with ``--dim D`` (Matryoshka) records ``truncate_dim`` = D in its manifest; the query
+    vectors are then cut to D and re-normalised. Any other dim difference is a different model.
+    """
+    dim = int(index.dim)
+    truncate = (getattr(index, "manifest", None) or {}).get("truncate_dim")
+    if dim == tower_dim and not truncate:
+        return None
+    if truncate and int(truncate) == dim and dim < tower_dim:
+        return dim
+    if truncate and dim > tower_dim:
+        raise ValueError(f"index dim {dim} (--dim) is larger than the query tower's dim {tower_dim}: the towers "
+                         f"and the index belong to different models")
+    raise ValueError(f"query tower dim {tower_dim} != index dim {dim}"
+                     + (f" (truncated to {truncate})" if truncate else " and the index records no truncation (--dim)")
+                     + ": the towers and the index belong to different models")
+
+
 def check_queries(queries: str | Sequence[str]) -> list[str]:
     """A str becomes a one-element list; every query must be a non-blank str."""
     if isinstance(queries, str):
@@ -113,9 +134,7 @@ class Retriever:
     def __init__(self, index: Any, tower: Any, towers_meta: dict[str, Any] | None = None,
                  max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> None:
         check_retrieval_precision(precision)
-        if tower.dim != index.dim:
-            raise ValueError(f"query tower dim {tower.dim} != index dim {index.dim}: "
-                             "the towers and the index belong to different models")
+        self.truncate_dim = query_dim(index, int(tower.dim))
         self.index = index
         if isinstance(tower, Tower):
             autocast = "fp32" if precision == "onnx" else precision
@@ -123,6 +142,8 @@ class Retriever:
             self.tower = tower
         else:
             self.encoder = self.tower = tower
+        if self.truncate_dim:  # a Matryoshka index: queries are cut to its dim and re-normalised, as its docs were
+            self.encoder = TruncatedEncoder(self.encoder, self.truncate_dim)
         self.towers_meta = towers_meta or {}
         self.max_k = max_k
         self.batch_size = batch_size
@@ -167,6 +188,8 @@ class Retriever:
             raise ValueError(f"{towers_dir / 'twotower.json'} has no fingerprint: cannot check it matches "
                              f"index '{index_dir}'")
         index.check_fingerprint(fingerprint)
+        if meta.get("dim"):
+            query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
         # Only the query tower: the result tower is what built the index and is not needed here.
         tower = Tower.load(towers_dir / "query_tower").to(tower_device)
         if precision == "onnx":
@@ -180,8 +203,10 @@ class Retriever:
     def with_index(self, index: Any) -> Retriever:
         """This retriever's query encoder (shared, not reloaded) over another version of its INDEX dir: what
         ``serve`` swaps in when the dir changes. The caller checks the fingerprint."""
-        if int(index.dim) != self.dim:
-            raise ValueError(f"index '{index.path}' has dim {index.dim}, the query tower {self.dim}")
+        if query_dim(index, int(self.tower.dim)) != self.truncate_dim:
+            raise ValueError(f"index '{index.path}' has dim {index.dim} (truncated from "
+                             f"{index.manifest.get('towers_dim')}: {index.manifest.get('truncate_dim')}), the index "
+                             f"being served {self.dim}; restart the server for the new dim")
         new = copy.copy(self)  # no warm-up encode: the shared tokenizer may be in use by the serving thread
         new.index, new.docs = index, DocTable(index.docs)
         return new
@@ -206,28 +231,43 @@ class Retriever:
         """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
         return self.encoder.encode(check_queries(queries), batch_size=self.batch_size)
 
-    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
+    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None,
+               rescore: int | None = None) -> list[list[Hit]]:
         """Top-``k`` hits per query (one encode + one faiss search for all of them).
 
         Args:
             queries: one query or a list; a str gives a one-element result list.
             k: hits per query, 1..``max_k``.
             nprobe: IVF lists to visit (None: the index default).
+            rescore: re-score ``k * rescore`` candidates with the exact vectors kept in the index dir (None:
+                the index default, 0: off).
 
         Returns:
             One list of ``Hit`` per query, best first (fewer than k when the index holds fewer docs).
         """
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
+        rescore = self.check_rescore(rescore)
         queries = check_queries(queries)
         if not queries:
             return []
-        return self.search_vectors(self.encode(queries), k, nprobe)
+        return self.search_vectors(self.encode(queries), k, nprobe, rescore)
 
-    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None) -> list[list[Hit]]:
-        """Hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query)."""
+    def check_rescore(self, rescore: Any) -> int | None:
+        """``rescore`` as an int in [0, MAX_RESCORE] or None; > 0 needs an index that keeps its vectors."""
+        if rescore is None:
+            return None
+        if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or not 0 <= rescore <= MAX_RESCORE:
+            raise ValueError(f"rescore must be an integer between 0 and {MAX_RESCORE} or None, got {rescore!r}")
+        return self.index.check_rescore(int(rescore))
+
+    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
+                       rescore: int | None = None) -> list[list[Hit]]:
+        """Hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query; already truncated to the
+        index's dim for a Matryoshka index)."""
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
+        rescore = self.check_rescore(rescore)
         xq = np.asarray(xq, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
@@ -235,7 +275,7 @@ class Retriever:
             raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
         if xq.shape[0] == 0:
             return []
-        D, I = self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe)  # (nq, k) each
+        D, I = self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, rescore=rescore)  # (nq, k) each
         return self.hits_from(D, I)
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:

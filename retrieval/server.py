@@ -27,7 +27,7 @@ from common.jsonl import dumps_strict
 from common.text import is_blank
 from retrieval.apidocs import render_docs
 from retrieval.batcher import MicroBatcher, Overloaded
-from retrieval.config import MAX_NPROBE, ServeConfig
+from retrieval.config import MAX_NPROBE, MAX_RESCORE, ServeConfig
 from retrieval.reload import IndexWatcher
 from retrieval.retriever import Hit, Retriever, is_encodable
 
@@ -40,6 +40,8 @@ class SearchRequest(BaseModel):
                                      examples=[["how do I sort a list", "open a file"]])
     k: StrictInt = Field(10, description="hits per query (1..max_k)")
     nprobe: StrictInt | None = Field(None, description="IVF lists to visit (default: the index's)")
+    rescore: StrictInt | None = Field(None, description="re-score k x rescore candidates with the exact vectors "
+                                                        "the index keeps (0: off; default: the index's)")
 
 
 class HitModel(BaseModel):
@@ -79,6 +81,8 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
         return err(("nprobe",), f"nprobe must be >= 1, got {req.nprobe}")
     if req.nprobe is not None and req.nprobe > MAX_NPROBE:
         return err(("nprobe",), f"nprobe must be <= {MAX_NPROBE}, got {req.nprobe}")
+    if req.rescore is not None and not 0 <= req.rescore <= MAX_RESCORE:
+        return err(("rescore",), f"rescore must be between 0 and {MAX_RESCORE}, got {req.rescore}")
     return []
 
 
@@ -161,7 +165,7 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
         if errors:
             return _error_response(422, errors)
         try:
-            body = await app.state.batcher.search(req.queries, req.k, req.nprobe)
+            body = await app.state.batcher.search(req.queries, req.k, req.nprobe, req.rescore)
         except Overloaded as exc:
             return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
         except ValueError as exc:  # anything the retriever still rejects is the client's input
