@@ -156,3 +156,45 @@ def test_memory_options_are_checked(data, tmp_path) -> None:
     assert compact.factory.endswith(",SQ8") and compact.rescore == 4 and "re-scoring" in compact.reason
     with pytest.raises(ValueError, match="multiple of 8"):
         _build(data[0][:, :12], "BFlat", tmp_path / "bad")
+
+
+def test_rescore_override_through_retriever_cli_and_http(tiny_bert_dir, tmp_path, capsys) -> None:
+    """k * rescore covering all 60 docs of a binary index gives the exact ranking, per call, in every front end."""
+    from fastapi.testclient import TestClient
+
+    import twotower_cli
+    from index.build import build_index
+    from index.config import EncodeConfig, IndexBuildConfig
+    from retrieval.config import ServeConfig
+    from retrieval.retriever import Retriever
+    from retrieval.server import create_app
+    from tests.conftest import QUERIES, make_corpus
+    from towers.inference import query_encoder, result_encoder
+    from towers.model import TwoTower
+
+    towers = tmp_path / "towers"
+    TwoTower.from_base(str(tiny_bert_dir), shared=False, query_max_length=16, result_max_length=32).save(towers)
+    model = TwoTower.load(towers)
+    corpus = make_corpus(60)
+    out = build_index(result_encoder(model), corpus, tmp_path / "index", IndexBuildConfig(factory="BFlat", rescore=0,
+                      keep_vectors="float32"), EncodeConfig(progress=False), towers_dir=towers)
+    xb = np.load(out / "vectors.npy")
+    _, exact = _exact(xb, query_encoder(model).encode(QUERIES), 5)
+    want = [[corpus[i]["_id"] for i in row] for row in exact]
+    r = Retriever.load(out, device="cpu")
+    assert [[h.id for h in row] for row in r.search(QUERIES, k=5, rescore=12)] == want
+    assert [[h.id for h in row] for row in r.search(QUERIES, k=5)] != want  # default 0: Hamming ranking alone
+    with pytest.raises(ValueError, match="rescore must be an integer between 0 and 1000"):
+        r.search(QUERIES, k=5, rescore=-1)
+    with TestClient(create_app(ServeConfig(index=""), r)) as client:
+        got = client.post("/search", json={"queries": QUERIES, "k": 5, "rescore": 12}).json()["results"]
+        assert [[h["id"] for h in row] for row in got] == want
+        bad = client.post("/search", json={"queries": QUERIES, "k": 5, "rescore": 1001})
+        assert bad.status_code == 422 and "rescore must be between 0 and 1000" in bad.json()["error"]
+    capsys.readouterr()
+    assert twotower_cli.main(["search", "--index", str(out), QUERIES[0], "-k", "5", "--rescore", "12", "--json",
+                              "--device", "cpu"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)["hits"]] == want[0]
+    assert twotower_cli.main(["index", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ram_bytes_per_doc"] < 32 / 8 + 2 and info["vectors_bytes_per_doc"] > 32 * 4  # header amortised
