@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 VECTOR_DTYPES = ("float32", "float16")
-QUERY_BLOCK = 256  # queries re-scored at once: bounds the gathered (block, k*N, d) candidate tensor
+QUERY_BLOCK = 256  # most queries re-scored at once
+GATHER_FLOATS = 1 << 22  # and at most this many floats (16 MiB) in the gathered (block, k*N, d) candidates
 
 
 def open_vectors(path: str | Path, n: int, d: int) -> np.ndarray:
@@ -50,15 +51,16 @@ def rescore(xq: np.ndarray, I: np.ndarray, vectors: np.ndarray, k: int) -> tuple
     Io = np.full((nq, k), -1, np.int64)
     if nq == 0 or kk == 0:
         return Do, Io
-    for start in range(0, nq, QUERY_BLOCK):
-        block = I[start : start + QUERY_BLOCK]  # (b, kk)
+    step = max(1, min(QUERY_BLOCK, GATHER_FLOATS // (kk * xq.shape[1])))
+    for start in range(0, nq, step):
+        block = I[start : start + step]  # (b, kk)
         valid = block >= 0
         rows, inverse = np.unique(block[valid], return_inverse=True)  # sorted: the memmap reads in file order
         gathered = np.asarray(vectors[rows], dtype=np.float32)  # (u, d)
         pos = np.zeros(block.shape, np.int64)
         pos[valid] = inverse
         cand = gathered[pos] if len(rows) else np.zeros((*block.shape, xq.shape[1]), np.float32)  # (b, kk, d)
-        scores = np.einsum("bd,bkd->bk", xq[start : start + QUERY_BLOCK], cand)  # (b, kk)
+        scores = np.matmul(cand, xq[start : start + step, :, None])[..., 0]  # (b, kk, d) @ (b, d, 1) -> (b, kk)
         scores[~valid] = -np.inf
         top = min(k, kk)
         part = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < kk else np.tile(np.arange(kk), (len(block), 1))
