@@ -204,3 +204,15 @@ def test_rescore_override_through_retriever_cli_and_http(tiny_bert_dir, tmp_path
     assert twotower_cli.main(["index", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["ram_bytes_per_doc"] < 32 / 8 + 2 and info["vectors_bytes_per_doc"] > 32 * 4  # header amortised
+
+
+def test_auto_under_a_small_budget_builds_compact_codes_with_rescoring(data, tmp_path) -> None:
+    from index.load import load_index
+
+    xb, xq = data
+    out = _build(xb, "auto", tmp_path / "auto", memory_budget="40KB")  # floats: 51 KB, SQ8 codes: 17 KB
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["factory"], m["rescore"], m["vectors"]) == ("IVF8,SQ8", 4, "float32"), m["factory"]
+    assert "re-scoring 4x k" in m["build_config"]["factory_reason"]
+    D, I = load_index(out, device="cpu").search(xq, 5, nprobe=8, rescore=80)  # 400 candidates: exact
+    np.testing.assert_array_equal(I, _exact(xb, xq, 5)[1])
