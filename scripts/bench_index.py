@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=KINDS, help="index kinds to skip")
     p.add_argument("--kinds", default="ivf,ivfsq8,ivfpq,hnsw",
                    help=f"comma list of index kinds to run, from {','.join(KINDS)} (bflat/bivf: binary sign bits)")
+    p.add_argument("--nprobes", default="", help="comma list of nprobe values for IVF kinds (default: a sweep around "
+                                                 "the manifest default; real embeddings need more than synthetic)")
     p.add_argument("--rescore", default="0", help="comma list of re-scoring factors N for compact codes (0 = none)")
     p.add_argument("--suite", default="", help="real embeddings: BEIR suite dir whose corpus is encoded (with --towers)")
     p.add_argument("--towers", default="", help="TOWERS dir that encodes --suite")
@@ -277,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         "bflat": ("BFlat", [{}], rescores),
         "bivf": (f"BIVF{nlist}", [{"nprobe": p} for p in nprobes if p >= dflt], rescores),
     }
-    if any(rescores):  # with re-scoring, two nprobe values around the default keep the table short
+    if args.nprobes:
+        chosen = [{"nprobe": int(v)} for v in args.nprobes.split(",")]
+        for kind in ("ivf", "ivfsq8", "ivfpq", "bivf"):
+            plans[kind] = (plans[kind][0], chosen, plans[kind][2])
+    elif any(rescores):  # with re-scoring, nprobe values around the default keep the table short
         for kind in ("ivfsq8", "ivfpq"):
             factory, sweep, rs = plans[kind]
             plans[kind] = (factory, [s for s in sweep if s["nprobe"] in (min(8, dflt), dflt, min(2 * dflt, nlist))], rs)
