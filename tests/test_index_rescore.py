@@ -148,7 +148,7 @@ def test_memory_options_are_checked(data, tmp_path) -> None:
     assert IndexBuildConfig(rescore=-1, keep_vectors="none").resolve_rescore(10) == (0, None)
     assert IndexBuildConfig(rescore=0, keep_vectors="float16").resolve_rescore(10) == (0, "float16")
     assert [default_rescore(f) for f in ("Flat", "IVF64,Flat", "HNSW32", "IVF64,SQ8", "HNSW32,SQ8", "IVF64,PQ48",
-                                         "OPQ16,IVF64,PQ16x4fs", "BIVF64")] == [0, 0, 0, 4, 4, 10, 10, 10]
+                                         "OPQ16,IVF64,PQ16x4fs", "BIVF64")] == [0, 0, 0, 4, 4, 10, 10, 20]
     n, d = 1_000_000, 384
     floats = auto_factory(n, d, 8 * 2**30)
     assert floats.factory.endswith(",Flat") and floats.rescore == 0
