@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 def field(default: Any, help: str, required: bool = False, **meta: Any) -> Any:
-    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``).
+    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``/``arg_type``).
 
     ``required=True``: the command line must give it (argparse enforces it) and :func:`check_required`, called
     from the config's ``__post_init__``, refuses an empty value when the config is built in Python.
@@ -74,7 +74,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):
             (inner,) = typing.get_args(tp)[:1]
-            kwargs.update(type=inner, nargs=f.metadata.get("nargs", "+"))
+            # ``arg_type=str`` lets a config parse "384,256" itself (in its __post_init__)
+            kwargs.update(type=f.metadata.get("arg_type", inner), nargs=f.metadata.get("nargs", "+"))
         else:
             kwargs["type"] = finite_float if tp is float else tp
             if "choices" in f.metadata:

@@ -105,3 +105,45 @@ def length_groups(lengths: Sequence[int] | np.ndarray, max_groups: int = 8, grou
         end = start
     assert end == 0, "the groups cover every row"
     return groups[::-1]
+
+
+def truncate_renorm(x: np.ndarray, dim: int) -> np.ndarray:
+    """Matryoshka truncation: the first ``dim`` coordinates of each row, L2-normalised again.
+
+    Args:
+        x: (n, d) vectors (d >= dim). dim: coordinates kept.
+
+    Returns:
+        float32 (n, dim), C-contiguous; a zero row stays zero.
+    """
+    if not 1 <= dim <= x.shape[-1]:
+        raise ValueError(f"cannot truncate {x.shape[-1]}-dim vectors to {dim} dims")
+    head = np.array(x[..., :dim], dtype=np.float32)
+    norms = np.linalg.norm(head, axis=-1, keepdims=True)
+    return np.ascontiguousarray(head / np.maximum(norms, np.finfo(np.float32).tiny))
+
+
+class TruncatedEncoder:
+    """An encoder whose vectors are the first ``dim`` coordinates of ``encoder``'s, re-normalised (Matryoshka).
+
+    Same ``fingerprint()`` as the wrapped encoder: the vector space is the same towers', cut; an INDEX dir
+    records the cut in its manifest (``truncate_dim``) and search cuts its queries alike.
+    """
+
+    def __init__(self, encoder: Encoder, dim: int) -> None:
+        if not 1 <= dim <= int(encoder.dim):
+            raise ValueError(f"--dim {dim} is larger than the towers' dim {encoder.dim}" if dim > 0 else
+                             f"--dim must be >= 1, got {dim}")
+        self.encoder, self.dim = encoder, int(dim)
+        fp = getattr(encoder, "fingerprint", None)
+        if callable(fp):
+            self.fingerprint = fp
+
+    def __getattr__(self, name: str) -> object:  # device, tower, ... of the wrapped encoder
+        encoder = self.__dict__.get("encoder")
+        if encoder is None:
+            raise AttributeError(name)
+        return getattr(encoder, name)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        return truncate_renorm(self.encoder.encode(texts, batch_size=batch_size, show_progress=show_progress), self.dim)

@@ -9,33 +9,37 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 from tqdm.auto import tqdm
 
 from common.atomic import atomic_dir
-from common.encoder import Encoder
+from common.encoder import Encoder, TruncatedEncoder
 from common.lock import exclusive
 from common.outputs import check_out_dir, check_work_dir, remove_work_dir
+from index.bm25 import BM25_DIR, BM25Index
 from index.config import EncodeConfig, IndexBuildConfig
 from index.corpus import Corpus, count_rows, describe, doc_text
 from index.encode import EncodedCorpus, default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
 from index.factory import auto_factory, parse_memory
-from index.faiss_utils import ivf_of, make_index, search_defaults, train_index
-from index.bm25 import BM25_DIR, BM25Index
+from index.faiss_utils import make_index, nlist_of, search_defaults, train_index, write_index
 from index.filters import FILTERS_FILE, build_filter_table, describe_fields, save_filter_table
 from index.hybrid import QUERY_DEFAULTS
 from index.store import (
     DOCS_DIR,
     FORMAT_VERSION,
     INDEX_FILE,
+    VECTORS_FILE,
     link_or_copy,
     load_docs,
     next_generation,
     save_docs,
     write_manifest,
+    write_vectors,
 )
 
 
@@ -74,9 +78,16 @@ def check_build_out(out: str | Path, corpus: Corpus, towers_dir: str | Path | No
     return check_work_dir(work, out)
 
 
+def truncating(encoder: Encoder, dim: int) -> Encoder:
+    """``encoder`` cut to its first ``dim`` coordinates, re-normalised (``--dim``); as is for 0 or its own dim."""
+    return encoder if not dim or dim == int(encoder.dim) else TruncatedEncoder(encoder, dim)
+
+
 def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig, encode: EncodeConfig,
            towers_dir: str | Path | None) -> None:
     budget = parse_memory(config.memory_budget)
+    full_dim = int(encoder.dim)
+    encoder = truncating(encoder, config.dim)  # a --dim above the towers' fails here, before any encoding
     dim = int(encoder.dim)
     if config.factory != "auto":
         make_index(config.factory, dim)  # a bad factory string fails now, not after hours of encoding
@@ -90,9 +101,10 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
     t_encode = time.time() - t0
     if config.factory == "auto":
         choice = auto_factory(enc.n, dim, budget)
-        factory, reason = choice.factory, choice.reason
+        factory, reason, auto_rescore = choice.factory, choice.reason, choice.rescore
     else:
-        factory, reason = config.factory, "given"
+        factory, reason, auto_rescore = config.factory, "given", 0
+    rescore, vectors = config.resolve_rescore(auto_rescore)
     index, defaults, t_train = train_and_add(enc, factory, config, encode.progress)
     manifest = new_manifest(
         dim=dim, factory=factory, ntotal=int(index.ntotal), search_defaults=defaults,
@@ -100,9 +112,11 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
         corpus=describe(corpus), normalized=enc.normalized,
         build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason, "memory_budget_bytes": budget,
                "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
+    set_memory_fields(manifest, rescore, vectors, dim, full_dim)
     manifest["generation"] = next_generation(out)
     manifest["query_defaults"] = config.query_defaults()
-    write_index_dir(out, index, [*enc.docs_paths()], manifest, bm25=config.bm25)
+    write_index_dir(out, index, [*enc.docs_paths()], manifest, bm25=config.bm25,
+                    vectors=enc.iter_embeddings() if vectors else None)
     if not encode.keep_work:
         remove_work_dir(work)
 
@@ -120,8 +134,7 @@ def train_empty(enc: EncodedCorpus, factory: str, config: IndexBuildConfig) -> A
     """The index ``factory`` trained on ``config.train_size`` vectors drawn uniformly from ``enc`` (still empty)."""
     index = make_index(factory, enc.dim)
     if not index.is_trained:
-        ivf = ivf_of(index)
-        nlist = ivf.nlist if ivf is not None else 0
+        nlist = nlist_of(index) or 0
         nt = config.train_size or auto_train_size(enc.n, nlist, enc.dim, parse_memory(config.memory_budget))
         train_index(index, enc.sample(min(nt, enc.n), config.seed))
     return index
@@ -193,18 +206,32 @@ def write_query_sides(tmp: Path, docs: Any, manifest: dict[str, Any], bm25: bool
     manifest["sides_seconds"] = round(time.time() - t0, 2)
 
 
+def set_memory_fields(manifest: dict[str, Any], rescore: int, vectors: str | None, dim: int, full_dim: int) -> None:
+    """Record re-scoring (default factor, vectors.npy dtype) and Matryoshka truncation in a new manifest."""
+    manifest["rescore"] = int(rescore)
+    manifest["vectors"] = vectors  # dtype of vectors.npy, or None: no float vectors kept
+    manifest["truncate_dim"] = dim if dim != full_dim else None  # queries are cut to this many dims too
+    manifest["towers_dim"] = full_dim
+
+
 def write_index_dir(out: Path, index: Any, doc_parts: list[Any], manifest: dict[str, Any],
-                    extra_files: dict[str, Path] | None = None, bm25: bool = True,
-                    previous: Path | None = None) -> None:
-    """Write index.faiss, docs/, the query-time sides (bm25/, filters.arrow) and manifest.json to a temp dir and
-    rename it onto ``out`` (atomic: a crash leaves the previous INDEX dir whole, every side in step with it).
+                    extra_files: dict[str, Path] | None = None, bm25: bool = True, previous: Path | None = None,
+                    vectors: Iterable[np.ndarray] | None = None) -> None:
+    """Write index.faiss, docs/, the query-time sides (bm25/, filters.arrow), the optional vectors.npy and
+    manifest.json to a temp dir and rename it onto ``out`` (atomic: a crash leaves the previous INDEX dir whole,
+    every side in step with it).
 
     Args:
         bm25: store the BM25 side; previous: the INDEX dir this one extends (``index add``): its BM25 side is
             extended with the new rows instead of re-tokenising every row.
+        vectors: row chunks of the (ntotal, dim) vectors, written to vectors.npy in the manifest's ``vectors``
+            dtype (for re-scoring); None: none kept.
     """
+    assert (vectors is None) == (not manifest.get("vectors")), "vectors given iff the manifest keeps them"
     with atomic_dir(out) as tmp:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
+        write_index(index, tmp / INDEX_FILE)
+        if vectors is not None:
+            write_vectors(tmp / VECTORS_FILE, vectors, int(manifest["ntotal"]), int(manifest["dim"]), manifest["vectors"])
         save_docs(doc_parts, tmp / DOCS_DIR)
         write_query_sides(tmp, load_docs(tmp), manifest, bm25, previous)
         for name, src in (extra_files or {}).items():

@@ -77,8 +77,10 @@ def add_index_parser(subparsers: Any) -> None:
     remove.set_defaults(func=run_index_remove)
 
     info = sub.add_parser("info", help="show what an INDEX dir holds",
-                          description="Print ntotal, factory, dim, search defaults, size on disk and the "
-                                      "towers fingerprint of an INDEX dir (reads only the manifest).")
+                          description="Print ntotal, factory, dim, search defaults, size on disk, RAM and disk "
+                                      "bytes per doc (RAM: index.faiss, read whole; disk: everything, the "
+                                      "memory-mapped docs/ and vectors.npy included), re-scoring and the towers "
+                                      "fingerprint of an INDEX dir (reads only the manifest and file sizes).")
     info.add_argument("index", metavar="INDEX", help="INDEX dir")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=run_index_info)
@@ -130,7 +132,9 @@ def run_index_build(args: argparse.Namespace) -> int:
     if shard.sharded and config.index_options_given():
         raise ValueError(f"{', '.join(config.index_options_given())}: the index is built once from all shards, so "
                          f"pass index options to `twotower index merge`, not to a shard's build")
-    read_towers_meta(args.towers)  # inputs and outputs checked before the towers load
+    meta = read_towers_meta(args.towers)  # inputs and outputs checked before the towers load
+    if config.dim and meta.get("dim") and config.dim > int(meta["dim"]):
+        raise ValueError(f"--dim {config.dim} is larger than the towers' dim {meta['dim']} ({args.towers})")
     check_corpus(args.corpus)
     if shard.sharded:
         check_shard_out(args.out, shard, encode, args.corpus, args.towers)

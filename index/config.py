@@ -15,6 +15,8 @@ from common.device import check_device
 from index.hybrid import FUSIONS, MODES, QUERY_DEFAULTS
 
 DTYPES = ("float32", "float16")
+KEEP_VECTORS = ("auto", "none", "float32", "float16")
+MAX_RESCORE = 1000  # candidates = k x rescore; beyond this a re-score reads more than a Flat scan would
 MERGE_METHODS = ("add", "merge_from", "ondisk")
 SAMPLING = ("top", "random")
 MAX_MINE_RANK = 100_000  # candidates searched per query when mining: faiss allocates nq x range_max results
@@ -55,6 +57,16 @@ class IndexBuildConfig:
                                   "the sample within a quarter of --memory-budget)")
     nprobe: int = field(0, "default IVF lists probed per query, stored in the manifest (0 = auto)")
     ef_search: int = field(0, "default HNSW search breadth, stored in the manifest (0 = auto)")
+    rescore: int = field(-1, "default re-scoring: search the index for k x N candidates and re-score them exactly "
+                             "with the float vectors kept on disk (vectors.npy, memory-mapped); override per search "
+                             "with --rescore / rescore=; 0 = off; -1 = auto (what --factory auto picks: 0 when the "
+                             "float vectors fit --memory-budget, else 4 for SQ codes and 10 for PQ; 0 for a given "
+                             "--factory)")
+    keep_vectors: str = field("auto", "keep the vectors in vectors.npy for re-scoring: float32, float16 (half the "
+                                      "disk, scores to ~1e-3), none; auto = float32 when the default --rescore is on",
+                              choices=KEEP_VECTORS)
+    dim: int = field(0, "index only the first DIM coordinates of each vector, re-normalised (towers trained with "
+                        "--matryoshka-dims); queries are truncated alike at search; 0 = the towers' dim")
     seed: int = field(0, "seed for the training sample")
     overwrite: bool = field(False, "replace an existing index dir at --out (atomically)")
     bm25: bool = field(True, "also store a BM25 (bm25s) index of the same docs, for `search --mode bm25|hybrid` "
@@ -80,6 +92,24 @@ class IndexBuildConfig:
         """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
         return {**QUERY_DEFAULTS, "mode": self.default_mode, "fusion": self.default_fusion,
                 "alpha": self.default_alpha}
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.rescore <= MAX_RESCORE:
+            raise ValueError(f"--rescore must be between -1 (auto) and {MAX_RESCORE}, got {self.rescore}")
+        if self.keep_vectors not in KEEP_VECTORS:
+            raise ValueError(f"unknown --keep-vectors '{self.keep_vectors}': choose {', '.join(KEEP_VECTORS)}")
+        if self.rescore > 0 and self.keep_vectors == "none":
+            raise ValueError(f"--rescore {self.rescore} needs the float vectors: drop --keep-vectors none")
+        if self.dim < 0:
+            raise ValueError(f"--dim must be >= 0 (0 = the towers' dim), got {self.dim}")
+
+    def resolve_rescore(self, auto_rescore: int) -> tuple[int, str | None]:
+        """(default re-scoring factor, dtype of vectors.npy or None) given what ``--factory auto`` picked."""
+        rescore = auto_rescore if self.rescore == -1 else self.rescore
+        if self.keep_vectors == "none":
+            rescore = 0  # only reachable from auto: an explicit --rescore N with none is refused above
+        keep = self.keep_vectors if self.keep_vectors != "auto" else ("float32" if rescore > 0 else "none")
+        return rescore, (None if keep == "none" else keep)
 
     def index_options_given(self) -> list[str]:
         """Flags of the index options set away from their defaults (``--overwrite`` is not one)."""

@@ -17,11 +17,18 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.binary import BinarySignIndex, is_binary_factory, is_binary_file, read_binary
 from index.factory import DEFAULT_EF_SEARCH, default_nprobe
 
 
-def make_index(factory: str, d: int) -> faiss.Index:
-    """An untrained inner-product index from an ``index_factory`` string; a bad string names itself."""
+def make_index(factory: str, d: int) -> Any:
+    """An untrained inner-product index from an ``index_factory`` string; a bad string names itself.
+
+    Binary factory strings (``BFlat``, ``BIVF1024``) give a :class:`index.binary.BinarySignIndex` (sign bits,
+    Hamming search) that takes and returns float arrays like the others.
+    """
+    if is_binary_factory(factory):
+        return BinarySignIndex.from_factory(factory, d)
     try:
         index = faiss.index_factory(int(d), factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
@@ -63,6 +70,9 @@ def train_index(index: faiss.Index, xt: np.ndarray) -> None:
     if index.is_trained:
         return
     xt = as_matrix(xt, index.d, "xt")
+    if isinstance(index, BinarySignIndex):
+        index.train(xt)
+        return
     ivf = ivf_of(index)
     on_gpu = ivf is not None and faiss.get_num_gpus() > 0
     if on_gpu:
@@ -91,23 +101,38 @@ def build_faiss(xb: np.ndarray, factory: str = "Flat", xt: np.ndarray | None = N
 def search_defaults(index: faiss.Index) -> dict[str, int]:
     """The ``nprobe`` / ``efSearch`` this index should search with by default (stored in the manifest)."""
     out: dict[str, int] = {}
-    ivf = ivf_of(index)
-    if ivf is not None:
-        out["nprobe"] = default_nprobe(ivf.nlist)
+    nlist = nlist_of(index)
+    if nlist:
+        out["nprobe"] = default_nprobe(nlist)
+    if isinstance(index, BinarySignIndex):
+        return out
     if isinstance(unwrap(index), faiss.IndexHNSW):
         out["ef_search"] = DEFAULT_EF_SEARCH
     return out
 
 
-def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+def nlist_of(index: Any) -> int | None:
+    """The IVF list count of a float or binary IVF index; None for other indexes."""
+    if isinstance(index, BinarySignIndex):
+        return index.nlist
+    ivf = ivf_of(index)
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def ivf_of(index: Any) -> faiss.IndexIVF | None:
+    """The float IVF index inside ``index`` (None for non-IVF and binary indexes)."""
+    if isinstance(index, BinarySignIndex):
+        return None
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:  # not an IVF index: faiss signals that by raising
         return None
 
 
-def unwrap(index: faiss.Index) -> faiss.Index:
+def unwrap(index: Any) -> Any:
     """The index under any pre-transform (OPQ, PCA), downcast to its concrete class (e.g. IndexHNSWFlat)."""
+    if isinstance(index, BinarySignIndex):
+        return index.index
     index = faiss.downcast_index(index)
     while isinstance(index, faiss.IndexPreTransform):
         index = faiss.downcast_index(index.index)
@@ -117,6 +142,8 @@ def unwrap(index: faiss.Index) -> faiss.Index:
 def search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None,
                   sel: faiss.IDSelector | None = None) -> faiss.SearchParameters | None:
     """A per-call parameter object for ``index``, or None when its class does not take one (e.g. IndexPQ)."""
+    if isinstance(index, BinarySignIndex):
+        return None  # it filters tombstones itself (faiss's binary IVF takes no IDSelector)
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
         sub = search_params(index.index, nprobe, ef_search, sel)
@@ -214,6 +241,8 @@ def search(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None = None
         raise ValueError(f"k must be >= 1, got {k}")
     xq = as_matrix(xq, index.d, "xq")
     excluded = np.empty(0, np.int64) if excluded is None else np.asarray(excluded, np.int64)
+    if isinstance(index, BinarySignIndex):
+        return index.search(xq, k, nprobe, excluded)
     if sel is None and len(excluded):
         sel = exclusion_selector(excluded)
     params = search_params(index, nprobe, ef_search, sel) if _is_cpu(index) else None
@@ -246,8 +275,10 @@ def takes_params(index: faiss.Index) -> bool:
     return _is_cpu(index) and search_params(index) is not None
 
 
-def _is_cpu(index: faiss.Index) -> bool:
+def _is_cpu(index: Any) -> bool:
     """False for GPU indexes and multi-GPU shards/replicas (they take no per-call parameter objects)."""
+    if isinstance(index, BinarySignIndex):
+        return True
     if type(faiss.downcast_index(index)).__name__.startswith("Gpu"):
         return False
     return not isinstance(index, (faiss.IndexShards, faiss.IndexReplicas))
@@ -275,6 +306,8 @@ def read_index(path: str | Path, ondisk: bool = False) -> faiss.Index:
     if not path.is_file():
         raise FileNotFoundError(f"faiss index file '{path}' does not exist")
     try:
+        if is_binary_file(path):
+            return read_binary(path)
         if ondisk:
             with c_stdout_to_stderr():  # faiss printf()s where it found the lists: keep stdout for `--json`
                 return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
@@ -298,9 +331,19 @@ def c_stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def serialize(index: faiss.Index) -> bytes:
+def serialize(index: Any) -> bytes:
     """The index file's bytes (CPU form), for ``common.atomic.write_bytes_atomic``."""
+    if isinstance(index, BinarySignIndex):
+        return index.serialize()
     return faiss.serialize_index(index).tobytes()
+
+
+def write_index(index: Any, path: str | Path) -> None:
+    """``faiss.write_index`` (``write_index_binary`` for sign-bit indexes)."""
+    if isinstance(index, BinarySignIndex):
+        index.write(path)
+    else:
+        faiss.write_index(index, str(path))
 
 
 def to_gpu(index: faiss.Index, float16: bool = False) -> Any:
@@ -310,6 +353,8 @@ def to_gpu(index: faiss.Index, float16: bool = False) -> Any:
         ValueError: faiss sees no GPU, or has no GPU version of this index type (e.g. HNSW).
     """
     ngpu = faiss.get_num_gpus()
+    if isinstance(index, BinarySignIndex):
+        raise ValueError("binary (sign-bit) indexes search on the CPU only; load them with device='cpu' or 'auto'")
     if ngpu == 0:
         raise ValueError("faiss sees no GPU (install faiss-gpu; torch CUDA alone only serves exact Flat search)")
     try:

@@ -3,6 +3,10 @@
 Device choice (faiss contrib style, one code path): ``faiss.get_num_gpus() > 0`` -> the faiss GPU clone
 (sharded over all GPUs); else CUDA torch and a Flat index -> exact torch search on the GPU; else the CPU
 index. ``index.faiss`` on disk is always the CPU form.
+
+Re-scoring (``index.rescore``): an INDEX dir that keeps ``vectors.npy`` memory-maps it; ``search(..., rescore=N)``
+(default: the manifest's ``rescore``) fetches ``k * N`` candidates from the index and returns the best ``k`` by
+their exact inner product.
 """
 from __future__ import annotations
 
@@ -16,10 +20,13 @@ import numpy as np
 import torch
 
 from index import faiss_utils
+from index.binary import BinarySignIndex
 from index.bm25 import BM25_DIR, BM25Index
 from index.faiss_utils import ivf_of, read_index, unwrap
 from index.filters import FILTERS_FILE, FilterMap
-from index.store import INDEX_FILE, live_rows, load_docs, read_manifest, read_removed
+from index.rescore import open_vectors
+from index.rescore import rescore as rescore_candidates
+from index.store import INDEX_FILE, VECTORS_FILE, live_rows, load_docs, read_manifest, read_removed
 from index.torch_search import TorchFlatSearcher
 
 LOAD_DEVICES = ("auto", "cpu", "cuda")
@@ -29,7 +36,7 @@ class LoadedIndex:
     """A searchable INDEX dir. Row i of ``docs`` is faiss id i; rows in ``removed`` are never returned."""
 
     def __init__(self, path: Path, index: Any, manifest: dict[str, Any], docs: Any, removed: np.ndarray,
-                 device: str = "cpu", float16: bool = False) -> None:
+                 device: str = "cpu", float16: bool = False, vectors: np.ndarray | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.docs = docs
@@ -38,6 +45,8 @@ class LoadedIndex:
         self.dim = int(manifest["dim"])
         self.ntotal = int(index.ntotal)
         self.search_defaults: dict[str, int] = dict(manifest.get("search_defaults") or {})
+        self.vectors = vectors  # (ntotal, dim) memmap of vectors.npy, or None
+        self.default_rescore = int(manifest.get("rescore") or 0) if vectors is not None else 0
         self._lock = threading.Lock()  # GPU indexes and parameter setting are not thread-safe
         self._sel = faiss_utils.exclusion_selector(removed)
         # Per-call parameter objects by (nprobe, ef_search), built once: faiss only reads them, so threads
@@ -103,8 +112,21 @@ class LoadedIndex:
         mask = self.filters.allowed(filter)
         return None if mask is None else mask & self._live
 
+    def check_rescore(self, rescore: int | None) -> int:
+        """The re-scoring factor a search uses: ``rescore`` (None: the manifest default); 0 = off.
+
+        Raises:
+            ValueError: a factor > 0 for an index that keeps no vectors.npy.
+        """
+        if rescore is None:
+            return self.default_rescore
+        if rescore > 0 and self.vectors is None:
+            raise ValueError(f"rescore={rescore}: index '{self.path}' keeps no float vectors (vectors.npy) to "
+                             f"re-score with; rebuild it with --keep-vectors float32 (or rescore 0)")
+        return int(rescore)
+
     def search(self, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               allowed: np.ndarray | None = None, rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` docs per query by inner product. Thread-safe.
 
         Args:
@@ -114,6 +136,8 @@ class LoadedIndex:
                 faiss searches them through an ``IDSelector``, visiting ``nprobe / selectivity`` IVF lists and
                 ``ef_search / selectivity`` HNSW candidates (capped) so a selective filter still finds k rows;
                 an HNSW whose graph walk would cost more than scanning the allowed rows scans them (exact).
+            rescore: fetch ``k * rescore`` candidates and re-score them with the exact vectors (None: the
+                manifest's default; 0: off).
 
         Returns:
             D float32 (nq, k) scores, I int64 (nq, k) doc rows; -1 where fewer than k live docs exist.
@@ -121,6 +145,16 @@ class LoadedIndex:
         xq = faiss_utils.as_matrix(xq, self.dim, "xq")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        factor = self.check_rescore(rescore)
+        if factor > 0:
+            assert self.vectors is not None, "check_rescore refuses a factor without vectors"
+            kk = max(k, min(k * factor, self.ntotal))
+            _, I = self._search(xq, kk, nprobe, ef_search, allowed)
+            return rescore_candidates(xq, I, self.vectors, k)
+        return self._search(xq, k, nprobe, ef_search, allowed)
+
+    def _search(self, xq: np.ndarray, k: int, nprobe: int | None, ef_search: int | None,
+                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         nprobe = nprobe or self.search_defaults.get("nprobe")
         ef_search = ef_search or self.search_defaults.get("ef_search")
         if allowed is not None:
@@ -196,6 +230,11 @@ def index_placement(index: Any, device: str) -> str:
         raise ValueError(f"unknown device '{device}': choose {', '.join(LOAD_DEVICES)}")
     if device == "cpu":
         return "cpu"
+    if isinstance(index, BinarySignIndex):
+        if device == "cuda":
+            raise ValueError("device 'cuda' requested but binary (sign-bit) indexes search on the CPU only; use "
+                             "device 'auto' or 'cpu'")
+        return "cpu"
     inner = unwrap(index)
     if faiss.get_num_gpus() > 0:
         if isinstance(inner, faiss.IndexHNSW) and device == "auto":
@@ -212,7 +251,7 @@ def index_placement(index: Any, device: str) -> str:
 
 
 def index_kind(index: Any) -> str:
-    return type(faiss.downcast_index(index)).__name__
+    return type(unwrap(index) if isinstance(index, BinarySignIndex) else faiss.downcast_index(index)).__name__
 
 
 def load_index(index_dir: str | Path, device: str = "auto", float16: bool = False) -> LoadedIndex:
@@ -241,7 +280,8 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
     if len(removed) != manifest.get("n_removed", 0) or (len(removed) and removed.max() >= index.ntotal):
         raise ValueError(f"index '{path}': removed.npy ({len(removed)} rows) disagrees with manifest.json "
                          f"(n_removed={manifest.get('n_removed', 0)}, ntotal={index.ntotal})")
-    return LoadedIndex(path, index, manifest, docs, removed, index_placement(index, device), float16)
+    vectors = open_vectors(path / VECTORS_FILE, index.ntotal, index.d) if manifest.get("vectors") else None
+    return LoadedIndex(path, index, manifest, docs, removed, index_placement(index, device), float16, vectors)
 
 
 def check_query_sides(index_dir: str | Path, mode: str | None, filter: dict[str, Any] | None) -> None:

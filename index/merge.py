@@ -33,7 +33,8 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from common.lock import exclusive
 from common.outputs import check_out_dir, check_work_dir, mark_work_dir, remove_work_dir
-from index.build import add_chunks, new_manifest, train_empty, tuned_defaults, write_index_dir
+from index.binary import BinarySignIndex
+from index.build import add_chunks, new_manifest, set_memory_fields, train_empty, tuned_defaults, write_index_dir
 from index.config import MERGE_METHODS, IndexBuildConfig, MergeConfig
 from index.encode import EncodedCorpus, default_work_dir
 from index.factory import auto_factory, parse_memory
@@ -223,14 +224,20 @@ def _merge(shards: Sequence[str | Path], out: Path, config: IndexBuildConfig, me
     if towers_dir:
         _check_towers(towers_dir, first["fingerprint"])
     budget = parse_memory(config.memory_budget)
+    if config.dim and config.dim != dim:
+        raise ValueError(f"--dim {config.dim}: a merge cannot truncate the shards' {dim}-dim vectors; build the "
+                         f"shards as they are and index them whole, or build one index with `index build --dim`")
     if config.factory == "auto":
         choice = auto_factory(n, dim, budget)
-        factory, reason = choice.factory, choice.reason
+        factory, reason, auto_rescore = choice.factory, choice.reason, choice.rescore
     else:
-        factory, reason = config.factory, "given"
+        factory, reason, auto_rescore = config.factory, "given", 0
+    rescore, vectors = config.resolve_rescore(auto_rescore)
     probe = make_index(factory, dim)  # a bad factory string or method fails before any training
     if merge.method == "ondisk" and ivf_of(probe) is None:
         raise ValueError(f"--method ondisk needs an IVF factory (e.g. IVF4096,Flat), got '{factory}'")
+    if merge.method != "add" and isinstance(probe, BinarySignIndex):
+        raise ValueError(f"binary factory '{factory}' merges with --method add only")
     if merge.method == "merge_from" and isinstance(unwrap(probe), faiss.IndexHNSW):
         raise ValueError(f"faiss cannot merge_from HNSW indexes ('{factory}'); use --method add")
     t0 = time.time()
@@ -261,9 +268,11 @@ def _merge(shards: Sequence[str | Path], out: Path, config: IndexBuildConfig, me
                           for p, m in zip(parts, whole.manifests)]
     if extra:
         manifest["ivfdata"] = IVFDATA_FILE
+    set_memory_fields(manifest, rescore, vectors, dim, dim)  # shards keep the full dim
     manifest["generation"] = next_generation(out)
     manifest["query_defaults"] = config.query_defaults()
-    write_index_dir(out, index, whole.docs_paths(), manifest, extra, bm25=config.bm25)
+    write_index_dir(out, index, whole.docs_paths(), manifest, extra, bm25=config.bm25,
+                    vectors=whole.iter_embeddings() if vectors else None)
     del index, trained  # unmaps the scratch ivfdata (the INDEX dir holds a hard link to it) before deleting it
     remove_work_dir(scratch)
 

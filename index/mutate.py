@@ -3,12 +3,15 @@
 Removal uses tombstones: the removed rows go to ``removed.npy`` and search excludes them (a faiss
 ``IDSelector`` on the CPU, masking on the GPU). Nothing is renumbered, so "row i of docs = faiss id i"
 holds for the index's whole life, HNSW (which has no ``remove_ids``) included. Adding appends rows at the
-end; an id that was removed can be added again (it gets a new row).
+end; an id that was removed can be added again (it gets a new row). An index that keeps its float vectors
+(``vectors.npy``, for re-scoring) gets the new rows' vectors in the same new dir (removal needs no change there:
+tombstoned rows are simply never candidates).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +22,16 @@ from common.atomic import atomic_dir
 from common.encoder import Encoder
 from common.lock import exclusive
 from common.outputs import check_work_dir, remove_work_dir
-from index.build import add_chunks, write_index_dir
+from index.build import add_chunks, truncating, write_index_dir
 from index.config import EncodeConfig
 from index.corpus import Corpus, describe, iter_docs
 from index.encode import default_work_dir, encode_corpus, encoder_fingerprint
 from index.faiss_utils import read_index
+from index.rescore import open_vectors
 from index.store import (
     INDEX_FILE,
     REMOVED_FILE,
+    VECTORS_FILE,
     link_or_copy,
     live_rows,
     load_docs,
@@ -68,6 +73,7 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
                          f"ondisk`), which faiss would change in place; rebuild the shards of the grown corpus and "
                          f"merge them, or merge with --method add to get an index that `index add` can extend")
     fp = encoder_fingerprint(encoder)
+    encoder = truncating(encoder, int(manifest.get("truncate_dim") or 0))  # a Matryoshka index: cut alike
     if manifest.get("fingerprint") != fp:
         raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with {manifest.get('fingerprint')}"
                          f"); add docs with the towers the index was built from")
@@ -81,6 +87,7 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
         raise ValueError(f"{len(clash)} id(s) of '{describe(corpus)}' are already in index '{path}': "
                          f"{', '.join(repr(c) for c in clash[:10])}; remove them first to replace them")
     index = read_index(path / INDEX_FILE)
+    old_vectors = open_vectors(path / VECTORS_FILE, index.ntotal, manifest["dim"]) if manifest.get("vectors") else None
     enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
                         config.corpus_split, len(new_ids), config.progress)
     add_chunks(index, enc, config.progress)
@@ -89,12 +96,20 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
     manifest["history"] = [*manifest.get("history", []), {"op": "add", "time": _now(), "rows": enc.n,
                                                           "corpus": describe(corpus)}]
     extra = {REMOVED_FILE: path / REMOVED_FILE} if (path / REMOVED_FILE).exists() else {}
+    # vectors.npy grows with the index in the same new dir: the published version always has one row per id.
     # The BM25 side is extended with the new rows (kept only when the index had one); the filter map is rebuilt.
+    vectors = None if old_vectors is None else chain(_row_chunks(old_vectors), enc.iter_embeddings())
     write_index_dir(path, index, [docs, *enc.docs_paths()], manifest, extra, bm25=bool(manifest.get("bm25")),
-                    previous=path)
+                    previous=path, vectors=vectors)
     if not config.keep_work:
         remove_work_dir(work)
     return enc.n
+
+
+def _row_chunks(array: np.ndarray, rows: int = 65536) -> Iterator[np.ndarray]:
+    """``array`` (a memmap) in row blocks, so copying it never holds more than one block in RAM."""
+    for start in range(0, len(array), rows):
+        yield np.asarray(array[start : start + rows])
 
 
 def _live_subset(docs: object, removed: np.ndarray, ids: Sequence[str], where: Path) -> list[str]:

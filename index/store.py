@@ -9,6 +9,8 @@ Layout::
       bm25/            the BM25 side of the same rows (index.bm25: numpy arrays + JSON, no pickles)
       filters.arrow    per-field inverted map of the docs' metadata (index.filters), for filtered search
       index.ivfdata    only from `index merge --method ondisk`: the IVF lists, memory-mapped by index.faiss
+      vectors.npy      optional (n, dim) float32/float16 vectors, memory-mapped to re-score compact-index
+                       candidates exactly (``index.rescore``; manifest ``vectors``, ``rescore``)
       manifest.json    format_version, dim, metric, factory, ntotal, generation (+1 per change), search
                        defaults, fingerprint, ...
 """
@@ -38,6 +40,7 @@ INDEX_FILE = "index.faiss"
 DOCS_DIR = "docs"
 REMOVED_FILE = "removed.npy"
 IVFDATA_FILE = "index.ivfdata"
+VECTORS_FILE = "vectors.npy"
 DOC_COLUMNS = ("id", "title", "text", "metadata")
 _REQUIRED_KEYS = ("format_version", "dim", "metric", "factory", "ntotal", "search_defaults")
 STALE_AFTER_S = 3600  # a temp dir untouched this long is reported by `index build` as a likely leftover
@@ -135,6 +138,19 @@ def write_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def write_vectors(path: str | Path, chunks: Any, n: int, d: int, dtype: str) -> None:
+    """Write the (n, d) vectors arriving as row chunks into a new ``.npy`` file (``dtype`` float32/float16),
+    one chunk in memory at a time. Callers write into a temp dir that is renamed when complete."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(n, d))
+    filled = 0
+    for chunk in chunks:
+        out[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+    assert filled == n, f"wrote {filled} vector rows, expected {n}"
+    out.flush()
+    del out
+
+
 def read_removed(index_dir: str | Path) -> np.ndarray:
     """Sorted int64 tombstoned rows (empty when nothing was removed)."""
     path = Path(index_dir) / REMOVED_FILE
@@ -170,16 +186,23 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
     path = Path(index_dir)
     m = read_manifest(path)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    index_bytes = (path / INDEX_FILE).stat().st_size
+    vectors = path / VECTORS_FILE
+    n = max(int(m["ntotal"]), 1)
     return {
         "path": str(path), "format_version": m["format_version"], "factory": m["factory"], "dim": m["dim"],
         "metric": m["metric"], "ntotal": m["ntotal"], "n_removed": m.get("n_removed", 0),
         "n_live": m["ntotal"] - m.get("n_removed", 0), "search_defaults": m["search_defaults"],
         "fingerprint": m.get("fingerprint"), "towers_dir": m.get("towers_dir"), "encoder": m.get("encoder"),
-        "corpus": m.get("corpus"), "size_bytes": size, "index_bytes": (path / INDEX_FILE).stat().st_size,
+        "corpus": m.get("corpus"), "size_bytes": size, "index_bytes": index_bytes,
         "created": m.get("created"), "faiss_version": m.get("faiss_version"), "generation": m.get("generation", 1),
         "factory_reason": (m.get("build_config") or {}).get("factory_reason"),
         "bm25": bool(m.get("bm25")), "filter_fields": sorted((m.get("filters") or {}).get("fields") or {}),
         "query_defaults": m.get("query_defaults"),
+        "vectors": m.get("vectors"), "rescore": m.get("rescore", 0), "truncate_dim": m.get("truncate_dim"),
+        # RAM: the faiss index is read whole into memory; docs/ and vectors.npy are memory-mapped (disk)
+        "ram_bytes_per_doc": round(index_bytes / n, 1), "disk_bytes_per_doc": round(size / n, 1),
+        "vectors_bytes_per_doc": round(vectors.stat().st_size / n, 1) if vectors.is_file() else 0,
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from common.cliargs import add_dataclass_args, dataclass_from_args
 from common.jsonl import BOM, dumps_strict, read_text_lines
 from common.text import is_blank
-from retrieval.config import DEFAULT_MAX_K, RayServeConfig, SearchConfig, ServeConfig
+from retrieval.config import DEFAULT_MAX_K, MAX_RESCORE, RayServeConfig, SearchConfig, ServeConfig
 
 TEXT_WIDTH = 100  # characters of a hit's first text line shown in the readable listing
 
@@ -107,12 +107,15 @@ def run_search(args: argparse.Namespace) -> int:
     check_nprobe(config.nprobe)
     if config.depth is not None:
         check_depth(config.depth)
+    if config.rescore is not None and not 0 <= config.rescore <= MAX_RESCORE:
+        raise ValueError(f"--rescore must be between 0 and {MAX_RESCORE}, got {config.rescore}")
     flt = parse_filter(config.filter) if config.filter is not None else None
     check_query_sides(config.index, config.mode, flt)
     retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size,
                                precision=config.precision)
     results = retriever.search(queries, k=config.k, nprobe=config.nprobe, mode=config.mode, fusion=config.fusion,
-                               alpha=config.alpha, norm=config.norm, depth=config.depth, filter=flt)
+                               alpha=config.alpha, norm=config.norm, depth=config.depth, filter=flt,
+                               rescore=config.rescore)
     out = sys.stdout
     for i, (query, hits) in enumerate(zip(queries, results)):
         if config.json:

@@ -16,6 +16,7 @@ MAX_LIMIT = 2**31 - 1  # the other limits: far above any use, below what queues 
 # nprobe above the IVF list count is clamped by faiss, so no real request needs more; faiss keeps it in a
 # size_t, and a bigger Python int overflows inside faiss (an internal error instead of a 422).
 MAX_NPROBE = 2**31 - 1
+MAX_RESCORE = 1000  # index.config.MAX_RESCORE: candidates = k x rescore (not imported: keeps --help light)
 
 
 @dataclass
@@ -26,6 +27,8 @@ class SearchConfig:
     towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
     k: int = field(10, "hits per query", flag="-k")
     nprobe: int | None = field(None, "IVF lists to visit (None: the index's own setting)")
+    rescore: int | None = field(None, "re-score k x N candidates with the exact vectors the index keeps "
+                                      "(vectors.npy); 0 = off; None: the index's default")
     json: bool = field(False, "print one JSON line per query instead of the readable listing")
     queries_file: str | None = field(None, "read queries from FILE, one per line ('-' = stdin)")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")

@@ -121,10 +121,13 @@ class ShardedRetriever(Retriever):
         self.shards = list(shards)
 
     def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
-                norm: str | None = None, depth: int | None = None,
-                filter: dict[str, Any] | None = None) -> QueryOptions:
-        """Sharded serving answers dense queries without filters (shards hold vectors and docs only): any other
-        mode or a filter is refused with one line (a 400 over HTTP)."""
+                norm: str | None = None, depth: int | None = None, filter: dict[str, Any] | None = None,
+                rescore: int | None = None) -> QueryOptions:
+        """Sharded serving answers dense queries without filters (shards hold vectors and docs only, searched
+        exactly): any other mode, a filter or a re-scoring factor is refused with one line (a 422 over HTTP)."""
+        if rescore:
+            raise ValueError(f"rescore={rescore} is not served by --engine ray (its shards search exact float "
+                             f"vectors already); use rescore 0 or leave it out")
         if mode not in (None, "dense"):
             raise ValueError(f"mode '{mode}' is not served by --engine ray (its shards hold no BM25 side); valid: "
                              f"dense")

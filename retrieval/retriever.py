@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from common.device import check_device, check_precision, resolve_device
+from common.encoder import TruncatedEncoder
 from common.text import is_blank
 from index.hybrid import FUSIONS, MODES, NORMS, QUERY_DEFAULTS, check_alpha, check_choice, fuse
 from index.load import load_index
 from index.store import read_manifest, recorded_towers_dir
-from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE
+from retrieval.config import DEFAULT_MAX_K, MAX_NPROBE, MAX_RESCORE
 from retrieval.doctable import DocTable
 from towers.inference import TowerEncoder
 from towers.model import Tower, read_towers_meta
@@ -76,7 +77,8 @@ MAX_DEPTH = 100  # candidates per side of a hybrid search = k * depth
 class QueryOptions:
     """How a search ranks: ``mode`` dense | bm25 | hybrid; for hybrid the ``fusion`` (rrf | weighted), ``alpha``
     (dense weight of weighted fusion), ``norm`` (minmax | zscore) and ``depth`` (candidates per side = k *
-    depth); ``filter``: a metadata filter (``index.filters``) or None."""
+    depth); ``filter``: a metadata filter (``index.filters``) or None; ``rescore``: re-score ``k * rescore``
+    dense candidates with the exact vectors (None: the index default, 0: off)."""
 
     mode: str = "dense"
     fusion: str = "rrf"
@@ -84,17 +86,38 @@ class QueryOptions:
     norm: str = "minmax"
     depth: int = QUERY_DEFAULTS["depth"]
     filter: dict[str, Any] | None = None
+    rescore: int | None = None
 
     def key(self) -> tuple[Any, ...]:
         """Hashable identity (the micro-batcher searches requests with equal keys together)."""
         return (self.mode, self.fusion, self.alpha, self.norm, self.depth,
-                json.dumps(self.filter, sort_keys=True) if self.filter else None)
+                json.dumps(self.filter, sort_keys=True) if self.filter else None, self.rescore)
 
 
 def check_depth(depth: Any) -> int:
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= MAX_DEPTH:
         raise ValueError(f"depth must be an integer between 1 and {MAX_DEPTH}, got {depth!r}")
     return int(depth)
+
+
+def query_dim(index: Any, tower_dim: int) -> int | None:
+    """The dim queries are truncated to for ``index`` (None: the tower's own), or ValueError for a mismatch.
+
+    An index built with ``--dim D`` (Matryoshka) records ``truncate_dim`` = D in its manifest; the query
+    vectors are then cut to D and re-normalised. Any other dim difference is a different model.
+    """
+    dim = int(index.dim)
+    truncate = (getattr(index, "manifest", None) or {}).get("truncate_dim")
+    if dim == tower_dim and not truncate:
+        return None
+    if truncate and int(truncate) == dim and dim < tower_dim:
+        return dim
+    if truncate and dim > tower_dim:
+        raise ValueError(f"index dim {dim} (--dim) is larger than the query tower's dim {tower_dim}: the towers "
+                         f"and the index belong to different models")
+    raise ValueError(f"query tower dim {tower_dim} != index dim {dim}"
+                     + (f" (truncated to {truncate})" if truncate else " and the index records no truncation (--dim)")
+                     + ": the towers and the index belong to different models")
 
 
 def check_queries(queries: str | Sequence[str]) -> list[str]:
@@ -142,9 +165,7 @@ class Retriever:
     def __init__(self, index: Any, tower: Any, towers_meta: dict[str, Any] | None = None,
                  max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> None:
         check_retrieval_precision(precision)
-        if tower.dim != index.dim:
-            raise ValueError(f"query tower dim {tower.dim} != index dim {index.dim}: "
-                             "the towers and the index belong to different models")
+        self.truncate_dim = query_dim(index, int(tower.dim))
         self.index = index
         if isinstance(tower, Tower):
             autocast = "fp32" if precision == "onnx" else precision
@@ -152,6 +173,8 @@ class Retriever:
             self.tower = tower
         else:
             self.encoder = self.tower = tower
+        if self.truncate_dim:  # a Matryoshka index: queries are cut to its dim and re-normalised, as its docs were
+            self.encoder = TruncatedEncoder(self.encoder, self.truncate_dim)
         self.towers_meta = towers_meta or {}
         self.max_k = max_k
         self.batch_size = batch_size
@@ -197,6 +220,8 @@ class Retriever:
             raise ValueError(f"{towers_dir / 'twotower.json'} has no fingerprint: cannot check it matches "
                              f"index '{index_dir}'")
         index.check_fingerprint(fingerprint)
+        if meta.get("dim"):
+            query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
         # Only the query tower: the result tower is what built the index and is not needed here.
         tower = Tower.load(towers_dir / "query_tower").to(tower_device)
         if precision == "onnx":
@@ -210,8 +235,10 @@ class Retriever:
     def with_index(self, index: Any) -> Retriever:
         """This retriever's query encoder (shared, not reloaded) over another version of its INDEX dir: what
         ``serve`` swaps in when the dir changes. The caller checks the fingerprint."""
-        if int(index.dim) != self.dim:
-            raise ValueError(f"index '{index.path}' has dim {index.dim}, the query tower {self.dim}")
+        if query_dim(index, int(self.tower.dim)) != self.truncate_dim:
+            raise ValueError(f"index '{index.path}' has dim {index.dim} (truncated from "
+                             f"{index.manifest.get('towers_dim')}: {index.manifest.get('truncate_dim')}), the index "
+                             f"being served {self.dim}; restart the server for the new dim")
         new = copy.copy(self)  # no warm-up encode: the shared tokenizer may be in use by the serving thread
         new.index, new.docs = index, DocTable(index.docs)
         return new
@@ -237,21 +264,22 @@ class Retriever:
         return self.encoder.encode(check_queries(queries), batch_size=self.batch_size)
 
     def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
-                norm: str | None = None, depth: int | None = None,
-                filter: dict[str, Any] | None = None) -> QueryOptions:
+                norm: str | None = None, depth: int | None = None, filter: dict[str, Any] | None = None,
+                rescore: int | None = None) -> QueryOptions:
         """Checked :class:`QueryOptions`; every None comes from the manifest's ``query_defaults``.
 
         Raises:
             ValueError: a bad choice or number; ``index.filters.FilterError`` (a ValueError) for a filter on an
                 unknown field or with a bad operator (naming the field and the valid operators); a mode this
-                index cannot serve (no BM25 side).
+                index cannot serve (no BM25 side); a rescore factor for an index that keeps no vectors.
         """
         d = {**QUERY_DEFAULTS, **(self.index.manifest.get("query_defaults") or {})}
         opts = QueryOptions(mode=check_choice("mode", d["mode"] if mode is None else mode, MODES),
                             fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
                             alpha=check_alpha(d["alpha"] if alpha is None else alpha),
                             norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
-                            depth=check_depth(d["depth"] if depth is None else depth), filter=filter or None)
+                            depth=check_depth(d["depth"] if depth is None else depth), filter=filter or None,
+                            rescore=self.check_rescore(rescore))
         if opts.mode != "dense":
             _ = self.index.bm25  # raises when the index has no BM25 side
         self.index.allowed(filter)  # raises on a bad filter
@@ -259,7 +287,8 @@ class Retriever:
 
     def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None, mode: str | None = None,
                fusion: str | None = None, alpha: float | None = None, norm: str | None = None,
-               depth: int | None = None, filter: dict[str, Any] | None = None) -> list[list[Hit]]:
+               depth: int | None = None, filter: dict[str, Any] | None = None,
+               rescore: int | None = None) -> list[list[Hit]]:
         """Top-``k`` hits per query (one encode + one faiss search for all of them).
 
         Args:
@@ -273,6 +302,8 @@ class Retriever:
             depth: hybrid only: each side contributes its top ``k * depth`` candidates.
             filter: metadata filter, e.g. ``{"package": "numpy"}``, ``{"lang": {"$in": ["py", "java"]}}``,
                 ``{"year": {"$gte": 2020}}`` (see ``index.filters``); both sides search only matching rows.
+            rescore: re-score ``k * rescore`` candidates with the exact vectors kept in the index dir (None:
+                the index default, 0: off).
 
         Returns:
             One list of ``Hit`` per query, best first (fewer than k when fewer docs match). ``score`` is the
@@ -281,7 +312,7 @@ class Retriever:
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
         queries = check_queries(queries)
-        opts = self.options(mode, fusion, alpha, norm, depth, filter)
+        opts = self.options(mode, fusion, alpha, norm, depth, filter, rescore)
         if not queries:
             return []
         xq = self.encode(queries) if opts.mode != "bm25" else None
@@ -299,20 +330,32 @@ class Retriever:
         """faiss-style ``(D, I)`` (nq, k) of a search under ``opts`` (see :meth:`search`)."""
         allowed = self.index.allowed(opts.filter)
         if opts.mode == "dense":
-            return self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed)
+            return self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed,
+                                     rescore=opts.rescore)
         depth_k = min(k * opts.depth, max(self.ntotal, 1))
         Db, Ib = self.index.bm25.search(queries, k if opts.mode == "bm25" else depth_k, allowed=allowed,
                                         excluded=self.index.removed)
         if opts.mode == "bm25":
             return Db, Ib
-        Dd, Id = self.index.search(np.ascontiguousarray(xq), depth_k, nprobe=nprobe, allowed=allowed)
+        Dd, Id = self.index.search(np.ascontiguousarray(xq), depth_k, nprobe=nprobe, allowed=allowed,
+                                   rescore=opts.rescore)
         return fuse([(Dd, Id), (Db, Ib)], k, opts.fusion, [opts.alpha, 1.0 - opts.alpha], opts.norm)
 
+    def check_rescore(self, rescore: Any) -> int | None:
+        """``rescore`` as an int in [0, MAX_RESCORE] or None; > 0 needs an index that keeps its vectors."""
+        if rescore is None:
+            return None
+        if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or not 0 <= rescore <= MAX_RESCORE:
+            raise ValueError(f"rescore must be an integer between 0 and {MAX_RESCORE} or None, got {rescore!r}")
+        return self.index.check_rescore(int(rescore))
+
     def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
-                       filter: dict[str, Any] | None = None) -> list[list[Hit]]:
-        """Dense hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query), optionally filtered."""
+                       filter: dict[str, Any] | None = None, rescore: int | None = None) -> list[list[Hit]]:
+        """Dense hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query; already truncated to
+        the index's dim for a Matryoshka index), optionally filtered and re-scored."""
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
+        rescore = self.check_rescore(rescore)
         xq = np.asarray(xq, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
@@ -320,13 +363,13 @@ class Retriever:
             raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
         if xq.shape[0] == 0:
             return []
-        return self.search_checked(np.ascontiguousarray(xq), k, nprobe, filter)
+        return self.search_checked(np.ascontiguousarray(xq), k, nprobe, filter, self.check_rescore(rescore))
 
     def search_checked(self, xq: np.ndarray, k: int, nprobe: int | None,
-                       filter: dict[str, Any] | None = None) -> list[list[Hit]]:
+                       filter: dict[str, Any] | None = None, rescore: int | None = None) -> list[list[Hit]]:
         """Hits for checked query vectors (float32 (nq, dim), nq >= 1): the step a sharded retriever replaces."""
         allowed = self.index.allowed(filter)
-        D, I = self.index.search(xq, k, nprobe=nprobe, allowed=allowed)  # (nq, k) each
+        D, I = self.index.search(xq, k, nprobe=nprobe, allowed=allowed, rescore=rescore)  # (nq, k) each
         return self.hits_from(D, I)
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:

@@ -28,7 +28,7 @@ from common.text import is_blank
 from index.filters import FilterError
 from retrieval.apidocs import render_docs
 from retrieval.batcher import MicroBatcher, Overloaded
-from retrieval.config import MAX_NPROBE, ServeConfig
+from retrieval.config import MAX_NPROBE, MAX_RESCORE, ServeConfig
 from retrieval.reload import IndexWatcher
 from retrieval.retriever import Hit, Retriever, is_encodable
 
@@ -53,6 +53,8 @@ class SearchRequest(BaseModel):
         None, description='metadata filter, e.g. {"package": "numpy"}, {"lang": {"$in": ["py", "java"]}}, '
                           '{"year": {"$gte": 2020}}; operators $eq $ne $in $nin $gt $gte $lt $lte',
         examples=[{"package": "numpy"}])
+    rescore: StrictInt | None = Field(None, description="re-score k x rescore candidates with the exact vectors "
+                                                        "the index keeps (0: off; default: the index's)")
 
 
 class HitModel(BaseModel):
@@ -92,6 +94,8 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
         return err(("nprobe",), f"nprobe must be >= 1, got {req.nprobe}")
     if req.nprobe is not None and req.nprobe > MAX_NPROBE:
         return err(("nprobe",), f"nprobe must be <= {MAX_NPROBE}, got {req.nprobe}")
+    if req.rescore is not None and not 0 <= req.rescore <= MAX_RESCORE:
+        return err(("rescore",), f"rescore must be between 0 and {MAX_RESCORE}, got {req.rescore}")
     return []
 
 
@@ -175,7 +179,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
             return _error_response(422, errors)
         try:
             body = await app.state.batcher.search(req.queries, req.k, req.nprobe, mode=req.mode, fusion=req.fusion,
-                                                  alpha=req.alpha, norm=req.norm, depth=req.depth, filter=req.filter)
+                                                  alpha=req.alpha, norm=req.norm, depth=req.depth, filter=req.filter,
+                                                  rescore=req.rescore)
         except Overloaded as exc:
             return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
         except FilterError as exc:  # unknown field / bad operator: names the field and the valid operators

@@ -18,6 +18,18 @@ MAX_TOKENS = 131_072  # the longest context of any base twotower knows; beyond i
 BACKEND_CHOICES = ("auto", "gloo", "nccl")  # towers.distributed.BACKENDS (not imported: keeps --help free of torch)
 
 
+def split_list(values: Any, flag: str) -> list[str]:
+    """``[384, 256]``, ``["384,256"]`` or ``"384,256"`` -> ``["384", "256"]`` (a number that is no number: ValueError)."""
+    items = [values] if isinstance(values, (str, int, float)) else list(values or [])
+    out = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    for part in out:
+        try:
+            float(part)
+        except ValueError:
+            raise ValueError(f"{flag}: '{part}' is not a number") from None
+    return out
+
+
 @dataclass
 class TrainConfig:
     """Configuration of one contrastive training run (see ``twotower train --help``)."""
@@ -68,6 +80,12 @@ class TrainConfig:
     temperature_lr: float = field(1e-3, "learning rate of the log-temperature with --learn-temperature (the "
                                         "encoder's LR would barely move it)")
     symmetric: bool = field(False, "add the result->query InfoNCE term (each positive picks its query)")
+    matryoshka_dims: list[int] = field([], "Matryoshka: also train these prefix dims, e.g. 384 256 128 64 (a "
+                                           "comma list works too); the loss is the weighted sum of InfoNCE at "
+                                           "each dim, each prefix re-normalised; index them with `index build "
+                                           "--dim`; empty = off", nargs="+", arg_type=str)
+    matryoshka_weights: list[float] = field([], "Matryoshka: one loss weight per --matryoshka-dims value "
+                                                "(empty = 1 each)", nargs="+", arg_type=str)
     seed: int = field(42, "seed of the data order, dropout and initialisation")
     # Machine
     device: str = field("auto", "auto (cuda when available), cpu, cuda or cuda:N", resume_ok=True)
@@ -130,8 +148,23 @@ class TrainConfig:
             raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not self.lora_targets.strip(", "):
             raise ValueError("--lora-targets is empty: give all-linear or module names such as q_proj,v_proj")
+        self.matryoshka_dims = [int(d) for d in split_list(self.matryoshka_dims, "--matryoshka-dims")]
+        self.matryoshka_weights = [float(w) for w in split_list(self.matryoshka_weights, "--matryoshka-weights")]
+        if any(d < 1 for d in self.matryoshka_dims) or len(set(self.matryoshka_dims)) != len(self.matryoshka_dims):
+            raise ValueError(f"--matryoshka-dims must be distinct positive dims, got {self.matryoshka_dims}")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ValueError(f"--matryoshka-weights needs one weight per --matryoshka-dims value: "
+                             f"{len(self.matryoshka_dims)} dims, {len(self.matryoshka_weights)} weights")
+        if any(not w >= 0 or w != w or w == float("inf") for w in self.matryoshka_weights):
+            raise ValueError(f"--matryoshka-weights must be finite and >= 0, got {self.matryoshka_weights}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
+
+    def matryoshka(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """(dims, weights) of the Matryoshka loss, or None when it is off."""
+        if not self.matryoshka_dims:
+            return None
+        return tuple(self.matryoshka_dims), tuple(self.matryoshka_weights or [1.0] * len(self.matryoshka_dims))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,6 +4,10 @@ The loss of sentence-transformers' ``MultipleNegativesRankingLoss`` (Henderson e
 Natural Language Response Suggestion for Smart Reply"), i.e. InfoNCE (van den Oord et al. 2018,
 "Representation Learning with Contrastive Predictive Coding", arXiv:1807.03748): each query must pick its
 own positive out of every positive in the batch plus every hard negative.
+
+:func:`matryoshka_loss` adds Matryoshka Representation Learning (Kusupati et al. 2022, arXiv:2205.13147;
+sentence-transformers' ``MatryoshkaLoss``): the same InfoNCE at several prefix dims, so a truncated embedding
+still retrieves.
 """
 from __future__ import annotations
 
@@ -81,6 +85,36 @@ def contrastive_loss(
         back = info_nce(p, Q, None, temperature, labels=q_offset + torch.arange(len(p), device=p.device))
         loss = (loss + back) / 2
     return loss
+
+
+def truncate_renorm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The first ``dim`` coordinates of each row, L2-normalised again: (n, d) -> (n, dim)."""
+    return F.normalize(x[..., :dim], dim=-1)
+
+
+def matryoshka_loss(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    negs: torch.Tensor,
+    dims: tuple[int, ...],
+    weights: tuple[float, ...],
+    temperature: float | torch.Tensor = 0.05,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """Matryoshka loss: ``sum_i weights[i] * contrastive_loss`` on the first ``dims[i]`` coordinates, each
+    prefix re-normalised (cosine at every dim, as the truncated index and query will be).
+
+    Args:
+        q, p, negs, temperature, symmetric: as in :func:`contrastive_loss` (unit rows).
+        dims: prefix dims, e.g. (384, 256, 128, 64); each <= d. weights: one per dim.
+
+    Returns:
+        0-d loss tensor.
+    """
+    assert len(dims) == len(weights), f"{len(dims)} dims but {len(weights)} weights"
+    losses = [w * contrastive_loss(truncate_renorm(q, d), truncate_renorm(p, d), truncate_renorm(negs, d),
+                                   temperature, symmetric) for d, w in zip(dims, weights)]
+    return torch.stack(losses).sum()
 
 
 class Temperature(nn.Module):

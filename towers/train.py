@@ -48,7 +48,7 @@ from towers.distributed import (
 )
 from towers.gradcache import Features, cached_backward
 from towers.lora import apply_lora, merge_lora
-from towers.loss import Temperature, contrastive_loss
+from towers.loss import Temperature, contrastive_loss, matryoshka_loss
 from towers.model import Tower, TwoTower
 from towers.pooling import check_pooling
 from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
@@ -140,7 +140,8 @@ def embed(model: TwoTower, batch: Batch, device: torch.device, amp_dtype: torch.
 
 def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: torch.device, temp: Temperature,
                      symmetric: bool = False, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     cache_chunk_size: int = 0) -> torch.Tensor:
+                     cache_chunk_size: int = 0, matryoshka: tuple[tuple[int, ...], tuple[float, ...]] | None = None
+                     ) -> torch.Tensor:
     """One step's loss on this process's rows, with its gradients accumulated into ``.grad``.
 
     Args:
@@ -149,6 +150,7 @@ def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: 
         scale: applied to the loss before backward (``GradScaler.scale``), or None.
         cache_chunk_size: > 0 runs GradCache (``towers.gradcache``) with chunks of that many rows per tower:
             same gradients, memory of one chunk.
+        matryoshka: (dims, weights) of the Matryoshka loss (``towers.loss.matryoshka_loss``); None: InfoNCE.
 
     Returns:
         This rank's loss, detached (its mean over ranks is the loss of the whole batch).
@@ -157,6 +159,8 @@ def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: 
     n = len(batch.positives)
 
     def loss_of(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # q (B, d), r (B + M, d)
+        if matryoshka is not None:
+            return matryoshka_loss(q, r[:n], r[n:], *matryoshka, temp(), symmetric)
         return contrastive_loss(q, r[:n], r[n:], temp(), symmetric)
 
     if cache_chunk_size:
@@ -260,9 +264,15 @@ def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
 
 def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
-    resolve_base(config.base)
+    base = resolve_base(config.base)
     if config.pooling is not None:
         check_pooling(config.pooling)
+    if config.matryoshka_dims:
+        from transformers import AutoConfig
+
+        dim = config.proj_dim or AutoConfig.from_pretrained(base).hidden_size
+        if max(config.matryoshka_dims) > dim:
+            raise ValueError(f"--matryoshka-dims {max(config.matryoshka_dims)} is larger than the towers' dim {dim}")
 
 
 def _prepare_run(config: TrainConfig, fingerprint: str) -> str | None:
@@ -423,7 +433,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         batch = collate(sampler.shard(global_rows), queries, positives, negatives, sampler.epoch,
                         config.negatives_per_query, exclude={positives[i] for i in global_rows})
         loss = global_mean(forward_backward(forward, model, batch, device, temp, config.symmetric, scaler.scale,
-                                            config.cache_chunk_size))
+                                            config.cache_chunk_size, config.matryoshka()))
         if not math.isfinite(loss):
             raise RuntimeError(f"loss is {loss} at step {step + 1}; lower --lr or use --amp bf16/none")
         optimizer_step(params, optimizer, scheduler, scaler, config.max_grad_norm)
