@@ -87,13 +87,6 @@ class IndexBuildConfig:
             raise ValueError(f"--default-alpha must be between 0 and 1, got {self.default_alpha:g}")
         if self.default_mode != "dense" and not self.bm25:
             raise ValueError(f"--default-mode {self.default_mode} needs the BM25 side: drop --no-bm25")
-
-    def query_defaults(self) -> dict[str, object]:
-        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
-        return {**QUERY_DEFAULTS, "mode": self.default_mode, "fusion": self.default_fusion,
-                "alpha": self.default_alpha}
-
-    def __post_init__(self) -> None:
         if not -1 <= self.rescore <= MAX_RESCORE:
             raise ValueError(f"--rescore must be between -1 (auto) and {MAX_RESCORE}, got {self.rescore}")
         if self.keep_vectors not in KEEP_VECTORS:
@@ -102,6 +95,11 @@ class IndexBuildConfig:
             raise ValueError(f"--rescore {self.rescore} needs the float vectors: drop --keep-vectors none")
         if self.dim < 0:
             raise ValueError(f"--dim must be >= 0 (0 = the towers' dim), got {self.dim}")
+
+    def query_defaults(self) -> dict[str, object]:
+        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
+        return {**QUERY_DEFAULTS, "mode": self.default_mode, "fusion": self.default_fusion,
+                "alpha": self.default_alpha}
 
     def resolve_rescore(self, auto_rescore: int) -> tuple[int, str | None]:
         """(default re-scoring factor, dtype of vectors.npy or None) given what ``--factory auto`` picked."""

@@ -27,7 +27,8 @@ from index.load import load_shard
 from index.merge import open_shards
 from retrieval.config import RayServeConfig, ServeConfig
 from retrieval.doctable import DocTable
-from retrieval.retriever import Hit, QueryOptions, Retriever, check_retrieval_precision, hits_from
+from index.hybrid import FUSIONS, NORMS, QUERY_DEFAULTS, check_alpha, check_choice
+from retrieval.retriever import Hit, QueryOptions, Retriever, check_depth, check_retrieval_precision, hits_from
 from towers.model import Tower, read_towers_meta
 
 APP_NAME = "twotower"
@@ -134,7 +135,11 @@ class ShardedRetriever(Retriever):
         if filter:
             raise ValueError("filter is not served by --engine ray (its shards hold no filter map); serve a merged "
                              "INDEX dir for filtered search")
-        return QueryOptions()
+        d = QUERY_DEFAULTS  # the hybrid options are still checked, so a bad one gets the same 422 as today's serve
+        return QueryOptions(fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
+                            alpha=check_alpha(d["alpha"] if alpha is None else alpha),
+                            norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
+                            depth=check_depth(d["depth"] if depth is None else depth))
 
     def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
                        opts: QueryOptions) -> list[list[Hit]]:
