@@ -18,7 +18,8 @@ T = TypeVar("T")
 
 
 def field(default: Any, help: str, required: bool = False, **meta: Any) -> Any:
-    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``).
+    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``/``parse``:
+    the argparse type of a field whose values are not of one plain type).
 
     ``required=True``: the command line must give it (argparse enforces it) and :func:`check_required`, called
     from the config's ``__post_init__``, refuses an empty value when the config is built in Python.
@@ -76,7 +77,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             (inner,) = typing.get_args(tp)[:1]
             kwargs.update(type=inner, nargs=f.metadata.get("nargs", "+"))
         else:
-            kwargs["type"] = finite_float if tp is float else tp
+            # metadata "parse": a field whose values are not of one plain type (e.g. a token count or "auto")
+            kwargs["type"] = f.metadata.get("parse") or (finite_float if tp is float else tp)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         if kwargs["help"] and tp is not bool and not kwargs.get("required"):

@@ -66,7 +66,8 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     device = str(resolve_device(c.device))
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
     built = build_systems(specs, device, c.query_max_length, c.doc_max_length,
-                          None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size, c.llm_precision)
+                          None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size, c.llm_precision,
+                          (c.towers_query_max_length, c.towers_result_max_length))
     full = load_beir(c.suite)
     suite = full.subsample(max_queries, max_corpus, seed) if (max_queries or max_corpus) else full
     docs, queries, relevant = suite.doc_texts(), suite.query_texts, suite.relevant_rows()

@@ -100,7 +100,7 @@ def run_search(args: argparse.Namespace) -> int:
     check_k(config.k, DEFAULT_MAX_K)  # fail before the (slow) load
     check_nprobe(config.nprobe)
     retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size,
-                               precision=config.precision)
+                               precision=config.precision, query_max_length=config.query_max_length)
     results = retriever.search(queries, k=config.k, nprobe=config.nprobe)
     out = sys.stdout
     for i, (query, hits) in enumerate(zip(queries, results)):
@@ -125,7 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # Loaded here, before uvicorn starts, so a bad index or a fingerprint mismatch is one clean error line.
     retriever = Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                               precision=config.precision)
+                               precision=config.precision, query_max_length=config.query_max_length)
     print(f"twotower serve: {retriever.ntotal} docs, dim {retriever.dim}, on http://{config.host}:{config.port} "
           f"(docs at /docs)", file=sys.stderr)
     serve(config, retriever)
