@@ -251,3 +251,32 @@ def test_hard_negatives_are_mined_per_round_and_recorded(pairs_file, tiny_bert_d
         assert len(negs) <= 2 and row["positive"] not in negs  # a pair's own positive is never its negative
     with pytest.raises(ValueError, match="--hard-negatives-rounds needs --hard-negatives"):
         TrainConfig(pairs="p", out="o", hard_negatives_rounds=2)
+
+
+def test_index_search_and_bench_use_the_inference_length_or_the_override(pairs_file, tiny_bert_dir, tmp_path):
+    from eval.config import BenchConfig
+    from eval.systems import TowersSystem, parse_systems
+    from retrieval.retriever import Retriever
+
+    towers = tmp_path / "towers"
+    train(_config(pairs_file, towers, tiny_bert_dir, max_steps=1, dev="none", checkpoint_every=0,
+                  inference_query_max_length=48, inference_result_max_length=64))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": w, "text": f"all about the {w} " * 10}) + "\n" for w in WORDS))
+    for name, extra in (("idx", []), ("idx20", ["--result-max-length", "20"])):
+        assert twotower_cli.main(["index", "build", "--towers", str(towers), "--corpus", str(corpus), "--out",
+                                  str(tmp_path / name), "--device", "cpu", "--no-progress", *extra]) == 0
+    built = json.loads((tmp_path / "idx" / "manifest.json").read_text())["build_config"]
+    assert built["result_max_length"] is None  # the recorded 64 applied: the vectors differ from the 20-token build
+    a, b = (Retriever.load(tmp_path / n, device="cpu") for n in ("idx", "idx20"))
+    assert a.encoder.tower.max_length == 48
+    assert Retriever.load(tmp_path / "idx", device="cpu", query_max_length=8).encoder.tower.max_length == 8
+    xa, xb = (r.index.cpu_index.reconstruct_n(0, 3) for r in (a, b))
+    assert not np.allclose(xa, xb, atol=1e-4)
+    (spec,) = parse_systems(f"towers:t={towers}")
+    system = TowersSystem(spec, "cpu")
+    assert system.config()["t"]["result_max_length"] == 64 and system._encoder("query").max_length == 48
+    over = TowersSystem(spec, "cpu", max_lengths=(None, 20))
+    assert over._encoder("result").max_length == 20 and over.config()["t"]["train_result_max_length"] == 16
+    with pytest.raises(ValueError, match="--towers-result-max-length must be >= 1"):
+        BenchConfig(suite="s", towers_result_max_length=0)
