@@ -108,8 +108,8 @@ class MineConfig:
     num_negatives: int = field(5, "negatives per query (NV-Retriever: 10 or fewer)")
     range_min: int = field(0, "skip candidates ranked above this (0 = start at the top)")
     range_max: int = field(MINE_RANGE_MAX, "consider candidates up to this rank (exclusive)")
-    relative_margin: float | None = field(MINE_RELATIVE_MARGIN, "drop candidates scoring above (1 - margin) * positive score "
-                                                "(NV-Retriever TopK-PercPos: 0.05)")
+    relative_margin: float | None = field(MINE_RELATIVE_MARGIN, "drop candidates scoring above (1 - margin) * "
+                                                                "positive score (NV-Retriever TopK-PercPos: 0.05)")
     absolute_margin: float | None = field(None, "drop candidates scoring above positive score - margin")
     max_score: float | None = field(None, "drop candidates scoring above this")
     sampling: str = field("top", "take the top candidates or a random sample of them", choices=SAMPLING)

@@ -37,9 +37,9 @@ class SearchConfig:
                                                "TOWERS dir)")
 
     def __post_init__(self) -> None:
-        check_range(self, "batch_size", 1, MAX_LIMIT)
+        check_range(self, "batch_size", 1, MAX_LIMIT)  # k and nprobe: retriever.check_k / check_nprobe, same words
         if self.query_max_length is not None:
-            check_range(self, "query_max_length", 1, MAX_LIMIT)  # k and nprobe: retriever.check_k / check_nprobe, same words
+            check_range(self, "query_max_length", 1, MAX_LIMIT)
 
 
 @dataclass

@@ -124,7 +124,8 @@ def test_saved_towers_are_the_best_checkpoint_and_patience_stops(pairs_file, tin
     out = tmp_path / "out"
     model = train(_config(pairs_file, out, tiny_bert_dir, patience=2))
     meta = json.loads((out / "twotower.json").read_text())
-    assert meta["dev_metrics"]["towers"]["step"] == 2 and meta["train_config"]["stopped"].startswith("stopped early: 2 evaluations")
+    assert meta["dev_metrics"]["towers"]["step"] == 2
+    assert meta["train_config"]["stopped"].startswith("stopped early: 2 evaluations")
     assert meta["train_config"]["steps"] == 4  # steps 3 and 4 brought no gain
     assert meta["verdict"] == "dev nDCG@10 base 0.500 -> towers 0.900 (+0.400, step 2/6)" and meta["improved"]
     step2 = load_file(out / "checkpoints" / "step-2" / "model.safetensors")

@@ -168,8 +168,8 @@ class TrainConfig:
             if value is None or (value == AUTO and not name.startswith("inference")):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{flag} must be a number of tokens{'' if name.startswith('inference') else ' or auto'}"
-                                 f", got {value!r}")
+                auto = "" if name.startswith("inference") else " or auto"
+                raise ValueError(f"{flag} must be a number of tokens{auto}, got {value!r}")
             if not 0 < value <= MAX_TOKENS:
                 raise ValueError(f"{flag} must be between 1 and {MAX_TOKENS} tokens, got {value}")
         if self.dev is None:  # the Python API's "no dev file" before the automatic split existed
