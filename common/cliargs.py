@@ -18,7 +18,9 @@ T = TypeVar("T")
 
 
 def field(default: Any, help: str, required: bool = False, **meta: Any) -> Any:
-    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``/``arg_type``).
+    """A dataclass field with a default and a help text (and optional ``choices``/``flag``/``nargs``/``arg_type``:
+    the argparse type of the value (of each item for a list field) when it is not the annotation's plain type,
+    e.g. a token count or "auto", or "384,256" that the config parses itself).
 
     ``required=True``: the command line must give it (argparse enforces it) and :func:`check_required`, called
     from the config's ``__post_init__``, refuses an empty value when the config is built in Python.
@@ -77,7 +79,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[s
             # ``arg_type=str`` lets a config parse "384,256" itself (in its __post_init__)
             kwargs.update(type=f.metadata.get("arg_type", inner), nargs=f.metadata.get("nargs", "+"))
         else:
-            kwargs["type"] = finite_float if tp is float else tp
+            # metadata "arg_type": a field whose values are not of one plain type (e.g. a token count or "auto")
+            kwargs["type"] = f.metadata.get("arg_type") or (finite_float if tp is float else tp)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         if kwargs["help"] and tp is not bool and not kwargs.get("required"):

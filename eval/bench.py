@@ -105,7 +105,8 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
     built = build_systems(specs, device, c.query_max_length, c.doc_max_length,
                           None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size, c.llm_precision,
-                          c.hybrid_alpha, c.hybrid_norm, c.hybrid_depth)
+                          c.hybrid_alpha, c.hybrid_norm, c.hybrid_depth,
+                          (c.towers_query_max_length, c.towers_result_max_length))
     # Vectors a hybrid system shares with a plain towers/minilm system are encoded once (kept only when needed).
     wanted = {s.dense_key for s in built if getattr(s, "hybrid", False)}
     encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float, float]] = {}

@@ -28,6 +28,10 @@ class BenchConfig:
     max_corpus: int | None = field(None, "keep at most this many docs (all relevant docs of kept queries stay)")
     query_max_length: int = field(64, "query tokens for minilm and raw-llm (trained towers keep their own)")
     doc_max_length: int = field(256, "doc tokens for minilm and raw-llm (raw-llm's prompt comes on top)")
+    towers_query_max_length: int | None = field(None, "query tokens for every towers system (default: each "
+                                                      "TOWERS dir's recorded inference length)")
+    towers_result_max_length: int | None = field(None, "doc tokens for every towers system (default: each "
+                                                       "TOWERS dir's recorded inference length)")
     prompt: str = field("promptEOL", "raw-llm prompt: promptEOL, none, or a template with {text}")
     llm_precision: str = field("auto", "precision of the decoder-LLM encoders (raw-llm, and towers on an LLM base): "
                                        "auto (bf16 where the CPU has AVX512-BF16/AMX or on a GPU, else fp32), "
@@ -51,7 +55,7 @@ class BenchConfig:
                      "hybrid_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queries", "max_corpus"):
+        for name in ("max_queries", "max_corpus", "towers_query_max_length", "towers_result_max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
                                  f"{getattr(self, name)}")
@@ -78,14 +82,18 @@ class Profile:
     batch_size: int
     lr: float
     temperature: float
-    query_max_length: int  # for the towers and every baseline
-    doc_max_length: int  # for the towers and every baseline
+    query_max_length: int  # training tokens of the towers
+    doc_max_length: int  # training tokens of the towers
     eval_every: int
     # SmolLM2 (decoder LLM) towers: fine-tuned on the same pairs; 0 steps = no such row
     llm_max_steps: int = 0
     llm_lr: float = 1e-4
     llm_batch_size: int = 32
     llm_query_max_length: int = 48  # the instruction prompt (~15 tokens) comes out of this budget
+    # Inference tokens of the towers and of every baseline: the demo trains short (cheap) and encodes long (issue
+    # 15: MiniLM towers trained at 32/64 lost to MiniLM when also used at 32/64, and beat it at 64/256).
+    inference_query_max_length: int = 64
+    inference_doc_max_length: int = 256
 
 
 PROFILES: dict[str, Profile] = {

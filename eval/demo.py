@@ -52,7 +52,12 @@ def _dev_subset(dev: Path, n: int | None, out: Path) -> Path:
 def _train_towers(cfg: Any, out: Path) -> str:
     """Train unless ``out`` holds towers trained with the same settings; returns what happened."""
     if (out / "twotower.json").exists():
-        mismatches = cfg.resume_mismatches(read_towers_meta(out).get("train_config") or {})
+        meta = read_towers_meta(out)
+        mismatches = cfg.resume_mismatches(meta.get("train_config") or {})
+        for side in ("query", "result"):  # recorded in the TOWERS dir, not a setting of the maths
+            wanted, recorded = getattr(cfg, f"inference_{side}_max_length"), meta.get(f"inference_{side}_max_length")
+            if wanted is not None and recorded != wanted:
+                mismatches.append(f"inference_{side}_max_length: towers have {recorded}, the demo wants {wanted}")
         if not mismatches:
             return "cached"
         print("demo: towers settings changed, retraining:\n  " + "\n  ".join(mismatches), file=sys.stderr)
@@ -90,8 +95,10 @@ def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: P
         max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,
         batch_size=prof.llm_batch_size, lr=prof.llm_lr, temperature=prof.temperature,
         query_max_length=prof.llm_query_max_length, result_max_length=prof.doc_max_length,
+        inference_query_max_length=prof.inference_query_max_length,
+        inference_result_max_length=prof.inference_doc_max_length,
         query_prompt=LLM_QUERY_PROMPTS[config.suite], eval_every=0, checkpoint_every=24, amp=amp, device=device,
-        seed=42)
+        seed=42, dev="none")
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -161,6 +168,8 @@ def run_suite(config: DemoConfig) -> dict[str, Any]:
         max_steps=config.max_steps if config.max_steps is not None else prof.max_steps, epochs=1,
         batch_size=prof.batch_size, lr=prof.lr, temperature=prof.temperature,
         query_max_length=prof.query_max_length, result_max_length=prof.doc_max_length,
+        inference_query_max_length=prof.inference_query_max_length,
+        inference_result_max_length=prof.inference_doc_max_length,
         eval_every=prof.eval_every, checkpoint_every=100, device=device, seed=42)
     step("train", _train_towers, train_cfg, towers_dir)
     llm_name = Path(config.raw_llm).name
@@ -176,8 +185,8 @@ def run_suite(config: DemoConfig) -> dict[str, Any]:
     extra = {"demo": {"suite": config.suite, "profile": config.profile, "profile_settings": dataclasses.asdict(prof),
                       "steps": steps, "towers": str(towers_dir), "index": str(work / "index")}}
     bench = BenchConfig(suite=str(suite_dir), systems=",".join(systems), out=str(work / "report"), k_max=100,
-                        batch_size=64, device=device, query_max_length=prof.query_max_length,
-                        doc_max_length=prof.doc_max_length, llm_precision=config.llm_precision)
+                        batch_size=64, device=device, query_max_length=prof.inference_query_max_length,
+                        doc_max_length=prof.inference_doc_max_length, llm_precision=config.llm_precision)
     results = step("bench", run_bench, bench, extra=extra)
     total = round(time.perf_counter() - t_all, 1)
     print(f"\n{format_table(results)}\n")

@@ -110,8 +110,10 @@ class TowersSystem:
 
     dense = True
 
-    def __init__(self, spec: SystemSpec, device: str = "cpu", llm_precision: str = "auto") -> None:
+    def __init__(self, spec: SystemSpec, device: str = "cpu", llm_precision: str = "auto",
+                 max_lengths: tuple[int | None, int | None] = (None, None)) -> None:
         self.label = spec.label
+        self.max_lengths = dict(zip(("query", "result"), max_lengths))  # None: the TOWERS dir's inference lengths
         self.path = Path(spec.value or "")
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
@@ -131,7 +133,7 @@ class TowersSystem:
     def _encoder(self, side: str) -> TowerEncoder:
         if self._model is None:
             self._model = TwoTower.load(self.path)
-        return tower_encoder(self._model, side, self.device, self.precision)
+        return tower_encoder(self._model, side, self.device, self.precision, self.max_lengths[side])
 
     def encode_queries(self, texts: Sequence[str], batch_size: int, show_progress: bool) -> dict[str, np.ndarray]:
         return {self.label: self._encoder("query").encode(texts, batch_size, show_progress)}
@@ -143,10 +145,17 @@ class TowersSystem:
         m = self.meta
         return {self.label: {"kind": "towers", "path": str(self.path), "base": m.get("base"),
                              "pooling": m.get("pooling"), "shared": m.get("shared"), "dim": m.get("dim"),
-                             "query_max_length": m.get("query_max_length"),
-                             "result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
+                             "query_max_length": self._length(m, "query"),
+                             "result_max_length": self._length(m, "result"),
+                             "train_query_max_length": m.get("query_max_length"),
+                             "train_result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
                              "query_prompt": m.get("query_prompt"), "result_prompt": m.get("result_prompt"),
                              "precision": self.precision, "train_config": m.get("train_config")}}
+
+    def _length(self, meta: dict[str, Any], side: str) -> int | None:
+        """Tokens this system encodes ``side`` with: the override, the recorded inference length, or (TOWERS
+        dirs from before inference lengths) the training one."""
+        return self.max_lengths[side] or meta.get(f"inference_{side}_max_length") or meta.get(f"{side}_max_length")
 
 
 class MiniLMSystem:
@@ -290,13 +299,15 @@ System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem
 def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
                   doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16,
                   llm_precision: str = "auto", hybrid_alpha: float = 0.5, hybrid_norm: str = "minmax",
-                  hybrid_depth: int = DEFAULT_DEPTH) -> list[System]:
+                  hybrid_depth: int = DEFAULT_DEPTH,
+                  towers_max_lengths: tuple[int | None, int | None] = (None, None)) -> list[System]:
     """Instantiate parsed specs (cheap: models load on first encode). ``llm_precision`` applies to the decoder
-    LLMs (raw-llm, and towers on an LLM base); ``hybrid_*`` to the hybrid systems' weighted fusion and depth."""
+    LLMs (raw-llm, and towers on an LLM base); ``hybrid_*`` to the hybrid systems' weighted fusion and depth;
+    ``towers_max_lengths`` (query, result) overrides the trained towers' recorded inference lengths."""
     systems: list[System] = []
     for spec in specs:
         if spec.kind == "towers":
-            systems.append(TowersSystem(spec, device, llm_precision))
+            systems.append(TowersSystem(spec, device, llm_precision, towers_max_lengths))
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":
@@ -307,7 +318,7 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
         elif spec.kind in ("hybrid", "hybrid-minilm"):
             inner_spec = SystemSpec(spec.kind.removeprefix("hybrid-") if spec.value is None else "towers",
                                     spec.label, spec.value)
-            inner: TowersSystem | MiniLMSystem = TowersSystem(inner_spec, device, llm_precision) \
+            inner: TowersSystem | MiniLMSystem = TowersSystem(inner_spec, device, llm_precision, towers_max_lengths) \
                 if spec.value is not None else MiniLMSystem(inner_spec, device, query_max_length, doc_max_length)
             systems.append(HybridSystem(spec, inner, hybrid_alpha, hybrid_norm, hybrid_depth))
         else:

@@ -141,7 +141,7 @@ def run_index_build(args: argparse.Namespace) -> int:
     else:
         check_build_out(args.out, args.corpus, args.towers, config, encode)
     _notice_stale_temp_dirs(args.out)
-    encoder = result_encoder(TwoTower.load(args.towers), encode.device)
+    encoder = result_encoder(TwoTower.load(args.towers), encode.device, max_length=encode.result_max_length)
     if shard.sharded:
         out = build_shard(encoder, args.corpus, args.out, shard, encode, towers_dir=args.towers,
                           overwrite=config.overwrite)
@@ -186,7 +186,8 @@ def run_index_add(args: argparse.Namespace) -> int:
     towers = args.towers or recorded_towers_dir(args.index, read_manifest(args.index))
     read_towers_meta(towers)  # inputs checked before the towers load
     check_corpus(args.corpus)
-    n = add_docs(args.index, result_encoder(TwoTower.load(towers), config.device), args.corpus, config, wait=wait)
+    encoder = result_encoder(TwoTower.load(towers), config.device, max_length=config.result_max_length)
+    n = add_docs(args.index, encoder, args.corpus, config, wait=wait)
     print(f"added {n} docs to {args.index}")
     _print_info(args.index)
     return 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from common.cliargs import field, flag_of
 from common.device import check_device
 from index.hybrid import FUSIONS, MODES, QUERY_DEFAULTS
+from towers.config import MINE_RANGE_MAX, MINE_RELATIVE_MARGIN
 
 DTYPES = ("float32", "float16")
 KEEP_VECTORS = ("auto", "none", "float32", "float16")
@@ -36,9 +37,13 @@ class EncodeConfig:
     keep_work: bool = field(False, "keep the embedding chunks after a successful build")
     device: str = field("auto", "device for the towers: auto (cuda if available), cpu, cuda, cuda:N")
     progress: bool = field(True, "show progress bars")
+    result_max_length: int | None = field(None, "tokens per doc for the result tower (default: the inference "
+                                                "length recorded in the TOWERS dir)")
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.result_max_length is not None and self.result_max_length < 1:
+            raise ValueError(f"--result-max-length must be >= 1, got {self.result_max_length}")
         for name in ("batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -197,9 +202,9 @@ class MineConfig:
     negatives_column: str = field("negatives", "negatives column of --pairs (replaced by the mined ones)")
     num_negatives: int = field(5, "negatives per query (NV-Retriever: 10 or fewer)")
     range_min: int = field(0, "skip candidates ranked above this (0 = start at the top)")
-    range_max: int = field(50, "consider candidates up to this rank (exclusive)")
-    relative_margin: float | None = field(0.05, "drop candidates scoring above (1 - margin) * positive score "
-                                                "(NV-Retriever TopK-PercPos: 0.05)")
+    range_max: int = field(MINE_RANGE_MAX, "consider candidates up to this rank (exclusive)")
+    relative_margin: float | None = field(MINE_RELATIVE_MARGIN, "drop candidates scoring above (1 - margin) * "
+                                                                "positive score (NV-Retriever TopK-PercPos: 0.05)")
     absolute_margin: float | None = field(None, "drop candidates scoring above positive score - margin")
     max_score: float | None = field(None, "drop candidates scoring above this")
     sampling: str = field("top", "take the top candidates or a random sample of them", choices=SAMPLING)

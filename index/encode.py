@@ -132,7 +132,9 @@ def encode_corpus(
     dim = int(encoder.dim)
     fingerprint = encoder_fingerprint(encoder)
     _prepare_work_dir(work, {"version": WORK_VERSION, "encoder": fingerprint or encoder_name(encoder), "dim": dim,
-                             "chunk_size": chunk_size, "dtype": dtype, **(state_extra or {})},
+                             "chunk_size": chunk_size, "dtype": dtype,
+                             "max_length": getattr(encoder, "max_length", None),  # other lengths, other vectors
+                             **(state_extra or {})},
                       resumable=fingerprint is not None)
     n, n_chunks, resumed, norms_ok = 0, 0, 0, True
     buf: list[Doc] = []

@@ -1,15 +1,12 @@
 """Hard-negative mining for the next training round (``twotower mine``).
 
-Follows sentence-transformers' ``mine_hard_negatives`` and NV-Retriever (Moreira et al. 2024, "TopK-PercPos"):
-index the pairs' positives (plus an optional extra corpus) with the result tower, search every query
-with the query tower, and take negatives from ranks ``[range_min, range_max)`` that are not a positive of
-that query and do not score within a margin of its positive (the false-negative guard: a candidate
-scoring about as high as the positive is likely an unlabelled positive).
+The selection rules (ranks, false-negative margins) live in ``towers.negatives``, shared with
+``twotower train --hard-negatives``; this module adds the verb: a TOWERS dir, an extra corpus, candidates in a
+faiss index, and the output file.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,87 +26,26 @@ from index.faiss_utils import build_faiss, search, search_defaults
 from towers.data import load_pairs
 from towers.inference import tower_encoder
 from towers.model import TwoTower, read_towers_meta
+from towers.negatives import MineStats, select_negatives
+from towers.negatives import mine_negatives as towers_mine
 
-
-@dataclass
-class MineStats:
-    queries: int = 0
-    candidates: int = 0
-    skipped_margin: int = 0
-    skipped_max_score: int = 0
-    short: int = 0
-    mean_positive: float = 0.0
-    mean_negative: float = 0.0
-
-    def summary(self) -> str:
-        return (f"{self.queries} queries, mean positive score {self.mean_positive:.4f}, mean negative score "
-                f"{self.mean_negative:.4f}; skipped {self.skipped_margin} candidates by margin and "
-                f"{self.skipped_max_score} by max_score; {self.short} queries got fewer than asked")
-
-
-def select_negatives(D: np.ndarray, I: np.ndarray, positives: Sequence[set[int]], positive_score: np.ndarray,
-                     config: MineConfig) -> tuple[list[list[int]], MineStats]:
-    """Pick negatives per query from ranked candidates.
-
-    Args:
-        D, I: (nq, K) search scores and candidate rows, best first (-1 = none).
-        positives: per query, the candidate rows that are its positives (never negatives).
-        positive_score: (nq,) the query's lowest positive score (the hardest positive, as sbert does).
-
-    Returns:
-        Per query the chosen rows (rank order for ``top``), and counts.
-    """
-    rng = np.random.default_rng(config.seed)
-    stats = MineStats(queries=len(I))
-    chosen: list[list[int]] = []
-    neg_scores: list[float] = []
-    for q in range(len(I)):
-        keep: list[int] = []
-        for r in range(config.range_min, min(config.range_max, I.shape[1])):
-            row, score = int(I[q, r]), float(D[q, r])
-            if row < 0 or row in positives[q]:
-                continue
-            stats.candidates += 1
-            if config.max_score is not None and score > config.max_score:
-                stats.skipped_max_score += 1
-            elif (config.absolute_margin is not None and score + config.absolute_margin > positive_score[q]) or \
-                    (config.relative_margin is not None and score > positive_score[q] * (1 - config.relative_margin)):
-                stats.skipped_margin += 1
-            else:
-                keep.append(r)
-        if config.sampling == "random" and len(keep) > config.num_negatives:
-            keep = sorted(rng.choice(keep, config.num_negatives, replace=False).tolist())
-        keep = keep[: config.num_negatives]
-        stats.short += len(keep) < config.num_negatives
-        neg_scores += [float(D[q, r]) for r in keep]
-        chosen.append([int(I[q, r]) for r in keep])
-    stats.mean_positive = float(np.mean(positive_score)) if len(positive_score) else 0.0
-    stats.mean_negative = float(np.mean(neg_scores)) if neg_scores else 0.0
-    return chosen, stats
+__all__ = ["MineConfig", "MineStats", "mine", "mine_negatives", "select_negatives"]
 
 
 def mine_negatives(query_encoder: Encoder, result_encoder: Encoder, queries: Sequence[str], positives: Sequence[str],
                    config: MineConfig, corpus_texts: Sequence[str] = ()) -> tuple[list[list[str]], MineStats]:
-    """Negatives (texts) for each (query, positive) pair; rows sharing a query share its negatives."""
+    """Negatives (texts) for each (query, positive) pair (``towers.negatives.mine_negatives``) with the candidates
+    in a faiss index (``config.factory``; ``auto``: Flat below 100k candidates, IVF beyond)."""
     config.validate()
-    corpus = list(dict.fromkeys([*positives, *corpus_texts]))  # unique candidate texts
-    row_of = {t: i for i, t in enumerate(corpus)}
-    uq = list(dict.fromkeys(queries))
-    q_index = {t: i for i, t in enumerate(uq)}
-    pos_rows: list[set[int]] = [set() for _ in uq]
-    for q, p in zip(queries, positives):
-        pos_rows[q_index[q]].add(row_of[p])
-    xc = result_encoder.encode(corpus, batch_size=config.batch_size, show_progress=config.progress)  # (n, d)
-    xq = query_encoder.encode(uq, batch_size=config.batch_size, show_progress=config.progress)  # (nq, d)
-    pos_score = np.array([min(float(xq[i] @ xc[r]) for r in rows) for i, rows in enumerate(pos_rows)])
-    factory = config.factory
-    if factory == "auto":
-        factory = auto_factory(len(corpus), xc.shape[1], parse_memory("")).factory
-    index = build_faiss(xc, factory)
-    k = min(len(corpus), config.range_max + max(len(r) for r in pos_rows))
-    D, I = search(index, xq, k, **search_defaults(index))
-    chosen, stats = select_negatives(D, I, pos_rows, pos_score, config)
-    return [[corpus[r] for r in chosen[q_index[q]]] for q in queries], stats
+
+    def faiss_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        factory = config.factory
+        if factory == "auto":
+            factory = auto_factory(len(xb), xb.shape[1], parse_memory("")).factory
+        index = build_faiss(xb, factory)
+        return search(index, xq, k, **search_defaults(index))
+
+    return towers_mine(query_encoder, result_encoder, queries, positives, config, corpus_texts, faiss_search)
 
 
 def mine(config: MineConfig) -> tuple[Path, MineStats]:

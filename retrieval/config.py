@@ -46,11 +46,15 @@ class SearchConfig:
     depth: int | None = field(None, "hybrid: candidates per side = k * depth (None: 10)")
     filter: str | None = field(None, "metadata filter as JSON, e.g. '{\"package\": \"numpy\"}', "
                                      "'{\"year\": {\"$gte\": 2020}}' (operators $eq $ne $in $nin $gt $gte $lt $lte)")
+    query_max_length: int | None = field(None, "tokens per query (default: the inference length recorded in the "
+                                               "TOWERS dir)")
 
     def __post_init__(self) -> None:
         check_range(self, "batch_size", 1, MAX_LIMIT)  # k and nprobe: retriever.check_k / check_nprobe, same words
         if self.alpha is not None:
             check_range(self, "alpha", 0.0, 1.0)
+        if self.query_max_length is not None:
+            check_range(self, "query_max_length", 1, MAX_LIMIT)
 
 
 @dataclass
@@ -79,6 +83,8 @@ class ServeConfig:
     reload_interval: float = field(2.0, "seconds between checks of the INDEX dir for a new version (index add, "
                                         "remove, build --overwrite), which is then loaded and swapped in between "
                                         "batches; 0 = serve the version loaded at start")
+    query_max_length: int | None = field(None, "tokens per query (default: the inference length recorded in the "
+                                               "TOWERS dir)")
 
     def __post_init__(self) -> None:
         """Every limit checked before the index or the towers load (a typo is one line, not a half-started server)."""
@@ -90,6 +96,8 @@ class ServeConfig:
         check_range(self, "max_body_bytes", 0, MAX_LIMIT)
         check_range(self, "max_wait_ms", 0, 60_000)
         check_range(self, "reload_interval", 0, 86_400)
+        if self.query_max_length is not None:
+            check_range(self, "query_max_length", 1, MAX_LIMIT)
 
     def body_limit(self) -> int:
         """``max_body_bytes``, or when 0 the worst case of a valid request (every char a 12-byte surrogate pair

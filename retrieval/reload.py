@@ -93,7 +93,8 @@ class IndexWatcher:
             index.check_fingerprint(fingerprint)  # explicit --towers must fit every version served
             return current.with_index(index)
         # Rebuilt with other towers, which it records: load those (the served tower cannot read its vectors).
-        return Retriever.load(config.index, None, config.device, max_k=config.max_k, precision=config.precision)
+        return Retriever.load(config.index, None, config.device, max_k=config.max_k, precision=config.precision,
+                              query_max_length=config.query_max_length)
 
     async def run(self) -> None:
         """Check every ``reload_interval`` seconds until cancelled (the app's lifespan ends)."""

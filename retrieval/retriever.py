@@ -189,7 +189,8 @@ class Retriever:
 
     @classmethod
     def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
-             max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> Retriever:
+             max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32",
+             query_max_length: int | None = None) -> Retriever:
         """Load an INDEX dir and the query tower of its TOWERS dir.
 
         Args:
@@ -201,6 +202,8 @@ class Retriever:
             precision: ``fp32``; ``bf16`` encodes several times faster on CPUs with AVX512-BF16/AMX and on
                 GPUs (cosine error ~2e-5 vs fp32); ``fp16`` for GPUs without bf16; ``onnx``: float32 results,
                 the query encoder in ONNX Runtime on the CPU (~1.5-1.8x torch fp32 there; extra ``.[onnx]``).
+            query_max_length: tokens per query; default the TOWERS dir's inference length
+                (``inference_query_max_length`` in twotower.json, as ``towers.inference.tower_encoder``).
 
         Raises:
             ValueError: the towers' fingerprint differs from the index's (vectors from another model),
@@ -224,6 +227,7 @@ class Retriever:
             query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
         # Only the query tower: the result tower is what built the index and is not needed here.
         tower = Tower.load(towers_dir / "query_tower").to(tower_device)
+        tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
         if precision == "onnx":
             if tower_device != "cpu":
                 raise ValueError(f"precision 'onnx' runs the query tower on the CPU; got device '{device}' "

@@ -51,7 +51,7 @@ def test_every_json_output_of_the_pipeline_is_strict(_tiny_models, tmp_path, cap
     towers = tmp_path / "towers"
     _run(["train", "--pairs", str(pairs), "--dev", str(dev), "--out", str(towers), "--base", str(base),
           "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1", "--log-every", "1", "--device", "cpu",
-          "--query-max-length", "16", "--result-max-length", "16"], capsys)
+          "--query-max-length", "16", "--result-max-length", "16", "--allow-no-gain"], capsys)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"doc {i}", "score": i / 3, "tags": ["a", None],
                                           "nested": {"big": 1e308, "small": -1e-308}}) + "\n" for i in range(12)))

@@ -55,7 +55,7 @@ def test_dev_overlapping_pairs_is_warned_with_the_count(_tiny_models, tmp_path, 
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dev.write_text("".join(json.dumps(r) + "\n" for r in rows[5:] + [{"query": "new", "positive": "unseen"}]))
     common = ["--base", str(_tiny_models["bert"]), "--batch-size", "2", "--max-steps", "1", "--device", "cpu",
-              "--query-max-length", "8", "--result-max-length", "8"]
+              "--query-max-length", "8", "--result-max-length", "8", "--allow-no-gain"]
     assert twotower_cli.main(["train", "--pairs", str(pairs), "--dev", str(dev), "--out", str(tmp_path / "a"),
                               *common]) == 0
     assert "twotower train: warning: 3 of 4 --dev pairs are also in --pairs (same query and positive); dev " \

@@ -163,7 +163,8 @@ def test_cli_trains_shared_towers_with_dev_recall_and_reports_bad_input(pairs_fi
     out = tmp_path / "towers"
     rc = twotower_cli.main(["train", "--pairs", str(pairs_file), "--out", str(out), "--base", str(tiny_bert_dir),
                             "--shared", "--batch-size", "4", "--max-steps", "3", "--dev", str(pairs_file),
-                            "--device", "cpu", "--checkpoint-every", "2", "--result-max-length", "24"])
+                            "--device", "cpu", "--checkpoint-every", "2", "--result-max-length", "24",
+                            "--allow-no-gain"])
     assert rc == 0
     assert "dev recall@10" in capsys.readouterr().out
     model = TwoTower.load(out)

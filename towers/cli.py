@@ -18,14 +18,19 @@ from typing import Any
 from common.cliargs import add_dataclass_args, dataclass_from_args, run_verb
 from towers.config import TrainConfig
 
+NO_GAIN_EXIT = 3  # the towers were saved but did not beat the untrained base on dev
+_LAUNCHED = "TWOTOWER_TRAIN_LAUNCHED"  # set by `--nproc N` for its workers
+
 _EXAMPLE = """example:
-  twotower train --pairs train.jsonl --out towers/ --dev dev.jsonl --max-steps 200
+  twotower train --pairs train.jsonl --out towers/ --max-steps 200   # dev split, best checkpoint, verdict
+  twotower train --pairs train.jsonl --out towers/ --dev dev.jsonl --hard-negatives 1 --query-max-length auto
   twotower train --pairs train.jsonl --out towers/ --resume       # continue after an interruption
   twotower train --pairs train.jsonl --out towers/ --nproc 4      # 4 processes (GPUs) on this machine
   torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
       -m towers.cli --pairs train.jsonl --out /shared/towers     # 2 nodes x 8 GPUs (run on each node)
 
 pairs rows: {"query": ..., "positive": ..., "negatives": [...optional hard negatives]}
+exit status: 0 trained (and better than the base on dev), 2 bad input, 3 saved but no gain over the base on dev
 """
 
 
@@ -42,18 +47,37 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     config = dataclass_from_args(TrainConfig, args)
-    from towers.train import LOG_NAME, check_train_out, train
+    from towers.train import check_train_out, train
 
     check_train_out(config)  # before any process, model or data loads
     if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(config)
 
     model = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        recalls = [r["dev_recall@10"] for r in _read_log(Path(config.out) / LOG_NAME) if "dev_recall@10" in r]
-        summary = f"dev recall@10 {recalls[0]:.4f} -> {recalls[-1]:.4f}; " if recalls else ""
-        print(f"{summary}saved TOWERS dir to {config.out} (fingerprint {model.fingerprint()})")
-    return 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"saved TOWERS dir to {config.out} (fingerprint {model.fingerprint()}; inference at "
+          f"{model.inference_max_length('query')}/{model.inference_max_length('result')} query/result tokens)")
+    code = verdict_exit(model.train_config, config.allow_no_gain)
+    # Under `twotower train --nproc N` the launching process reads the verdict from twotower.json and sets the
+    # exit status; a worker that exited 3 would make torchrun report a failure.
+    return 0 if os.environ.get(_LAUNCHED) else code
+
+
+def verdict_exit(meta: dict[str, Any], allow_no_gain: bool) -> int:
+    """Print the verdict (the last line) and the reasons of a run without gain; the exit status: 3 when the
+    towers did not beat the base on dev and ``--allow-no-gain`` is not given, else 0."""
+    if "verdict" not in meta:
+        print("no dev evaluation (--dev none, or too few pairs to hold out): no verdict on the gain over the base")
+        return 0
+    if meta.get("improved"):
+        print(meta["verdict"])
+        return 0
+    print("the towers did not beat the untrained base on dev; possible reasons:\n  "
+          + "\n  ".join(meta.get("no_gain_reasons") or []), file=sys.stderr)
+    print(f"{meta['verdict']}: no gain (twotower.json says \"improved\": false; the towers are saved"
+          f"{'' if allow_no_gain else '; --allow-no-gain exits 0'})")
+    return 0 if allow_no_gain else NO_GAIN_EXIT
 
 
 def torchrun_command(config: TrainConfig) -> list[str]:
@@ -78,15 +102,19 @@ def launch_torchrun(config: TrainConfig) -> int:
         raise ValueError(f"--nproc {config.nproc} is more processes than this machine has CPUs or GPUs ({slots}); "
                          f"use --nproc <= {slots}, or torchrun across machines (docs/scale-out.md)")
     cols = (config.query_column, config.positive_column, config.negatives_column)
-    for path in (config.pairs, config.dev):
+    for path in (config.pairs, config.dev_file):
         if path:
             load_pairs(path, *cols)
     out = Path(config.out)
     if not (config.resume or config.overwrite) and any((out / n).exists() for n in RUN_FILES):
         raise FileExistsError(f"--out '{out}' already holds a training run; pass --resume to continue it, "
                               "--overwrite to start over, or choose another --out")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # N processes share the CPUs
-    return subprocess.run(torchrun_command(config), env=env, check=False).returncode
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), _LAUNCHED: "1"}  # N share the CPUs
+    rc = subprocess.run(torchrun_command(config), env=env, check=False).returncode
+    meta_path = out / "twotower.json"
+    if rc or not meta_path.exists():
+        return rc
+    return verdict_exit(json.loads(meta_path.read_text()).get("train_config") or {}, config.allow_no_gain)
 
 
 def config_argv(config: TrainConfig) -> list[str]:
@@ -110,10 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     add_train_parser(parser.add_subparsers(dest="verb", required=True))
     args = parser.parse_args(argv if argv[:1] == ["train"] else ["train", *argv])
     return run_verb(args.func, args, "train")
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 if __name__ == "__main__":

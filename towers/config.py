@@ -6,6 +6,7 @@ any other difference is refused, because the resumed run would silently not be t
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,25 @@ from common.device import check_device
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 MAX_TOKENS = 131_072  # the longest context of any base twotower knows; beyond it a length is a typo
 BACKEND_CHOICES = ("auto", "gloo", "nccl")  # towers.distributed.BACKENDS (not imported: keeps --help free of torch)
+SELECT_CHOICES = ("best", "last")
+# Hard-negative mining's defaults (``twotower mine`` and ``train --hard-negatives``): candidates up to rank 50, none
+# scoring above 95% of the positive's score (NV-Retriever's TopK-PercPos).
+MINE_RANGE_MAX, MINE_RELATIVE_MARGIN = 50, 0.05
+DEV_AUTO, DEV_NONE = "auto", "none"
+AUTO = "auto"  # a max length measured on the pairs (towers.lengths)
+
+
+def parse_length(text: str) -> int | str:
+    """argparse type of a max-length option: a token count or ``auto``."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}") from None
+
+
+parse_length.__name__ = "length"
 
 
 def split_list(values: Any, flag: str) -> list[str]:
@@ -39,8 +59,10 @@ class TrainConfig:
     out: str = field("", "output TOWERS dir (also holds checkpoints/ and train_log.jsonl)", required=True,
                      resume_ok=True)
     base: str = field("minilm", "base model: minilm, smollm2, gemma3 or a local Hugging Face model dir")
-    dev: str | None = field(None, "dev pairs file: dev recall@10 is measured every --eval-every steps",
-                            resume_ok=True)
+    dev: str | None = field(DEV_AUTO, "dev pairs: auto (hold out min(2%%, 1000) pairs of --pairs, grouped so no "
+                                      "query and no positive is in both), none (no dev evaluation), or a pairs "
+                                      "file; dev recall@10 and nDCG@10 are measured before training and every "
+                                      "--eval-every steps", resume_ok=True)
     query_column: str = field("query", "column holding the query text", resume_ok=True)
     positive_column: str = field("positive", "column holding the positive (relevant result) text", resume_ok=True)
     negatives_column: str = field("negatives", "column holding a list of hard-negative texts (optional)",
@@ -63,8 +85,23 @@ class TrainConfig:
     lora_alpha: float | None = field(None, "LoRA scale alpha (the update is alpha/r x B A); unset = 2 x --lora-r")
     lora_targets: str = field("all-linear", "modules that get LoRA adapters: all-linear or a comma list of "
                                             "module names, e.g. q_proj,k_proj,v_proj,o_proj")
-    query_max_length: int = field(64, "max query tokens (queries are short; shorter is faster)")
-    result_max_length: int = field(256, "max result tokens")
+    query_max_length: int | str = field(64, "max query tokens in training (shorter is faster), or auto: the 95th "
+                                            "percentile of the tokenised queries of a sample of --pairs, capped "
+                                            "by the base's max (printed)", arg_type=parse_length)
+    result_max_length: int | str = field(256, "max result tokens in training, or auto (as --query-max-length)",
+                                         arg_type=parse_length)
+    inference_query_max_length: int | None = field(None, "query tokens at inference (index build, search, serve, "
+                                                         "bench, mine, dev evaluation), recorded in the TOWERS "
+                                                         "dir; unset = the base's max (256 for minilm)",
+                                                   resume_ok=True)
+    inference_result_max_length: int | None = field(None, "result tokens at inference (as "
+                                                          "--inference-query-max-length); unset = the base's max",
+                                                    resume_ok=True)
+    hard_negatives: int = field(0, "mine this many hard negatives per pair with the base towers before training "
+                                   "(twotower mine's rules: ranks 0-50 among the pairs' positives, none within "
+                                   "5%% of the positive's score); they replace the pairs' negatives; 0 = off")
+    hard_negatives_rounds: int = field(1, "with --hard-negatives: mining rounds of --max-steps (or --epochs) "
+                                          "each; 2 re-mines with the first round's towers and trains on")
     # Optimisation
     max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
     epochs: int = field(1, "passes over the pairs when --max-steps is 0")
@@ -106,8 +143,15 @@ class TrainConfig:
                                       "evaluation and checkpoint writes included) before failing", resume_ok=True)
     # Monitoring and checkpoints
     log_every: int = field(10, "write loss, LR and pairs/s to train_log.jsonl every N steps", resume_ok=True)
-    eval_every: int = field(100, "measure dev recall@10 every N steps with --dev (also before and after "
+    eval_every: int = field(100, "measure dev recall@10 and nDCG@10 every N steps (also before and after "
                                  "training); 0 = only before and after", resume_ok=True)
+    select: str = field("best", "weights saved as the TOWERS: best (the evaluation with the highest dev "
+                                "nDCG@10) or last", choices=SELECT_CHOICES, resume_ok=True)
+    patience: int = field(0, "stop after this many dev evaluations in a row without a new best nDCG@10; "
+                             "0 = never stop early", resume_ok=True)
+    allow_no_gain: bool = field(False, "exit 0 even when the towers do not beat the untrained base on dev "
+                                       "(default: the towers are saved, flagged \"improved\": false, exit 3)",
+                                resume_ok=True)
     eval_batch_size: int = field(64, "encoding batch size for the dev evaluation", resume_ok=True)
     checkpoint_every: int = field(100, "write a resumable checkpoint every N steps (0 = never)", resume_ok=True)
     keep_checkpoints: int = field(2, "keep only the newest N checkpoints (0 = keep all)", resume_ok=True)
@@ -118,13 +162,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        positive = ("batch_size", "lr", "temperature", "query_max_length", "result_max_length", "log_every",
-                    "eval_batch_size", "temperature_lr")
+        positive = ("batch_size", "lr", "temperature", "log_every", "eval_batch_size", "temperature_lr",
+                    "hard_negatives_rounds")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("max_steps", "epochs", "negatives_per_query", "weight_decay", "max_grad_norm", "eval_every",
-                     "checkpoint_every", "keep_checkpoints", "cache_chunk_size", "lora_r"):
+                     "checkpoint_every", "keep_checkpoints", "cache_chunk_size", "lora_r", "patience",
+                     "hard_negatives"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -135,9 +180,24 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.nproc < 1:
             raise ValueError(f"--nproc must be >= 1, got {self.nproc}")
-        for name in ("query_max_length", "result_max_length"):
-            if getattr(self, name) > MAX_TOKENS:
-                raise ValueError(f"--{name.replace('_', '-')} must be <= {MAX_TOKENS} tokens, got {getattr(self, name)}")
+        for name in ("query_max_length", "result_max_length", "inference_query_max_length",
+                     "inference_result_max_length"):
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value is None or (value == AUTO and not name.startswith("inference")):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                auto = "" if name.startswith("inference") else " or auto"
+                raise ValueError(f"{flag} must be a number of tokens{auto}, got {value!r}")
+            if not 0 < value <= MAX_TOKENS:
+                raise ValueError(f"{flag} must be between 1 and {MAX_TOKENS} tokens, got {value}")
+        if self.dev is None:  # the Python API's "no dev file" before the automatic split existed
+            self.dev = DEV_NONE
+        if not self.dev:
+            raise ValueError(f"--dev is empty: give {DEV_AUTO}, {DEV_NONE} or a pairs file")
+        if self.select not in SELECT_CHOICES:
+            raise ValueError(f"unknown select '{self.select}': choose {', '.join(SELECT_CHOICES)}")
+        if self.hard_negatives_rounds > 1 and not self.hard_negatives:
+            raise ValueError("--hard-negatives-rounds needs --hard-negatives N (negatives per pair to mine)")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"unknown backend '{self.backend}': choose {', '.join(BACKEND_CHOICES)}")
         if not self.dist_timeout > 0:
@@ -168,6 +228,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def dev_file(self) -> str | None:
+        """The ``--dev`` pairs file, or None for ``auto`` / ``none``."""
+        return None if self.dev in (DEV_AUTO, DEV_NONE) else self.dev
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
         """Human-readable differences from a checkpoint's config in fields that change the training maths."""

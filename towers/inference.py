@@ -60,26 +60,37 @@ class TowerEncoder:
 
 
 def tower_encoder(two_tower: TwoTower, side: str = "result", device: str = "auto",
-                  precision: str = "auto") -> TowerEncoder:
-    """The query or result side of ``two_tower`` as an encoder, with that side's max length and prompt; both
-    report the pair's fingerprint (the result tower's weights), which is what an index records."""
+                  precision: str = "auto", max_length: int | None = None) -> TowerEncoder:
+    """The query or result side of ``two_tower`` as an encoder, with that side's prompt and its *inference*
+    length (``TwoTower.inference_max_length``: recorded in twotower.json, by default the base's max, which
+    can be longer than the lengths the towers were trained at); both report the pair's fingerprint (the
+    result tower's weights), which is what an index records.
+
+    Args:
+        max_length: tokens per text instead of the recorded inference length (the verbs' override options).
+    """
     if side not in SIDES:
         raise ValueError(f"unknown tower side '{side}': choose {', '.join(SIDES)}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max length must be >= 1 token, got {max_length}")
+    length = max_length or two_tower.inference_max_length(side)
     if side == "result":
-        return TowerEncoder(two_tower.result_tower, device, precision, two_tower.result_max_length,
-                            two_tower.fingerprint(), two_tower.result_prompt)
-    return TowerEncoder(two_tower.query_tower, device, precision, two_tower.query_tower.max_length,
-                        two_tower.fingerprint(), two_tower.query_prompt)
+        return TowerEncoder(two_tower.result_tower, device, precision, length, two_tower.fingerprint(),
+                            two_tower.result_prompt)
+    return TowerEncoder(two_tower.query_tower, device, precision, length, two_tower.fingerprint(),
+                        two_tower.query_prompt)
 
 
-def result_encoder(two_tower: TwoTower, device: str = "auto", precision: str = "auto") -> TowerEncoder:
-    """The encoder to index a corpus with: the result tower of ``two_tower``."""
-    return tower_encoder(two_tower, "result", device, precision)
+def result_encoder(two_tower: TwoTower, device: str = "auto", precision: str = "auto",
+                   max_length: int | None = None) -> TowerEncoder:
+    """The encoder to index a corpus with: the result tower of ``two_tower`` (``max_length``: override)."""
+    return tower_encoder(two_tower, "result", device, precision, max_length)
 
 
-def query_encoder(two_tower: TwoTower, device: str = "auto", precision: str = "auto") -> TowerEncoder:
-    """The encoder for queries: the query tower of ``two_tower``."""
-    return tower_encoder(two_tower, "query", device, precision)
+def query_encoder(two_tower: TwoTower, device: str = "auto", precision: str = "auto",
+                  max_length: int | None = None) -> TowerEncoder:
+    """The encoder for queries: the query tower of ``two_tower`` (``max_length``: override)."""
+    return tower_encoder(two_tower, "query", device, precision, max_length)
 
 
 def int8_copy(tower: Tower) -> Tower:

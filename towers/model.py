@@ -236,16 +236,22 @@ class TwoTower(nn.Module):
 
     Each side has its own prompt: the tower's, except that a shared tower's result side takes
     ``result_prompt`` (one module, two prompts).
+
+    Each side has two token budgets: the training one (``query_tower.max_length``, ``result_max_length``) and
+    the inference one (``inference_max_length(side)``: what ``towers.inference`` encodes with, and what each
+    tower's sentence-transformers ``max_seq_length`` says); unset, inference uses the training lengths.
     """
 
     def __init__(self, query_tower: Tower, result_tower: Tower | None = None, base: str = "",
-                 train_config: dict[str, Any] | None = None, result_prompt: str | None = None) -> None:
+                 train_config: dict[str, Any] | None = None, result_prompt: str | None = None,
+                 inference_max_lengths: dict[str, int] | None = None) -> None:
         super().__init__()
         self.query_tower = query_tower
         self.result_tower = result_tower if result_tower is not None else query_tower
         self.base = base
         self.train_config = train_config or {}
         self._result_prompt = result_prompt
+        self.inference_max_lengths: dict[str, int] = dict(inference_max_lengths or {})  # side -> tokens
 
     @property
     def shared(self) -> bool:
@@ -289,6 +295,18 @@ class TwoTower(nn.Module):
         return self.train_config.get("result_max_length", self.result_tower.max_length)
 
     @property
+    def query_max_length(self) -> int:
+        """The query tokens of training (a loaded tower's own ``max_length`` is its inference length)."""
+        return self.train_config.get("query_max_length", self.query_tower.max_length)
+
+    def inference_max_length(self, side: str) -> int:
+        """Tokens per text at inference on ``side`` (``query`` / ``result``); default the training length."""
+        if side not in ("query", "result"):
+            raise ValueError(f"unknown tower side '{side}': choose query, result")
+        default = self.query_max_length if side == "query" else self.result_max_length
+        return int(self.inference_max_lengths.get(side) or default)
+
+    @property
     def query_prompt(self) -> str:
         return self.query_tower.prompt
 
@@ -311,14 +329,18 @@ class TwoTower(nn.Module):
             "shared": self.shared,
             "pooling": self.query_tower.pooling,
             "normalize": self.query_tower.normalize,
-            "query_max_length": self.query_tower.max_length,
+            "query_max_length": self.query_max_length,
             "result_max_length": self.result_max_length,
+            "inference_query_max_length": self.inference_max_length("query"),
+            "inference_result_max_length": self.inference_max_length("result"),
             "dim": self.result_tower.dim,
             "metric": "ip" if self.result_tower.normalize else "ip_unnormalized",
             "query_prompt": self.query_prompt,
             "result_prompt": self.result_prompt,
             "append_eos": appends_eos(self.result_tower.tokenizer),
             "train_config": self.train_config,
+            # the verdict of training (towers.train): did the towers beat the untrained base on dev?
+            **{k: self.train_config[k] for k in ("improved", "verdict", "dev_metrics") if k in self.train_config},
             "fingerprint": self.fingerprint(),
         }
 
@@ -326,9 +348,12 @@ class TwoTower(nn.Module):
         """Write the TOWERS dir (query_tower/, result_tower/, twotower.json, and the sentence-transformers
         Router files that make the dir one ``SentenceTransformer``) atomically: temp dir + rename."""
         with atomic_dir(path) as tmp:
-            self.query_tower.save(tmp / "query_tower", side="query", prompts=self.prompts)
-            self.result_tower.save(tmp / "result_tower", max_length=self.result_max_length, side="result",
-                                   prompts=self.prompts)
+            # sentence-transformers' max_seq_length is the inference length: SentenceTransformer(dir) encodes as
+            # index build / search do
+            self.query_tower.save(tmp / "query_tower", max_length=self.inference_max_length("query"), side="query",
+                                  prompts=self.prompts)
+            self.result_tower.save(tmp / "result_tower", max_length=self.inference_max_length("result"),
+                                   side="result", prompts=self.prompts)
             write_router_files(tmp, {ST_SIDE_NAMES["query"]: tmp / "query_tower",
                                      ST_SIDE_NAMES["result"]: tmp / "result_tower"},
                                {ST_SIDE_NAMES[k]: v for k, v in self.prompts.items()}, self.result_tower.normalize)
@@ -348,8 +373,12 @@ class TwoTower(nn.Module):
         result = None if meta.get("shared") else Tower.load(path / "result_tower")
         train_config = dict(meta.get("train_config") or {})
         train_config.setdefault("result_max_length", meta.get("result_max_length", query.max_length))
+        train_config.setdefault("query_max_length", meta.get("query_max_length", query.max_length))
+        inference = {side: meta[f"inference_{side}_max_length"] for side in ("query", "result")
+                     if meta.get(f"inference_{side}_max_length")}  # absent before issue 15: the training lengths
         model = cls(query, result, base=meta.get("base", ""), train_config=train_config,
-                    result_prompt=meta.get("result_prompt") if meta.get("shared") else None)
+                    result_prompt=meta.get("result_prompt") if meta.get("shared") else None,
+                    inference_max_lengths=inference)
         expected = meta.get("fingerprint")
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{path}: result tower weights do not match the fingerprint in twotower.json "

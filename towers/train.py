@@ -4,11 +4,14 @@ The pieces are separable on purpose: ``collate`` (rows -> texts) -> ``features``
 ``TowerForward`` (ids -> q, r; the module DDP wraps) -> ``contrastive_loss`` -> ``optimizer_step``;
 ``forward_backward`` runs one step's loss and backward, plainly or with GradCache (``towers.gradcache``).
 ``train`` wires them together with AdamW, warm-up + linear decay, gradient clipping, ``torch.amp``,
-dev recall@10, ``train_log.jsonl`` and atomic checkpoints (see ``towers.checkpoint``). Under torchrun every
-process runs ``train``; ``towers.distributed`` holds the data-parallel parts.
+``train_log.jsonl`` and atomic checkpoints (see ``towers.checkpoint``). Around the loop: a dev split, dev
+recall@10 / nDCG@10, the best checkpoint and the verdict (``towers.dev``), auto lengths and inference lengths
+(``towers.lengths``), hard negatives mined per round (``towers.negatives``). Under torchrun every process runs
+``train``; ``towers.distributed`` holds the data-parallel parts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -26,14 +29,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from common.device import autocast_dtype, resolve_device
-from common.metrics import recall_at_k
+from common.device import autocast_dtype, precision_of, resolve_device
 from common.outputs import check_out_dir
 from towers import checkpoint as ckpt
 from towers.bases import resolve_base
 from towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, dry_save, prepare_out, publish_towers
 from towers.config import TrainConfig
-from towers.data import count_overlap, load_pairs, pairs_fingerprint
+from towers.data import DEV_MIN, count_overlap, load_pairs, pairs_fingerprint, split_dev
+from towers.dev import DevState, dev_metrics, load_best, no_gain_reasons, read_best, save_best, verdict
+from towers.lengths import describe_auto, resolve_lengths
+from towers.negatives import load_mined, mine_for_training, mined_path, mined_stats, save_mined
 from towers.distributed import (
     DistEnv,
     all_gather_object,
@@ -186,26 +191,8 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
 
 def dev_recall(model: TwoTower, queries: list[str], positives: list[str], k: int = 10, batch_size: int = 64,
                amp_dtype: torch.dtype | None = None) -> float:
-    """Recall@k of exact search over the dev positives (a text shared by several rows is one doc, relevant
-    to each of them; a query text repeated with different positives has all of them relevant), encoded with
-    the training's autocast dtype (an LLM's float32 evaluation would cost more than its bf16 training)."""
-    doc_of: dict[str, int] = {}
-    relevant_of: dict[str, dict[int, float]] = {}
-    for q, p in zip(queries, positives):
-        relevant_of.setdefault(q, {})[doc_of.setdefault(p, len(doc_of))] = 1.0
-    uq = list(relevant_of)
-    xq = model.encode_queries(uq, batch_size, amp_dtype=amp_dtype)  # (nq, d)
-    xb = model.encode_results(list(doc_of), batch_size, amp_dtype=amp_dtype)  # (nb, d)
-    k = min(k, len(xb))
-    I = np.concatenate([_top_k(xq[i:i + 1024] @ xb.T, k) for i in range(0, len(xq), 1024)])  # (nq, k)
-    return recall_at_k(I, [relevant_of[q] for q in uq], k)
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k best scores per row, best first: (n, m) -> (n, k)."""
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    """Recall@k of exact search over the dev positives (``towers.dev.dev_metrics``, at the training lengths)."""
+    return dev_metrics(model, queries, positives, k, batch_size, amp_dtype)[f"recall@{k}"]
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -246,11 +233,12 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
 def check_train_out(config: TrainConfig) -> None:
     """Refuse an ``--out`` that is not (or not yet) a TOWERS dir or training run of ours (``common.outputs``)."""
     check_out_dir(config.out, ("towers", "run"), verb="train",
-                  inputs={"--pairs": config.pairs, "--dev": config.dev, "--base": config.base})
+                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base})
 
 
 def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
     """One warning line when ``--dev`` is ``--pairs`` or shares (query, positive) rows with it."""
+    assert config.dev_file is not None, "only a --dev file can overlap --pairs"
     if Path(config.dev).exists() and Path(config.pairs).exists() and \
             Path(config.dev).resolve() == Path(config.pairs).resolve():
         print(f"twotower train: warning: --dev is the same file as --pairs ({config.dev}); dev recall@10 will "
@@ -332,16 +320,36 @@ def train(config: TrainConfig) -> TwoTower:
         shutdown(env)
 
 
+def _split(config: TrainConfig, pairs: Any, env: DistEnv) -> tuple[Any, Any]:
+    """(training pairs, dev pairs or None): ``--dev FILE``, the automatic split of ``--pairs``, or none."""
+    cols = (config.query_column, config.positive_column, config.negatives_column)
+    if config.dev_file is not None:
+        dev = load_pairs(config.dev_file, *cols)
+        if env.is_main:
+            warn_dev_overlap(config, pairs, dev)
+        return pairs, dev
+    if config.dev == "none":
+        return pairs, None
+    train_rows, dev_rows = split_dev(pairs["query"], pairs["positive"], config.seed)
+    if len(dev_rows) < DEV_MIN:
+        if env.is_main:
+            print(f"twotower train: no dev split: {len(pairs)} pairs give {len(dev_rows)} dev pairs (fewer than "
+                  f"{DEV_MIN}); no dev evaluation and no verdict, give --dev FILE for them", file=sys.stderr)
+        return pairs, None
+    if env.is_main:
+        print(f"twotower train: dev: held out {len(dev_rows)} of {len(pairs)} pairs (no query or positive shared "
+              f"with training; --dev none keeps them all for training)", file=sys.stderr)
+    return pairs.select(train_rows), pairs.select(dev_rows)
+
+
 def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     cols = (config.query_column, config.positive_column, config.negatives_column)
     amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
-    dev = load_pairs(config.dev, *cols) if config.dev else None
-    if dev is not None and env.is_main:
-        warn_dev_overlap(config, pairs, dev)
+    pairs, dev = _split(config, pairs, env)
     queries, positives = list(pairs["query"]), list(pairs["positive"])
     negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
-    fingerprint = pairs_fingerprint(pairs)
+    fingerprint = pairs_fingerprint(pairs)  # of the training rows: a resume with another split is refused
     if config.batch_size % env.world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
                          f"{env.world_size} processes")
@@ -350,9 +358,16 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     if len(sampler) == 0:
         raise ValueError(f"{config.pairs}: {len(queries)} rows make no batch of {config.batch_size} pairs with "
                          "distinct queries and positives; lower --batch-size")
-    total = config.max_steps or config.epochs * len(sampler)
+    rounds = config.hard_negatives_rounds if config.hard_negatives else 1
+    per_round = config.max_steps or config.epochs * len(sampler)
+    total = per_round * rounds
     out = Path(config.out)
     _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
+    config, measured = resolve_lengths(config, queries, positives)  # the resolved lengths are the run's
+    if env.is_main:
+        for side in ("query", "result"):
+            if side in measured:
+                print(f"twotower train: {describe_auto(side, measured[side])}", file=sys.stderr)
     resume_name = run_collectively(lambda: _prepare_run(config, fingerprint), main_only=True)
     resume_from = out / CKPT_DIR / resume_name if resume_name is not None else None
 
@@ -361,6 +376,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
                                config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
                                result_prompt=config.result_prompt, eos=config.append_eos)
     model.train_config = config.to_dict()  # also tells a shared tower its result max length
+    model.inference_max_lengths = {"query": config.inference_query_max_length,
+                                   "result": config.inference_result_max_length}
     if config.lora_r:
         apply_lora(model, config.lora_r, config.lora_alpha or 2.0 * config.lora_r, config.lora_targets)
     run_collectively(lambda: dry_save(model, out, config.base), main_only=True)  # unsaveable: fail before step 1
@@ -382,6 +399,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
 
     step = 0
     losses: list[float] = []  # global loss of each step since the last log record (their mean is logged)
+    dev_state = DevState()
     if resume_from is not None:  # every rank reads it (multi-node: --out on a shared filesystem)
         weights, trainer, state = run_collectively(lambda: ckpt.load_checkpoint(resume_from))
         ckpt.load_model_weights(model, temp, weights)
@@ -391,12 +409,20 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         sampler.load_state_dict(state["sampler"])
         step, losses = int(state["step"]), list(state["loss_window"])
         _restore_rng(trainer, state, env, config.seed, step, device)
+        dev_state = DevState.from_dict(state.get("dev"))
+        best = read_best(out / CKPT_DIR)
+        if best is not None and dev_state.best is not None and best["step"] > dev_state.best["step"]:
+            # a best found after this checkpoint, by this same run (resume is exact): keep it, replay the rest
+            dev_state.best = {k: v for k, v in best.items() if k != "sha256"}
+            dev_state.stale = 0
     forward: nn.Module = TowerForward(model, amp_dtype)
     if env.enabled:  # BERT's pooler is computed but unused: DDP must then look for unused parameters
         probe = features(model, Batch(["probe"], ["probe"], []), device)
         forward = wrap_ddp(forward, device, find_unused_parameters=bool(unused_parameters(forward, *probe)))
     log = TrainLog(out / LOG_NAME, step if resume_from is not None else None, enabled=env.is_main)
-    saved_step, evaluated_step, recall = (step if resume_from is not None else -1), -1, None
+    saved_step, evaluated_step = (step if resume_from is not None else -1), -1
+    lengths = (config.inference_query_max_length, config.inference_result_max_length)
+    mined: list[dict[str, Any]] = []
 
     def save_checkpoint() -> None:
         rng = all_gather_object(ckpt.rng_state(device))  # every rank's RNG streams: exact resume per rank
@@ -405,7 +431,7 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
             trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "scaler": scaler.state_dict(), "rng": rng[0][0]}
             state = {"sampler": sampler.state_dict(), "rng": rng[0][1], "config": config.to_dict(),
-                     "data_fingerprint": fingerprint, "loss_window": losses}
+                     "data_fingerprint": fingerprint, "loss_window": losses, "dev": dev_state.to_dict()}
             if env.enabled:
                 trainer["rng_ranks"], state["rng_ranks"] = [t for t, _ in rng], [p for _, p in rng]
             ckpt.save_checkpoint(out / CKPT_DIR, step, ckpt.model_weights(model, temp), trainer, state)
@@ -413,22 +439,52 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
 
         run_collectively(write, main_only=True)  # the other ranks wait for it
 
-    def evaluate() -> float:
+    def evaluate() -> None:
         assert dev is not None, "evaluate() needs a dev set"
 
-        def measure() -> float:
-            value = dev_recall(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size, amp_dtype)
-            log.write({"step": step, "dev_recall@10": value})
-            tqdm.write(f"step {step}: dev recall@10 = {value:.4f}")
-            return value
+        def measure() -> DevState:
+            metrics = dev_metrics(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size,
+                                  amp_dtype, lengths)
+            model.train()
+            log.write({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
+            tqdm.write(f"step {step}: dev recall@10 = {metrics['recall@10']:.4f}, nDCG@10 = {metrics['ndcg@10']:.4f}")
+            if dev_state.record(step, metrics) and config.select == "best":
+                save_best(out / CKPT_DIR, step, ckpt.model_weights(model, temp), metrics)
+            return dev_state
 
-        return run_collectively(measure, main_only=True)
+        nonlocal dev_state
+        dev_state = run_collectively(measure, main_only=True)
+
+    def hard_negatives(round_: int) -> list[list[str]]:
+        """This round's mined negatives: read back when a resumed run already mined them, else mined now."""
+        def get() -> tuple[list[list[str]], dict[str, Any]]:
+            path = mined_path(out / CKPT_DIR, round_)
+            saved = load_mined(path, fingerprint, config.hard_negatives)
+            if saved is not None:
+                return saved
+            who = "the base" if round_ == 1 else f"the round-{round_ - 1} towers"
+            tqdm.write(f"mining {config.hard_negatives} hard negatives per pair with {who} ({len(queries)} pairs)")
+            negs, stats = mine_for_training(model, queries, positives, config.hard_negatives, config.seed + round_,
+                                            str(device), precision_of(amp_dtype), config.eval_batch_size)
+            tqdm.write(f"mined: {stats.summary()}")
+            save_mined(path, round_, step, fingerprint, config.hard_negatives, negs, stats)
+            return negs, dataclasses.asdict(stats)
+
+        negs, stats = run_collectively(get, main_only=True)
+        mined.append({"round": round_, "step": step, **stats})
+        return negs
 
     if dev is not None and step == 0:
-        recall, evaluated_step = evaluate(), 0
+        evaluate()
+        evaluated_step = 0
+    current_round = 0
+    stopped = ""
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not env.is_main)
     window_start, window_pairs = time.perf_counter(), 0
     while step < total:
+        if config.hard_negatives and step // per_round + 1 != current_round:
+            current_round = step // per_round + 1
+            negatives = hard_negatives(current_round)
         global_rows = sampler.next_global_batch()
         batch = collate(sampler.shard(global_rows), queries, positives, negatives, sampler.epoch,
                         config.negatives_per_query, exclude={positives[i] for i in global_rows})
@@ -448,17 +504,42 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
                        "lr": scheduler.get_last_lr()[0], "temperature": float(temp().detach()), "pairs_per_s": rate})
             losses, window_start, window_pairs = [], time.perf_counter(), 0
         if dev is not None and config.eval_every and step % config.eval_every == 0:
-            recall, evaluated_step = evaluate(), step
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            evaluate()
+            evaluated_step = step
+            if config.patience and dev_state.stale >= config.patience and step < total:
+                stopped = f"stopped early: {dev_state.stale} evaluations without a new best"
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or stopped):
             save_checkpoint()
             saved_step = step
+        if stopped:
+            break
     bar.close()
     if dev is not None and evaluated_step != step:
-        recall = evaluate()
+        evaluate()
     if config.checkpoint_every and saved_step != step:
         save_checkpoint()  # a --resume of a finished run then has nothing left to redo
+    summary: dict[str, Any] = {}
+    if dev is not None:
+        chosen = dev_state.last
+        if config.select == "best" and dev_state.best is not None and dev_state.best["step"] != step:
+            weights = run_collectively(lambda: load_best(out / CKPT_DIR))
+            ckpt.load_model_weights(model, temp, {k: v.to(device) for k, v in weights.items()})
+            chosen = dev_state.best
+        assert chosen is not None and dev_state.base is not None, "dev was evaluated at step 0 and at the end"
+        improved = chosen["ndcg@10"] > dev_state.base["ndcg@10"]
+        summary = {"improved": improved, "verdict": verdict(dev_state, chosen, total),
+                   "dev_metrics": {"base": dev_state.base, "towers": chosen, "pairs": len(dev),
+                                   "split": config.dev, "select": config.select, "history": dev_state.history},
+                   "no_gain_reasons": [] if improved else no_gain_reasons(len(queries), len(dev), config.lr,
+                                                                            dev_state)}
+        if stopped:
+            summary["stopped"] = stopped
+    recall = summary["dev_metrics"]["towers"]["recall@10"] if summary else None
+    if config.hard_negatives:  # every round's stats, also those a resumed run read back instead of mining
+        mined = [m for r in range(1, current_round + 1) if (m := mined_stats(out / CKPT_DIR, r)) is not None]
     model.train_config = {**config.to_dict(), "steps": step, "final_temperature": float(temp().detach()),
-                          "data_fingerprint": fingerprint, "dev_recall@10": recall, "world_size": env.world_size}
+                          "data_fingerprint": fingerprint, "dev_recall@10": recall, "world_size": env.world_size,
+                          "lengths_measured": measured, "hard_negatives_mined": mined, **summary}
     merge_lora(model)  # the TOWERS dir and the returned model hold plain (merged) weights
     model.eval()
     run_collectively(lambda: publish_towers(model, out), main_only=True)
