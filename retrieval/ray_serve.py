@@ -28,8 +28,16 @@ from index.merge import open_shards
 from retrieval.config import RayServeConfig, ServeConfig
 from retrieval.doctable import DocTable
 from index.hybrid import FUSIONS, NORMS, QUERY_DEFAULTS, check_alpha, check_choice
-from retrieval.retriever import Hit, QueryOptions, Retriever, check_depth, check_retrieval_precision, hits_from
-from towers.model import Tower, read_towers_meta
+from retrieval.retriever import (
+    Hit,
+    QueryOptions,
+    Retriever,
+    check_depth,
+    check_retrieval_precision,
+    hits_from,
+    load_query_tower,
+)
+from towers.model import read_towers_meta
 
 APP_NAME = "twotower"
 
@@ -157,17 +165,6 @@ def _gather(pending: list[Any]) -> list[Any]:
     return [p.result() if hasattr(p, "result") else p for p in pending]
 
 
-def load_query_tower(towers_dir: str | Path, device: str, precision: str) -> tuple[Any, dict[str, Any]]:
-    """The query tower (and ``twotower.json``) as ``Retriever.load`` loads it."""
-    from common.device import resolve_device
-    from towers.onnx import onnx_copy
-
-    meta = read_towers_meta(towers_dir)
-    tower_device = "cpu" if precision == "onnx" else str(resolve_device(device))
-    tower = Tower.load(Path(towers_dir) / "query_tower").to(tower_device)
-    return (onnx_copy(tower) if precision == "onnx" else tower), {**meta, "path": str(towers_dir)}
-
-
 class Router:
     """The router deployment's body: the query tower + handles of the shard deployments, behind today's app."""
 
@@ -176,7 +173,9 @@ class Router:
         import torch
 
         torch.set_num_threads(threads)
-        tower, meta = load_query_tower(towers_dir, config.device, config.precision)
+        meta = read_towers_meta(towers_dir)
+        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length)
+        meta = {**meta, "path": str(towers_dir)}
         calls = [lambda xq, k, nprobe, h=h: h.search.remote(xq, k, nprobe) for h in shard_handles]
         self.config = dataclasses.replace(config, reload_interval=0)  # shards are fixed: no INDEX dir to watch
         self.retriever = ShardedRetriever(calls, shard_set, tower, towers_meta=meta, max_k=config.max_k,

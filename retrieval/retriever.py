@@ -147,6 +147,26 @@ def is_encodable(text: str) -> bool:
     return True
 
 
+
+def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, precision: str,
+                     query_max_length: int | None = None) -> Any:
+    """The query tower of ``towers_dir`` (``meta``: its twotower.json) for query-time encoding: on ``device``,
+    at the inference query length (``query_max_length``, else twotower.json's ``inference_query_max_length``),
+    as an ONNX Runtime copy for ``precision`` onnx. The one place ``Retriever.load`` and the Ray router load it.
+    Only the query tower: the result tower is what built the index and is not needed here."""
+    check_retrieval_precision(precision)
+    check_device(device)
+    tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
+    tower = Tower.load(Path(towers_dir) / "query_tower").to(tower_device)
+    tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
+    if precision == "onnx":
+        if tower_device != "cpu":
+            raise ValueError(f"precision 'onnx' runs the query tower on the CPU; got device '{device}' "
+                             "(use --device cpu, or bf16/fp16 on a GPU)")
+        tower = onnx_copy(tower)
+    return tower
+
+
 class Retriever:
     """Query tower + loaded INDEX. Thread-safe: call ``search`` from as many threads as you like.
 
@@ -225,14 +245,7 @@ class Retriever:
         index.check_fingerprint(fingerprint)
         if meta.get("dim"):
             query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
-        # Only the query tower: the result tower is what built the index and is not needed here.
-        tower = Tower.load(towers_dir / "query_tower").to(tower_device)
-        tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
-        if precision == "onnx":
-            if tower_device != "cpu":
-                raise ValueError(f"precision 'onnx' runs the query tower on the CPU; got device '{device}' "
-                                 "(use --device cpu, or bf16/fp16 on a GPU)")
-            tower = onnx_copy(tower)
+        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size, precision=precision)
 
