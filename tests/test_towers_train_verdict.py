@@ -14,7 +14,6 @@ from transformers import AutoTokenizer
 
 import towers.train as train_mod
 import twotower_cli
-from towers import checkpoint as ckpt
 from towers.data import DEV_MIN, split_dev
 from towers.dev import read_best
 from towers.inference import query_encoder, result_encoder, tower_encoder

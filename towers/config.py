@@ -188,8 +188,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 auto = "" if name.startswith("inference") else " or auto"
                 raise ValueError(f"{flag} must be a number of tokens{auto}, got {value!r}")
-            if not 0 < value <= MAX_TOKENS:
-                raise ValueError(f"{flag} must be between 1 and {MAX_TOKENS} tokens, got {value}")
+            if value <= 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+            if value > MAX_TOKENS:
+                raise ValueError(f"{flag} must be <= {MAX_TOKENS} tokens, got {value}")
         if self.dev is None:  # the Python API's "no dev file" before the automatic split existed
             self.dev = DEV_NONE
         if not self.dev:
