@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from common.cliargs import field, flag_of
 from common.device import check_device
-from index.hybrid import FUSIONS, MODES, QUERY_DEFAULTS
+from index.hybrid import FUSIONS, MODES, NORMS, QUERY_DEFAULTS
 from towers.config import MINE_RANGE_MAX, MINE_RELATIVE_MARGIN
 
 DTYPES = ("float32", "float16")
@@ -82,12 +82,16 @@ class IndexBuildConfig:
                                        "weighted (alpha * dense + (1 - alpha) * bm25 of normalised scores)",
                                 choices=list(FUSIONS))
     default_alpha: float = field(0.5, "weight of the dense side in weighted fusion (0..1), recorded in the manifest")
+    default_norm: str = field("minmax", "score normalisation of weighted fusion recorded in the manifest: minmax or "
+                                        "zscore", choices=list(NORMS))
 
     def __post_init__(self) -> None:
         if self.default_mode not in MODES:
             raise ValueError(f"unknown --default-mode '{self.default_mode}': choose {', '.join(MODES)}")
         if self.default_fusion not in FUSIONS:
             raise ValueError(f"unknown --default-fusion '{self.default_fusion}': choose {', '.join(FUSIONS)}")
+        if self.default_norm not in NORMS:
+            raise ValueError(f"unknown --default-norm '{self.default_norm}': choose {', '.join(NORMS)}")
         if not 0.0 <= self.default_alpha <= 1.0:
             raise ValueError(f"--default-alpha must be between 0 and 1, got {self.default_alpha:g}")
         if self.default_mode != "dense" and not self.bm25:
@@ -104,7 +108,7 @@ class IndexBuildConfig:
     def query_defaults(self) -> dict[str, object]:
         """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
         return {**QUERY_DEFAULTS, "mode": self.default_mode, "fusion": self.default_fusion,
-                "alpha": self.default_alpha}
+                "alpha": self.default_alpha, "norm": self.default_norm}
 
     def resolve_rescore(self, auto_rescore: int) -> tuple[int, str | None]:
         """(default re-scoring factor, dtype of vectors.npy or None) given what ``--factory auto`` picked."""

@@ -273,3 +273,17 @@ def test_gpu_paths_filter_alike_on_the_cpu() -> None:
         ok = allowed & live
         _, I = search_allowed_post(build_faiss(xb, "Flat"), xq, 10, ok, int(ok.sum()))
         np.testing.assert_array_equal(I, gt)
+
+
+def test_manifest_query_defaults_drive_searches_without_options(tmp_path) -> None:
+    xb = clustered_vectors(200, 8, seed=4)
+    cfg = IndexBuildConfig(default_mode="hybrid", default_fusion="weighted", default_alpha=0.8, default_norm="zscore")
+    out = build_index(TableEncoder(xb), rows(range(200)), tmp_path / "idx", cfg, ENC)
+    index = load_index(out, "cpu")
+    assert index.manifest["query_defaults"] == {"mode": "hybrid", "fusion": "weighted", "alpha": 0.8, "norm": "zscore",
+                                                "depth": 10}
+    r = Retriever(index, QueryEncoder(xb))
+    q = ["numpy sort csv 7", "thread 150"]
+    explicit = r.search(q, k=5, mode="hybrid", fusion="weighted", alpha=0.8, norm="zscore")
+    assert [[h.id for h in row] for row in r.search(q, k=5)] == [[h.id for h in row] for row in explicit]
+    assert r.options().mode == "hybrid" and r.options(mode="dense").mode == "dense"
