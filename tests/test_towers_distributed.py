@@ -247,7 +247,7 @@ def test_torchrun_command_rebuilds_the_config_without_nproc():
     import argparse
 
     config = TrainConfig(pairs="p.jsonl", out="o", nproc=4, shared=True, lr=3e-4, pooling="cls", resume=True,
-                         cache_chunk_size=16)
+                         cache_chunk_size=16, matryoshka_dims=[384, 128], matryoshka_weights=[1.0, 0.5])
     cmd = torchrun_command(config)
     assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     assert "--nproc_per_node=4" in cmd and not any(a.startswith("--nproc") and "=" not in a for a in cmd)

@@ -122,10 +122,13 @@ def config_argv(config: TrainConfig) -> list[str]:
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
-        if value == f.default and f.name not in ("pairs", "out"):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value == default and f.name not in ("pairs", "out"):
             continue
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):  # nargs="+" options (--matryoshka-dims 384 128)
+            argv += [flag, *map(str, value)]
         elif value is not None:
             argv += [flag, str(value)]
     return argv
