@@ -136,8 +136,8 @@ def test_bad_corpus_row_in_an_actor_is_one_line_exit_2(ray_session, setup, tmp_p
     rows[33]["text"] = 7
     bad.write_text("".join(json.dumps(d) + "\n" for d in rows))
     code = main(["index", "build", "--towers", str(setup["towers"]), "--corpus", str(bad), "--out",
-                 str(tmp_path / "o"), "--engine", "ray", "--ray-address", ray_session, "--num-encoders", "2",
-                 "--device", "cpu", "--no-progress"])
+                 str(tmp_path / "o"), "--engine", "ray", "--ray-address", ray_session, "--num-encoders", "1",
+                 "--num-shards", "2", "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "bad.jsonl: line 34: field 'text' must be a string, got int" in err
     assert "Traceback" not in err
