@@ -167,9 +167,11 @@ def check_out_dir(out: str | Path, kinds: Iterable[str], *, flag: str = "--out",
                           f"twotower only replaces what it made: choose a new or empty {flag}")
 
 
-def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Mapping[str, Any] | None = None) -> Path:
-    """Refuse an output file path that is a directory or one of the command's ``inputs`` (``{flag: path}``):
-    writing the output must not overwrite what the command reads. Returns the Path."""
+def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Mapping[str, Any] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Refuse an output file path that is a directory, one of the command's ``inputs`` (``{flag: path}``):
+    writing the output must not overwrite what the command reads, or a file that exists already (unless
+    ``overwrite``: a command never replaces a file the user did not ask it to). Returns the Path."""
     if str(out) == "":
         raise ValueError(f"{flag} is required")
     p = Path(out)
@@ -180,6 +182,9 @@ def check_out_file(out: str | Path, *, flag: str = "--out", inputs: Mapping[str,
                 Path(value).resolve() == p.resolve():
             raise ValueError(f"{flag} '{out}' is the input {name}: writing it would overwrite what is read; choose "
                              f"another {flag}")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{flag} '{out}' already exists; pass --overwrite to replace it, or choose another "
+                              f"{flag}")
     return p
 
 

@@ -140,6 +140,7 @@ class MineConfig:
                         required=True)
     pairs: str = field("", "pairs file (JSONL/CSV/Parquet) or dataset with query and positive columns", required=True)
     out: str = field("", "output file (.jsonl or .parquet): the pairs plus a negatives column", required=True)
+    overwrite: bool = field(False, "replace --out if it exists (default: refuse)")
     corpus: str = field("", "extra corpus (BEIR corpus.jsonl / parquet) to mine from besides the positives")
     query_column: str = field("query", "query column of --pairs")
     positive_column: str = field("positive", "positive column of --pairs")

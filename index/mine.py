@@ -116,7 +116,8 @@ def mine(config: MineConfig) -> tuple[Path, MineStats]:
     """Load towers and pairs, mine, write ``config.out`` (JSONL or Parquet) atomically."""
     check_required(config)
     config.validate()
-    out = check_out_file(config.out, inputs={"--pairs": config.pairs, "--corpus": config.corpus})
+    out = check_out_file(config.out, inputs={"--pairs": config.pairs, "--corpus": config.corpus},
+                         overwrite=config.overwrite)
     if out.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"output '{out}' must end in .jsonl or .parquet")
     read_towers_meta(config.towers)  # every input checked before the towers load

@@ -96,3 +96,25 @@ def test_cli_mine_with_real_towers(tiny_bert_dir, tmp_path, capsys):
     assert main(["mine", "--towers", str(towers), "--pairs", str(pairs), "--out", str(tmp_path / "x.csv"),
                  "--query-column", "q"]) == 2
     assert "must end in .jsonl or .parquet" in capsys.readouterr().err
+
+
+def test_mine_refuses_existing_out_without_overwrite(tiny_bert_dir, tmp_path, capsys):
+    """A file at --out that mine did not write is never replaced silently: exit 2 naming --overwrite."""
+    from towers.model import TwoTower
+    from twotower_cli import main
+
+    towers = tmp_path / "towers"
+    TwoTower.from_base(str(tiny_bert_dir)).save(towers)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"question {i}", "positive": f"answer {i} " + "text " * (i % 4)})
+                             + "\n" for i in range(12)))
+    out = tmp_path / "notes.jsonl"
+    out.write_text("my own notes\n")
+    args = ["mine", "--towers", str(towers), "--pairs", str(pairs), "--out", str(out), "--num-negatives", "1",
+            "--keep-short", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "--overwrite" in err and "Traceback" not in err
+    assert out.read_text() == "my own notes\n"
+    assert main(args + ["--overwrite"]) == 0
+    assert out.read_text() != "my own notes\n" and out.read_text().count("\n") >= 1

@@ -25,6 +25,7 @@ import random
 import re
 import sys
 import tarfile
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,12 +72,20 @@ def fetch(download_dir: Path) -> list[Path]:
     if not path.is_file():
         download_dir.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
-        with urllib.request.urlopen(SDIST_URL) as resp, open(part, "wb") as fh:
-            total = int(resp.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {SDIST_NAME}") as bar:
-                for block in iter(lambda: resp.read(1 << 20), b""):
-                    fh.write(block)
-                    bar.update(len(block))
+        try:
+            with urllib.request.urlopen(SDIST_URL) as resp, open(part, "wb") as fh:
+                total = int(resp.headers.get("Content-Length", 0)) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {SDIST_NAME}") as bar:
+                    for block in iter(lambda: resp.read(1 << 20), b""):
+                        fh.write(block)
+                        bar.update(len(block))
+        except urllib.error.URLError as e:  # HTTPError too: say which file, from where, and the offline way
+            answer = ""
+            if isinstance(e, urllib.error.HTTPError):
+                answer = e.read(200).decode("utf-8", "replace").strip()
+            raise OSError(f"could not download {SDIST_NAME} from {SDIST_URL}: {e}"
+                          + (f" ('{answer}')" if answer else "")
+                          + f"; to build offline, put the file (sha256 {SDIST_SHA256}) at {path}") from None
         part.replace(path)
     digest = file_sha256(path)
     if digest != SDIST_SHA256:
