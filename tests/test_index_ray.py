@@ -102,7 +102,7 @@ def test_killed_driver_rerun_reuses_finished_shards(ray_session, setup):
     assert 0 < len(finished) < 20 and not out.exists()
     ray_build_index(setup["towers"], setup["corpus"], out, IndexBuildConfig(factory="Flat"),
                     EncodeConfig(progress=False, chunk_size=CHUNK),
-                    ShardConfig(num_shards=20), RayBuildConfig(engine="ray", num_encoders=2, shards_dir=str(shards)))
+                    ShardConfig(num_shards=20), RayBuildConfig(engine="ray", num_encoders=1, shards_dir=str(shards)))
     for name, mtime in finished.items():  # reused as they were, not encoded again
         assert (shards / name / SHARD_MANIFEST).stat().st_mtime_ns == mtime
     assert len(list(shards.glob(f"shard-*/{SHARD_MANIFEST}"))) == 20  # an explicit --shards-dir is kept
