@@ -31,8 +31,9 @@ def add_index_parser(subparsers: Any) -> None:
                                        "this machine or a cluster, and merges them into --out.")
     build.add_argument("--towers", required=True, help="TOWERS dir (output of `twotower train`)")
     build.add_argument("--corpus", required=True,
-                       help="corpus.jsonl (BEIR rows _id/title/text), .parquet, a BEIR dir, a saved dataset dir, "
-                            "or hf:NAME[:CONFIG]")
+                       help="corpus.jsonl (BEIR rows _id/title/text), .jsonl.gz, .parquet, a BEIR dir, a dir of "
+                            ".jsonl/.jsonl.gz/.parquet files (read in name order), a saved dataset dir, or "
+                            "hf:NAME[:CONFIG]")
     build.add_argument("--out", required=True, help="INDEX dir to write (sharded: the dir holding the shard dirs)")
     add_dataclass_args(build, IndexBuildConfig)
     add_dataclass_args(build, EncodeConfig)

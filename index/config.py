@@ -131,7 +131,8 @@ class ShardConfig:
     shard_id: int = field(-1, "encode only shard i of --num-shards (contiguous rows) into OUT/shard-I-of-N; "
                               "merge the shards with `twotower index merge` (-1: under torchrun, RANK)")
     num_shards: int = field(0, "split the corpus into this many shards, one per machine or process (0: under "
-                               "torchrun, WORLD_SIZE; else no sharding)")
+                               "torchrun, WORLD_SIZE; with --engine ray, 2 per encoder and at most 100k rows each; "
+                               "else no sharding)")
 
     @property
     def sharded(self) -> bool:
@@ -143,8 +144,9 @@ ENGINES = ("local", "ray")
 
 @dataclass
 class RayBuildConfig:
-    """``index build --engine ray``: the corpus is cut into --num-shards shards that a pool of Ray encoder actors
-    (Ray Data ``map_batches``, one result tower each) writes in the SHARD format; ``index merge`` then builds --out."""
+    """``index build --engine ray``: the corpus is cut into --num-shards shards (default: 2 per encoder, at most
+    100k rows each) that a pool of Ray encoder actors (Ray Data ``map_batches``, one result tower each) writes in
+    the SHARD format; ``index merge`` then builds --out."""
 
     engine: str = field("local", "local: encode in this process (or one shard per torchrun rank); ray: a pool of "
                                  "Ray encoder actors builds every shard, then the shards are merged into --out",

@@ -26,6 +26,7 @@ from common.text import id_problem, is_blank
 
 Corpus = str | Path | Iterable[Mapping[str, Any]]
 _RESERVED = ("_id", "id", "title", "text")
+CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # the files a corpus dir may hold
 HUB_PREFIX = "hf:"
 
 
@@ -61,12 +62,26 @@ def count_rows(corpus: Corpus, split: str = "train") -> int | None:
         path = _resolve(corpus)
         if path is None:
             return None
-        if path.suffix == ".parquet":
-            return pq.ParquetFile(path).metadata.num_rows
         if path.is_dir():
-            return len(_load_saved(path))
-        return sum(1 for _, line in iter_utf8_lines(path) if line.strip())
+            files = corpus_files(path)
+            return sum(map(_file_rows, files)) if files is not None else len(_load_saved(path))
+        return _file_rows(path)
     return len(corpus) if hasattr(corpus, "__len__") else None  # type: ignore[arg-type]
+
+
+def _file_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(1 for _, line in iter_utf8_lines(path) if line.strip())
+
+
+def corpus_files(path: Path) -> list[Path] | None:
+    """The files of a corpus dir of JSONL / JSONL.gz / Parquet files, in name order (subdirs included, hidden
+    ones not), read one after the other as one corpus; None for a saved ``datasets`` dataset."""
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        return None
+    return sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(CORPUS_SUFFIXES)
+                  and not any(part.startswith(".") for part in f.relative_to(path).parts))
 
 
 def iter_docs(corpus: Corpus, split: str = "train", start: int = 0, stop: int | None = None) -> Iterator[Doc]:
@@ -140,9 +155,14 @@ def _first_location(corpus: Corpus, split: str, doc_id: str, before: int, start:
     return None
 
 
-def _label(corpus: Corpus, loc: int) -> str:
-    """``line N`` for JSONL files (1-based, as editors count), ``row N`` for everything else (0-based)."""
+def _label(corpus: Corpus, loc: int | tuple[int, int]) -> str:
+    """``line N`` for JSONL files (1-based, as editors count), ``row N`` for everything else (0-based); in a
+    corpus dir of files (``loc`` = (file number, line or row)) the file's name first."""
     path = _resolve(corpus) if isinstance(corpus, (str, Path)) else None
+    if isinstance(loc, tuple):
+        file = (corpus_files(path) or [])[loc[0]] if path is not None else None
+        assert file is not None, f"a (file, line) location {loc} for a corpus that is not a dir of files"
+        return f"{file.relative_to(path)}: {'row' if file.suffix == '.parquet' else 'line'} {loc[1]}"
     is_jsonl = path is not None and path.is_file() and path.suffix != ".parquet"
     return f"{'line' if is_jsonl else 'row'} {loc}"
 
@@ -212,8 +232,9 @@ def check_corpus(corpus: Corpus) -> None:
 
 
 def _check_saved(path: Path) -> None:
-    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-        raise ValueError(f"corpus dir '{path}' has neither corpus.jsonl nor a saved `datasets` dataset")
+    if corpus_files(path) == []:
+        raise ValueError(f"corpus dir '{path}' has neither corpus.jsonl, a saved `datasets` dataset, nor "
+                         f"{' / '.join(CORPUS_SUFFIXES)} files")
 
 
 def _load_saved(path: Path) -> Any:
@@ -232,12 +253,28 @@ def _iter_raw(corpus: Corpus, split: str, start: int = 0, stop: int | None = Non
         name, _, config = str(corpus)[len(HUB_PREFIX):].partition(":")
         stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
         yield from itertools.islice(enumerate(stream), start, stop)
+    elif path.is_dir() and corpus_files(path) is not None:  # a dir of JSONL / Parquet files, one after another
+        row = 0
+        for i, file in enumerate(corpus_files(path) or []):
+            if stop is not None and row >= stop:
+                break
+            n = _file_rows(file)
+            if row + n > start:
+                lo, hi = max(start - row, 0), n if stop is None else min(n, stop - row)
+                yield from (((i, loc), raw) for loc, raw in _iter_file(file, lo, hi))
+            row += n
     elif path.is_dir():
         ds = _load_saved(path)
         end = len(ds) if stop is None else min(stop, len(ds))
         if start < end:
             yield from enumerate(ds.select(range(start, end)) if (start, end) != (0, len(ds)) else ds, start)
-    elif path.suffix == ".parquet":
+    else:
+        yield from _iter_file(path, start, stop)
+
+
+def _iter_file(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(line or row, raw row) of rows ``[start, stop)`` of one JSONL (plain or .gz) or Parquet file."""
+    if path.suffix == ".parquet":
         row = 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
             if stop is not None and row >= stop:

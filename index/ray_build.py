@@ -48,7 +48,10 @@ from towers.model import read_towers_meta
 USER_ERRORS = (ValueError, KeyError, OSError)
 _ERROR_TYPES = {t.__name__: t for t in (ValueError, KeyError, OSError, FileExistsError, FileNotFoundError,
                                         PermissionError, IsADirectoryError, NotADirectoryError, TimeoutError)}
-SHARDS_PER_ENCODER = 2  # default --num-shards: a finished actor takes the next shard, so the last one ends sooner
+# default --num-shards: at least 2 per encoder (a finished actor takes the next shard, so the last one ends
+# sooner) and at most SHARD_ROWS rows each (a shard is the unit of retry: minutes of work, not hours)
+SHARDS_PER_ENCODER = 2
+SHARD_ROWS = 100_000
 CPUS_PER_CPU_ENCODER = 4  # default --num-encoders on CPUs: one actor (4 torch threads) per 4 CPUs
 
 
@@ -140,7 +143,8 @@ def plan_build(towers_dir: str | Path, corpus: str | Path, out: str | Path, conf
     rows = int(identity["rows"])
     if config.factory == "auto" and rows:
         auto_factory(rows, int(meta["dim"]), parse_memory(config.memory_budget))  # an impossible budget: now
-    n = shard.num_shards or max(1, min(rows, SHARDS_PER_ENCODER * max(ray_cfg.num_encoders, 1)))
+    n = shard.num_shards or max(1, min(rows, max(SHARDS_PER_ENCODER * max(ray_cfg.num_encoders, 1),
+                                                 math.ceil(rows / SHARD_ROWS))))
     if rows < n:
         raise ValueError(f"corpus '{describe(corpus)}' has {rows} rows, fewer than --num-shards {n}")
     todo = []

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common.ray_cluster import check_fits, cluster_resources, connect, import_ray
+from common.ray_cluster import check_fits, cluster_resources, connect
 from index.load import load_shard
 from index.merge import open_shards
 from retrieval.config import RayServeConfig, ServeConfig
@@ -212,7 +212,6 @@ def deploy(config: ServeConfig, ray_cfg: RayServeConfig) -> ShardSet:
     on ``config.host:config.port`` (returns once every replica is up; ``serve.shutdown()`` stops them)."""
     shard_set, towers = check_serve_inputs(config, ray_cfg)
     connect(ray_cfg.ray_address)
-    ray = import_ray()
     from ray import serve
 
     shard_dirs = [s["dir"] for s in shard_set.manifest["shards"]]
@@ -232,7 +231,6 @@ def deploy(config: ServeConfig, ray_cfg: RayServeConfig) -> ShardSet:
                               max_ongoing_requests=max(config.max_queue, 1))
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(router.bind(handles, towers, shard_set, config, threads), name=APP_NAME, route_prefix="/")
-    del ray
     return shard_set
 
 

@@ -31,6 +31,9 @@ from bench_common import machine  # noqa: E402
 from bench_serve import bench_queries, drive, free_port, start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# RAY_AUTH_MODE=disabled: Ray 2.5x+ token authentication would refuse the CLI's connection to the Ray this script
+# starts (a loopback-only benchmark cluster, started and stopped several times).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
 
 

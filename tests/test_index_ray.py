@@ -102,7 +102,7 @@ def test_killed_driver_rerun_reuses_finished_shards(ray_session, setup):
     assert 0 < len(finished) < 20 and not out.exists()
     ray_build_index(setup["towers"], setup["corpus"], out, IndexBuildConfig(factory="Flat"),
                     EncodeConfig(progress=False, chunk_size=CHUNK),
-                    ShardConfig(num_shards=20), RayBuildConfig(engine="ray", num_encoders=2, shards_dir=str(shards)))
+                    ShardConfig(num_shards=20), RayBuildConfig(engine="ray", num_encoders=1, shards_dir=str(shards)))
     for name, mtime in finished.items():  # reused as they were, not encoded again
         assert (shards / name / SHARD_MANIFEST).stat().st_mtime_ns == mtime
     assert len(list(shards.glob(f"shard-*/{SHARD_MANIFEST}"))) == 20  # an explicit --shards-dir is kept
@@ -136,8 +136,8 @@ def test_bad_corpus_row_in_an_actor_is_one_line_exit_2(ray_session, setup, tmp_p
     rows[33]["text"] = 7
     bad.write_text("".join(json.dumps(d) + "\n" for d in rows))
     code = main(["index", "build", "--towers", str(setup["towers"]), "--corpus", str(bad), "--out",
-                 str(tmp_path / "o"), "--engine", "ray", "--ray-address", ray_session, "--num-encoders", "2",
-                 "--device", "cpu", "--no-progress"])
+                 str(tmp_path / "o"), "--engine", "ray", "--ray-address", ray_session, "--num-encoders", "1",
+                 "--num-shards", "2", "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "bad.jsonl: line 34: field 'text' must be a string, got int" in err
     assert "Traceback" not in err

@@ -2,6 +2,7 @@
 single-machine build; bad shard sets are refused naming the shard; a killed shard build resumes."""
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -172,8 +173,15 @@ def test_row_slices_of_every_corpus_format(tmp_path):
     import datasets
 
     datasets.Dataset.from_list(items).save_to_disk(str(tmp_path / "saved"))
+    many = tmp_path / "many"  # a dir of files read in name order: JSONL, JSONL.gz, Parquet
+    (many / "sub").mkdir(parents=True)
+    (many / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items[:12]))
+    with gzip.open(many / "b.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in items[12:30]))
+    pq.write_table(pa.Table.from_pylist(items[30:]), many / "sub" / "c.parquet", row_group_size=8)
+    (many / "README.txt").write_text("not a corpus file")
     full = [d.id for d in iter_docs(items)]
-    for corpus in (items, jsonl, tmp_path / "c.parquet", tmp_path / "saved"):
+    for corpus in (items, jsonl, tmp_path / "c.parquet", tmp_path / "saved", many):
         for lo, hi in [(0, 50), (0, 17), (17, 34), (34, 50), (49, 50), (50, 50)]:
             assert [d.id for d in iter_docs(corpus, "train", lo, hi)] == full[lo:hi], (corpus, lo, hi)
         assert corpus_identity(corpus)["rows"] == 50
@@ -183,6 +191,12 @@ def test_row_slices_of_every_corpus_format(tmp_path):
     assert len(list(iter_docs(bad, "train", 0, 10))) == 10  # a shard that ends before the bad line never parses it
     with pytest.raises(ValueError, match="bad.jsonl: line 11: malformed JSON"):
         list(iter_docs(bad, "train", 5, 11))
+    (many / "b2.jsonl").write_text(json.dumps({"_id": "x", "text": 3}) + "\n")  # row 30 now, after b.jsonl.gz
+    with pytest.raises(ValueError, match="many: b2.jsonl: line 1: field 'text' must be a string"):
+        list(iter_docs(many, "train", 25, 35))
+    (many / "b2.jsonl").write_text(json.dumps(items[30]) + "\n")  # the id of the Parquet file's first row
+    with pytest.raises(ValueError, match="many: sub/c.parquet: row 0: duplicate id 'd30' .first at b2.jsonl: line 1"):
+        list(iter_docs(many))
 
 
 def test_damaged_or_unfinished_shards_are_refused(tmp_path, shards):

@@ -227,7 +227,7 @@ MUST_REFUSE = [
     ("index remove", "--ids-file", "{dir}", r"--ids-file '.*' is a directory; expected a file"),
     ("index remove", "--wait", "-1", r"--wait must be >= 0"),
     ("index add", "--batch-size", "0", r"--batch-size must be >= 1"),
-    ("index add", "--corpus", "{dir}", r"corpus dir '.*' has neither corpus\.jsonl nor a saved"),
+    ("index add", "--corpus", "{dir}", r"corpus dir '.*' has neither corpus\.jsonl, a saved"),
     ("index add", "--corpus", "{missing}", r"corpus '.*' does not exist"),
     ("index add", "--towers", "{missing}", r"towers dir '.*' has no twotower\.json"),
     ("index build", "--chunk-size", "0", r"--chunk-size must be >= 1"),
