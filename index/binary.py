@@ -15,6 +15,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.topk import first_kept
+
 BINARY_PREFIX = "B"  # faiss binary factory strings: BFlat, BIVF1024, BHNSW32, ...
 BINARY_FOURCC = b"IB"  # the first bytes of every faiss binary index file (IBxF flat, IBwF IVF, IBHf HNSW)
 
@@ -81,12 +83,7 @@ class BinarySignIndex:
         if not len(excluded) and kk == k:
             return D, I
         keep = (I >= 0) & ~np.isin(I, excluded)
-        Do = np.full((len(xq), k), -np.inf, np.float32)
-        Io = np.full((len(xq), k), -1, np.int64)
-        for q in range(len(xq)):
-            row = np.flatnonzero(keep[q])[:k]
-            Do[q, : len(row)], Io[q, : len(row)] = D[q, row], I[q, row]
-        return Do, Io
+        return first_kept(D, I, keep, k)
 
     def write(self, path: str | Path) -> None:
         faiss.write_index_binary(self.index, str(path))

@@ -19,6 +19,7 @@ import numpy as np
 
 from index.binary import BinarySignIndex, is_binary_factory, is_binary_file, read_binary
 from index.factory import DEFAULT_EF_SEARCH, default_nprobe
+from index.topk import first_kept
 
 
 def make_index(factory: str, d: int) -> Any:
@@ -215,12 +216,7 @@ def search_allowed_post(index: faiss.Index, xq: np.ndarray, k: int, allowed: np.
         if fetch >= ntotal or (ok.sum(1) >= min(k, n_allowed)).all() or I.shape[1] < fetch:
             break
         fetch = min(ntotal, fetch * 4)
-    Do = np.full((len(xq), k), -np.inf, np.float32)
-    Io = np.full((len(xq), k), -1, np.int64)
-    for q in range(len(xq)):
-        row = np.flatnonzero(ok[q])[:k]
-        Do[q, : len(row)], Io[q, : len(row)] = D[q, row], I[q, row]
-    return Do, Io
+    return first_kept(D, I, ok, k)
 
 
 def search(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None,
@@ -261,12 +257,7 @@ def _search_post_filter(index: faiss.Index, xq: np.ndarray, k: int,
     kk = int(min(index.ntotal, k + len(excluded)))
     D, I = index.search(xq, max(kk, 1))
     keep = ~np.isin(I, excluded) & (I >= 0)  # (nq, kk)
-    Do = np.full((len(xq), k), -np.inf, np.float32)
-    Io = np.full((len(xq), k), -1, np.int64)
-    for q in range(len(xq)):
-        row = np.flatnonzero(keep[q])[:k]
-        Do[q, : len(row)], Io[q, : len(row)] = D[q, row], I[q, row]
-    return Do, Io
+    return first_kept(D, I, keep, k)
 
 
 def takes_params(index: faiss.Index) -> bool:

@@ -285,3 +285,21 @@ def emit(bench: str, args: Any, results: Any, device: str = "cpu", json_out: str
         with open(json_out, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
     return line
+
+
+def wait_for_health(proc: Any, url: str, timeout: float, what: str = "server") -> None:
+    """Poll ``url``/health until it answers 200; raise (killing ``proc``) if ``proc`` exits or ``timeout`` s pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before answering /health")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{what} did not answer /health within {timeout:g} s")

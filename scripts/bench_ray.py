@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine  # noqa: E402
+from bench_common import machine, wait_for_health  # noqa: E402
 from bench_serve import bench_queries, drive, free_port, start_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,25 +106,13 @@ def bench_build(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
 
 
 def start_ray_server(shards: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     cmd = [sys.executable, "-m", "twotower_cli", "serve", "--shards", str(shards), "--engine", "ray", "--towers",
            str(args.towers), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-queue", "4096"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray serve exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError("ray serve did not answer /health within 300 s")
+    wait_for_health(proc, url, 300, "ray serve")
+    return proc, url
 
 
 def bench_serve(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import wait_for_health  # noqa: E402
 from retrieval.cli import passive_openmp  # noqa: E402
 
 passive_openmp()  # before torch/faiss load, here and in the server subprocess (inherits the env)
@@ -223,20 +225,8 @@ def start_server(index_dir: Path, towers: Path, args: argparse.Namespace) -> tup
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before answering /health")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not answer /health within 180 s")
+    wait_for_health(proc, url, 180)
+    return proc, url
 
 
 class RawClient:

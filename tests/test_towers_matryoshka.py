@@ -15,13 +15,6 @@ import twotower_cli
 WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime fig date olive").split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)

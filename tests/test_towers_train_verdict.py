@@ -25,13 +25,6 @@ WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melo
          "berry walnut corn rice bean pea oat rye").split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def pairs_file(tmp_path) -> Path:
