@@ -187,8 +187,10 @@ def run_index_add(args: argparse.Namespace) -> int:
     towers = args.towers or recorded_towers_dir(args.index, read_manifest(args.index))
     read_towers_meta(towers)  # inputs checked before the towers load
     check_corpus(args.corpus)
-    encoder = result_encoder(TwoTower.load(towers), config.device, max_length=config.result_max_length)
-    n = add_docs(args.index, encoder, args.corpus, config, wait=wait)
+    def load_encoder() -> Any:  # called by add_docs once it holds the index's writer lock
+        return result_encoder(TwoTower.load(towers), config.device, max_length=config.result_max_length)
+
+    n = add_docs(args.index, load_encoder, args.corpus, config, wait=wait)
     print(f"added {n} docs to {args.index}")
     _print_info(args.index)
     return 0

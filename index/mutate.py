@@ -10,7 +10,7 @@ tombstoned rows are simply never candidates).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -46,13 +46,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig | None = None,
-             wait: float = 0.0) -> int:
+def add_docs(index_dir: str | Path, encoder: Encoder | Callable[[], Encoder], corpus: Corpus,
+             config: EncodeConfig | None = None, wait: float = 0.0) -> int:
     """Encode ``corpus`` with ``encoder`` (same towers as the index) and append it. Returns rows added.
 
     Holds the index's writer lock (``common.lock``) from reading the current version to publishing the new
     one, so two concurrent adds both land, one after the other; ``wait``: seconds to wait for another writer
-    (0: refuse at once).
+    (0: refuse at once). ``encoder`` may be a function that loads it: it is then called once the lock is
+    held, so a busy index is reported at once, not after a model load.
 
     Raises:
         ValueError: the encoder's fingerprint or dim differs from the index's, or an id is already live.
@@ -63,6 +64,8 @@ def add_docs(index_dir: str | Path, encoder: Encoder, corpus: Corpus, config: En
     work = Path(config.work_dir) if config.work_dir else default_work_dir(path.with_name(path.name + ".add"))
     check_work_dir(work, path)
     with exclusive(path, wait):
+        if not hasattr(encoder, "encode"):
+            encoder = encoder()
         return _add(path, encoder, corpus, config, work)
 
 

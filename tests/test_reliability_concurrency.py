@@ -80,6 +80,30 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(index, tmp_path, c
         holder.wait(TIMEOUT)
 
 
+
+def test_a_busy_index_is_reported_before_the_towers_load(index, tmp_path, capsys):
+    """`index add` takes the writer lock before it loads the towers: with the weights gone, a busy index still
+    says it is busy (the load error would come first if the towers loaded before the lock)."""
+    import shutil
+
+    towers, idx = index
+    broken = tmp_path / "towers-no-weights"
+    shutil.copytree(towers, broken)
+    for weights in broken.rglob("*.safetensors"):
+        weights.unlink()
+    holder = hold_lock(idx)
+    try:
+        argv = ["index", "add", str(idx), "--corpus", str(corpus(tmp_path / "a.jsonl", "a")), "--towers",
+                str(broken), "--device", "cpu", "--no-progress"]
+        assert twotower_cli.main(argv) == 2
+        assert f"is being written by pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.stdin.close()
+        holder.wait(TIMEOUT)
+    assert twotower_cli.main(argv) == 2  # lock free: now the missing weights are what is reported
+    err = capsys.readouterr().err
+    assert "being written" not in err and "Traceback" not in err, err
+
 def test_a_waiting_writer_lands_after_the_holder(index, tmp_path):
     _, idx = index
     holder = hold_lock(idx)
