@@ -22,6 +22,11 @@ def _minilm_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_base("minilm"))
 
 
+# 24 words for synthetic (query, result) pairs: query "w" -> "all about the w w" (the training tests).
+PAIR_WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime fig date olive "
+              "berry walnut corn rice bean pea oat rye").split()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models and small indexes gain nothing from intra-op threads, and on a loaded 2-core box torch's and

@@ -11,14 +11,11 @@ from torch.nn import functional as F
 
 import towers.train as train_mod
 import twotower_cli
+from tests.conftest import PAIR_WORDS as WORDS
 from towers import checkpoint as ckpt
 from towers.loss import Temperature, info_nce
 from towers.model import TwoTower
 from towers.train import TrainConfig, collate, train
-
-WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime fig date olive "
-         "berry walnut corn rice bean pea oat rye").split()
-
 
 
 @pytest.fixture

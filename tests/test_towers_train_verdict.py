@@ -14,16 +14,13 @@ from transformers import AutoTokenizer
 
 import towers.train as train_mod
 import twotower_cli
+from tests.conftest import PAIR_WORDS as WORDS
 from towers.data import DEV_MIN, split_dev
 from towers.dev import read_best
 from towers.inference import query_encoder, result_encoder, tower_encoder
 from towers.lengths import auto_max_length
 from towers.model import TwoTower
 from towers.train import TrainConfig, train
-
-WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime fig date olive "
-         "berry walnut corn rice bean pea oat rye").split()
-
 
 
 @pytest.fixture
