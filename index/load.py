@@ -78,11 +78,7 @@ class LoadedIndex:
         """The BM25 side (``index.bm25``), loaded on first use. ValueError when the index has none."""
         side = self._sides.get("bm25")
         if side is None:
-            path = self.path / BM25_DIR
-            if not self.manifest.get("bm25") or not path.is_dir():
-                raise ValueError(f"index '{self.path}' has no BM25 side (built with --no-bm25 or by an older "
-                                 f"twotower): rebuild it with `twotower index build` to search with mode bm25 or "
-                                 f"hybrid")
+            path = _bm25_dir(self.path, self.manifest, "bm25 or hybrid")
             with self._lock:
                 side = self._sides.get("bm25") or BM25Index.load(path, mmap=True)
             if side.ntotal != self.ntotal:
@@ -96,11 +92,7 @@ class LoadedIndex:
         """The metadata filter map (``index.filters``), loaded on first use. ValueError when the index has none."""
         fmap = self._sides.get("filters")
         if fmap is None:
-            path = self.path / FILTERS_FILE
-            if not path.is_file():
-                raise ValueError(f"index '{self.path}' has no metadata filter map ({FILTERS_FILE}; built by an "
-                                 f"older twotower): rebuild it with `twotower index build` to search with a filter")
-            fmap = self._sides["filters"] = FilterMap.load(path, self.ntotal)
+            fmap = self._sides["filters"] = FilterMap.load(_filters_file(self.path), self.ntotal)
         return fmap
 
     def allowed(self, filter: dict[str, Any] | None) -> np.ndarray | None:
@@ -290,14 +282,26 @@ def check_query_sides(index_dir: str | Path, mode: str | None, filter: dict[str,
     path = Path(index_dir)
     manifest = read_manifest(path)
     mode = mode or (manifest.get("query_defaults") or {}).get("mode", "dense")
-    if mode != "dense" and not (manifest.get("bm25") and (path / BM25_DIR).is_dir()):
+    if mode != "dense":
+        _bm25_dir(path, manifest, mode)
+    if filter:
+        FilterMap.load(_filters_file(path), int(manifest["ntotal"])).allowed(filter)
+
+
+def _bm25_dir(path: Path, manifest: dict[str, Any], mode: str) -> Path:
+    """The INDEX dir's BM25 side, or the one-line refusal to search it with ``mode``."""
+    if not manifest.get("bm25") or not (path / BM25_DIR).is_dir():
         raise ValueError(f"index '{path}' has no BM25 side (built with --no-bm25 or by an older twotower): rebuild "
                          f"it with `twotower index build` to search with mode {mode}")
-    if filter:
-        if not (path / FILTERS_FILE).is_file():
-            raise ValueError(f"index '{path}' has no metadata filter map ({FILTERS_FILE}; built by an older "
-                             f"twotower): rebuild it with `twotower index build` to search with a filter")
-        FilterMap.load(path / FILTERS_FILE, int(manifest["ntotal"])).allowed(filter)
+    return path / BM25_DIR
+
+
+def _filters_file(path: Path) -> Path:
+    """The INDEX dir's metadata filter map, or the one-line refusal to filter it."""
+    if not (path / FILTERS_FILE).is_file():
+        raise ValueError(f"index '{path}' has no metadata filter map ({FILTERS_FILE}; built by an older twotower): "
+                         f"rebuild it with `twotower index build` to search with a filter")
+    return path / FILTERS_FILE
 
 
 def load_shard(shard_dir: str | Path, device: str = "cpu") -> LoadedIndex:

@@ -129,35 +129,39 @@ class ShardedRetriever(Retriever):
         super().__init__(index, tower, **kwargs)
         self.shards = list(shards)
 
+    def check_rescore(self, rescore: Any) -> int | None:
+        if rescore:
+            raise ValueError(f"rescore={rescore} is not served by --engine ray (its shards search exact float "
+                             f"vectors already); use rescore 0 or leave it out")
+        return None
+
     def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
                 norm: str | None = None, depth: int | None = None, filter: dict[str, Any] | None = None,
                 rescore: int | None = None) -> QueryOptions:
         """Sharded serving answers dense queries without filters (shards hold vectors and docs only, searched
         exactly): any other mode, a filter or a re-scoring factor is refused with one line (a 422 over HTTP)."""
-        if rescore:
-            raise ValueError(f"rescore={rescore} is not served by --engine ray (its shards search exact float "
-                             f"vectors already); use rescore 0 or leave it out")
-        if mode not in (None, "dense"):
-            raise ValueError(f"mode '{mode}' is not served by --engine ray (its shards hold no BM25 side); valid: "
-                             f"dense")
-        if filter:
-            raise ValueError("filter is not served by --engine ray (its shards hold no filter map); serve a merged "
-                             "INDEX dir for filtered search")
+        _refuse_beyond_dense(mode, filter)
         d = QUERY_DEFAULTS  # the hybrid options are still checked, so a bad one gets the same 422 as today's serve
         return QueryOptions(fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
                             alpha=check_alpha(d["alpha"] if alpha is None else alpha),
                             norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
-                            depth=check_depth(d["depth"] if depth is None else depth))
+                            depth=check_depth(d["depth"] if depth is None else depth),
+                            rescore=self.check_rescore(rescore))
 
     def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
                        opts: QueryOptions) -> list[list[Hit]]:
+        _refuse_beyond_dense(opts.mode, opts.filter)  # search_vectors(filter=...) comes here without options()
         assert xq is not None, "sharded search is dense: the router encodes every query"
-        return self.search_checked(np.ascontiguousarray(xq), k, nprobe)
-
-    def search_checked(self, xq: np.ndarray, k: int, nprobe: int | None,
-                       filter: dict[str, Any] | None = None) -> list[list[Hit]]:
-        self.options(filter=filter)
+        xq = np.ascontiguousarray(xq)
         return merge_topk([part for part in _gather([call(xq, k, nprobe) for call in self.shards])], k)
+
+
+def _refuse_beyond_dense(mode: str | None, filter: dict[str, Any] | None) -> None:
+    if mode not in (None, "dense"):
+        raise ValueError(f"mode '{mode}' is not served by --engine ray (its shards hold no BM25 side); valid: dense")
+    if filter:
+        raise ValueError("filter is not served by --engine ray (its shards hold no filter map); serve a merged "
+                         "INDEX dir for filtered search")
 
 
 def _gather(pending: list[Any]) -> list[Any]:

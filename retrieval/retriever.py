@@ -372,7 +372,6 @@ class Retriever:
         the index's dim for a Matryoshka index), optionally filtered and re-scored."""
         k = check_k(k, self.max_k)
         nprobe = check_nprobe(nprobe)
-        rescore = self.check_rescore(rescore)
         xq = np.asarray(xq, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
@@ -380,14 +379,8 @@ class Retriever:
             raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
         if xq.shape[0] == 0:
             return []
-        return self.search_checked(np.ascontiguousarray(xq), k, nprobe, filter, self.check_rescore(rescore))
-
-    def search_checked(self, xq: np.ndarray, k: int, nprobe: int | None,
-                       filter: dict[str, Any] | None = None, rescore: int | None = None) -> list[list[Hit]]:
-        """Hits for checked query vectors (float32 (nq, dim), nq >= 1): the step a sharded retriever replaces."""
-        allowed = self.index.allowed(filter)
-        D, I = self.index.search(xq, k, nprobe=nprobe, allowed=allowed, rescore=rescore)  # (nq, k) each
-        return self.hits_from(D, I)
+        opts = QueryOptions(filter=filter or None, rescore=self.check_rescore(rescore))  # dense: no text needed
+        return self.search_encoded([], np.ascontiguousarray(xq), k, nprobe, opts)
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""
