@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", default="")
     args = p.parse_args(argv)
 
+    from bench_common import emit
     from common.encoder import truncate_renorm
     from common.metrics import ndcg_at_k, recall_at_k
     from eval.suites.beir import load_beir
@@ -65,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = " ".join(f"{r['dims'][str(d)]['ndcg@10']:>10.4f} {100 * r['dims'][str(d)]['ndcg@10'] / base:>5.1f}%"
                          for d in dims)
         print(f"{label:<12} {','.join(map(str, r['matryoshka_dims'])) or '-':<16} {cells}")
-    line = json.dumps({"bench": "matryoshka", "suite": str(args.suite), "n_docs": len(docs), "n_queries": len(queries),
-                       "dims": dims, "results": results, "load_average_end": os.getloadavg()})
-    print(line)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
+    emit("matryoshka", args, results, json_out=args.json_out, suite=str(args.suite), n_docs=len(docs),
+         n_queries=len(queries), dims=dims, load_average_end=os.getloadavg())
     return 0
 
 
