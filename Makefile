@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv test test-all demo clean bench
+.PHONY: venv test test-all lint demo clean
 
 $(VENV)/.stamp: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,12 +23,15 @@ endif
 
 venv: $(VENV)/.stamp
 
-test: venv
+# The layer contracts (import-linter) and ruff's configured rules (pyproject.toml) run before the tests.
+lint: venv
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
-test-all: venv
-	$(VENV)/bin/lint-imports
+test-all: lint
 	$(PY) -m pytest -q -m ''
 
 demo: venv

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from bench_common import ROOT, RssSampler, emit, print_table
 
 MB = 2**20
@@ -39,8 +38,8 @@ def make_towers(out: Path, dim: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from towers.bases import resolve_base
-    from towers.model import Tower, TwoTower
+    from twotower.towers.bases import resolve_base
+    from twotower.towers.model import Tower, TwoTower
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(resolve_base("minilm"))
@@ -65,7 +64,7 @@ def write_corpus(path: Path, n: int, seed: int = 0) -> int:
 
 def build(towers: Path, corpus: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``twotower index build`` and sample its RSS; returns peak RSS, wall time and the manifest."""
-    cmd = [sys.executable, "-c", "import sys, twotower_cli; sys.exit(twotower_cli.main())", "index", "build",
+    cmd = [sys.executable, "-c", "import sys, twotower.cli; sys.exit(twotower.cli.main())", "index", "build",
            "--towers", str(towers), "--corpus", str(corpus), "--out", str(out), "--memory-budget", args.memory_budget,
            "--chunk-size", str(args.chunk_size), "--batch-size", str(args.batch_size), "--train-size",
            str(args.train_size), "--device", args.device, "--no-progress"]
@@ -94,7 +93,7 @@ def main() -> None:
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
 
-    from index.factory import format_bytes, parse_memory
+    from twotower.index.factory import format_bytes, parse_memory
 
     budget = parse_memory(args.memory_budget)
     tmp = Path(tempfile.mkdtemp(prefix="bench-build-memory-"))

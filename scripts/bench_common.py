@@ -241,8 +241,8 @@ class RssSampler:
 # ---- data -----------------------------------------------------------------------------------------------
 def codesearch_dir() -> Path:
     """The codesearch-py suite dir (built on first use, then cached): corpus.jsonl, train.jsonl, ..."""
-    from eval.suites.build import build_suite
-    from common.cache import cache_dir
+    from twotower.common.cache import cache_dir
+    from twotower.eval.suites.build import build_suite
 
     return Path(build_suite("codesearch-py", cache_dir() / "suites" / "codesearch-py"))
 

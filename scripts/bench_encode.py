@@ -13,12 +13,21 @@ import argparse
 
 import numpy as np
 import torch
+from bench_common import (
+    add_base_arg,
+    check_device,
+    comma_choices,
+    emit,
+    gpu_peaks,
+    load_corpus_texts,
+    print_table,
+    take_turns,
+)
 
-from bench_common import add_base_arg, check_device, comma_choices, emit, gpu_peaks, load_corpus_texts, print_table, take_turns
-from towers.bases import resolve_base
-from towers.inference import cast_copy, int8_copy
-from towers.model import Tower
-from towers.onnx import onnx_copy
+from twotower.towers.bases import resolve_base
+from twotower.towers.inference import cast_copy, int8_copy
+from twotower.towers.model import Tower
+from twotower.towers.onnx import onnx_copy
 
 VARIANTS = ("fp32", "bf16", "fp16", "bf16w", "fp16w", "int8", "onnx")
 

@@ -41,10 +41,10 @@ def main() -> None:
     args = ap.parse_args()
     import faiss
 
-    from index.faiss_utils import build_faiss, search_defaults, search_params
-    from index.filters import FilterMap, build_filter_table
-    from index.load import LoadedIndex
-    from index.synthetic import clustered_vectors
+    from twotower.index.faiss_utils import build_faiss, search_defaults, search_params
+    from twotower.index.filters import FilterMap, build_filter_table
+    from twotower.index.load import LoadedIndex
+    from twotower.index.synthetic import clustered_vectors
 
     faiss.omp_set_num_threads(args.threads)
     factories = [f for f in args.factories.split(";") if f]
@@ -116,7 +116,7 @@ def main() -> None:
                   f"{row[f'pushdown_recall@{args.k}']:.3f} | post-filter(fetch {fetch}) {row['postfilter_qps']:>9.1f} "
                   f"qps  recall {row[f'postfilter_recall@{args.k}']:.3f}  full {row['postfilter_full']:.2f}",
                   file=sys.stderr)
-        del index, loaded
+        index = loaded = None  # free them before the next factory (the closures above are done with them)
     print(json.dumps({"bench": "filter", "args": vars(args), "machine": machine(), "versions": versions(),
                       "results": results}))
 

@@ -38,9 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.factory import choose_nlist, default_nprobe  # noqa: E402
-from index.synthetic import ann_recall, clustered_vectors  # noqa: E402
-
+from twotower.index.factory import choose_nlist, default_nprobe  # noqa: E402
+from twotower.index.synthetic import ann_recall, clustered_vectors  # noqa: E402
 
 KINDS = ("ivf", "ivfsq8", "ivfpq", "hnsw", "bflat", "bivf")
 
@@ -88,8 +87,8 @@ def bench_faiss(factory: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, k:
                 rescores: tuple[int, ...] = (0,), vectors: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Build ``factory`` over ``xb`` and time each search setting of ``sweep`` at each re-scoring factor
     (0 = none; N > 0 re-scores ``k * N`` candidates with ``vectors``, the memory-mapped floats)."""
-    from index.faiss_utils import make_index, search, search_defaults, train_index, write_index
-    from index.rescore import rescore
+    from twotower.index.faiss_utils import make_index, search, search_defaults, train_index, write_index
+    from twotower.index.rescore import rescore
 
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -124,7 +123,7 @@ def bench_faiss(factory: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, k:
                          "train_s": round(t_train, 1), "build_s": round(t_build, 1), **mem, "qps": round(qps, 1),
                          "recall@10": round(ann_recall(I, gt, k), 4), "speedup_vs_flat": round(qps / flat_qps, 1)})
             print(_fmt(rows[-1]), flush=True)
-    del index
+    index = None  # free it before the next kind (the run() closures are done with it)
     release_freed_memory()
     return rows
 
@@ -134,7 +133,7 @@ def bench_torch_flat(xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, k: int, flo
     """Exact search with torch on the GPU (the path used when faiss has no GPU build)."""
     import torch
 
-    from index.torch_search import TorchFlatSearcher
+    from twotower.index.torch_search import TorchFlatSearcher
 
     t0 = time.perf_counter()
     searcher = TorchFlatSearcher(xb, "cuda", float16=float16)
@@ -166,9 +165,9 @@ def suite_vectors(suite: str, towers: str, nq: int, cache_dir: str, batch_size: 
                   ) -> tuple[np.ndarray, np.ndarray, str]:
     """(xb corpus vectors, xq vectors of ``nq`` random queries, description) of a BEIR suite encoded by the
     towers (result tower for docs, query tower for queries), cached in ``cache_dir`` by towers fingerprint."""
-    from eval.suites.beir import load_beir
-    from towers.inference import query_encoder, result_encoder
-    from towers.model import TwoTower, read_towers_meta
+    from twotower.eval.suites.beir import load_beir
+    from twotower.towers.inference import query_encoder, result_encoder
+    from twotower.towers.model import TwoTower, read_towers_meta
 
     fp = read_towers_meta(towers)["fingerprint"]
     suite_data = load_beir(suite)
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
              "ram_bytes_per_doc": 4 * args.d, "ram_x_less_than_flat": 1.0,
              "qps": round(flat_qps, 1), "recall@10": 1.0, "speedup_vs_flat": 1.0}]
     print(_fmt(rows[0]), flush=True)
-    del flat
+    flat = None  # free it (the search closure is done with it)
     release_freed_memory()
     if args.device == "cuda":
         rows.append(bench_torch_flat(xb, xq, gt, args.k, False, flat_qps))

@@ -53,12 +53,19 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from towers.config import TrainConfig
-    from towers.inference import cast_copy
-    from towers.lora import apply_lora
-    from towers.loss import Temperature
-    from towers.model import TwoTower
-    from towers.train import Batch, TowerForward, _enable_checkpointing, _param_groups, forward_backward, optimizer_step
+    from twotower.towers.config import TrainConfig
+    from twotower.towers.inference import cast_copy
+    from twotower.towers.lora import apply_lora
+    from twotower.towers.loss import Temperature
+    from twotower.towers.model import TwoTower
+    from twotower.towers.train import (
+        Batch,
+        TowerForward,
+        _enable_checkpointing,
+        _param_groups,
+        forward_backward,
+        optimizer_step,
+    )
 
     pairs_path = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
     rows = [json.loads(line) for line in pairs_path.read_text(encoding="utf-8").splitlines()[:4096]]

@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from bench_common import emit
-    from common.encoder import truncate_renorm
-    from common.metrics import ndcg_at_k, recall_at_k
-    from eval.suites.beir import load_beir
-    from index.faiss_utils import build_faiss, search
-    from towers.inference import query_encoder, result_encoder
-    from towers.model import TwoTower
+
+    from twotower.common.encoder import truncate_renorm
+    from twotower.common.metrics import ndcg_at_k, recall_at_k
+    from twotower.eval.suites.beir import load_beir
+    from twotower.index.faiss_utils import build_faiss, search
+    from twotower.towers.inference import query_encoder, result_encoder
+    from twotower.towers.model import TwoTower
 
     dims = [int(d) for d in args.dims.split(",")]
     suite = load_beir(args.suite)

@@ -56,7 +56,7 @@ def run_build(args: argparse.Namespace, corpus: Path, out: Path, extra: list[str
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "twotower_cli", "index", "build", "--towers", str(args.towers), "--corpus",
+    cmd = [sys.executable, "-m", "twotower.cli", "index", "build", "--towers", str(args.towers), "--corpus",
            str(corpus), "--out", str(out), "--factory", "Flat", "--device", "cpu", "--no-progress",
            "--batch-size", str(args.batch_size), *extra]
     t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def bench_build(args: argparse.Namespace, corpus: Path) -> dict[str, Any]:
 
 def start_ray_server(shards: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "twotower_cli", "serve", "--shards", str(shards), "--engine", "ray", "--towers",
+    cmd = [sys.executable, "-m", "twotower.cli", "serve", "--shards", str(shards), "--engine", "ray", "--towers",
            str(args.towers), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--max-queue", "4096"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV)
     url = f"http://127.0.0.1:{port}"

@@ -23,14 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bench_common import (add_base_arg, check_device, codesearch_dir, cycle_times, emit, gpu_peaks, median,
-                          paired_overhead, print_table)
+from bench_common import (
+    add_base_arg,
+    check_device,
+    codesearch_dir,
+    cycle_times,
+    emit,
+    gpu_peaks,
+    median,
+    paired_overhead,
+    print_table,
+)
 
 K = 10
 
@@ -48,8 +56,8 @@ class VectorTable:
 
 def build(xb: np.ndarray, factory: str, out: Path) -> Path:
     """An INDEX dir of ``xb`` built by ``index.build.build_index`` (docs: id ``d<i>``, text ``doc <i>``)."""
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
 
     corpus = [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(len(xb))]
     return build_index(VectorTable(xb), corpus, out, IndexBuildConfig(factory=factory), EncodeConfig(progress=False))
@@ -120,12 +128,12 @@ def main() -> None:
 
     import faiss
 
-    from index.factory import choose_nlist
-    from index.load import load_index
-    from index.synthetic import clustered_vectors
-    from retrieval.retriever import Retriever
-    from towers.bases import resolve_base
-    from towers.model import Tower
+    from twotower.index.factory import choose_nlist
+    from twotower.index.load import load_index
+    from twotower.index.synthetic import clustered_vectors
+    from twotower.retrieval.retriever import Retriever
+    from twotower.towers.bases import resolve_base
+    from twotower.towers.model import Tower
 
     if args.faiss_threads:
         faiss.omp_set_num_threads(args.faiss_threads)

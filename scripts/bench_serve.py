@@ -33,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import wait_for_health  # noqa: E402
-from retrieval.cli import passive_openmp  # noqa: E402
+
+from twotower.retrieval.cli import passive_openmp  # noqa: E402
 
 passive_openmp()  # before torch/faiss load, here and in the server subprocess (inherits the env)
 
@@ -43,7 +44,7 @@ def vocabulary() -> list[str]:
     """Whole English words of the MiniLM tokenizer vocab (deterministic, no download)."""
     from transformers import AutoTokenizer
 
-    from towers.bases import resolve_base
+    from twotower.towers.bases import resolve_base
 
     vocab = AutoTokenizer.from_pretrained(resolve_base("minilm")).get_vocab()
     return sorted(w for w in vocab if w.isalpha() and w.isascii() and len(w) >= 3)
@@ -100,7 +101,7 @@ class PrecomputedEncoder:
 
 def corpus_vectors(towers: Path, texts: Sequence[str], n_encode: int, device: str, seed: int) -> np.ndarray:
     """xb float32 (n, d): the first n_encode encoded by the result tower, the rest noisy copies of them."""
-    from towers.model import Tower
+    from twotower.towers.model import Tower
 
     tower = Tower.load(towers / "result_tower").to(device)
     real = tower.encode(list(texts[:n_encode]), batch_size=128, show_progress=True)  # (m, d)
@@ -117,7 +118,7 @@ def corpus_vectors(towers: Path, texts: Sequence[str], n_encode: int, device: st
 
 def cached_vectors(work: Path, towers: Path, texts: Sequence[str], args: argparse.Namespace) -> np.ndarray:
     """``corpus_vectors`` cached as .npy under ``work`` (keyed by corpus, sizes, seed and towers)."""
-    from towers.model import read_towers_meta
+    from twotower.towers.model import read_towers_meta
 
     key = f"{Path(args.corpus).stem if args.corpus else 'synthetic'}-{args.docs}-{args.encode_docs}-{args.seed}"
     path = work / f"xb-{key}-{read_towers_meta(towers)['fingerprint']}.npy"
@@ -126,7 +127,7 @@ def cached_vectors(work: Path, towers: Path, texts: Sequence[str], args: argpars
     t0 = time.perf_counter()
     xb = corpus_vectors(towers, texts, min(args.encode_docs, args.docs), args.device, args.seed)
     print(f"corpus vectors: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    from common.atomic import write_bytes_atomic
+    from twotower.common.atomic import write_bytes_atomic
 
     buf = io.BytesIO()
     np.save(buf, xb)
@@ -136,7 +137,7 @@ def cached_vectors(work: Path, towers: Path, texts: Sequence[str], args: argpars
 
 def bench_towers(args: argparse.Namespace) -> Path:
     """--towers, or MiniLM towers (shared weights) built once under the work dir."""
-    from towers.model import TwoTower
+    from twotower.towers.model import TwoTower
 
     towers = Path(args.towers) if args.towers else work_dir(args) / "towers-minilm"
     if not (towers / "twotower.json").exists():
@@ -146,7 +147,7 @@ def bench_towers(args: argparse.Namespace) -> Path:
 
 
 def work_dir(args: argparse.Namespace) -> Path:
-    from common.cache import cache_dir
+    from twotower.common.cache import cache_dir
 
     return Path(args.work) if args.work else cache_dir() / "bench-serve"
 
@@ -156,9 +157,9 @@ def bench_index(args: argparse.Namespace, towers: Path, factory: str) -> Path:
     work = work_dir(args)
     index_dir = work / f"index-{args.docs}-{args.encode_docs}-{factory.replace(',', '_')}"
     if not (index_dir / "manifest.json").exists():
-        from index.build import build_index
-        from index.config import IndexBuildConfig
-        from towers.model import read_towers_meta
+        from twotower.index.build import build_index
+        from twotower.index.config import IndexBuildConfig
+        from twotower.towers.model import read_towers_meta
 
         texts = corpus_texts(args.corpus, args.docs, vocabulary(), args.seed)
         xb = cached_vectors(work, towers, texts, args)
@@ -183,7 +184,7 @@ def bench_queries(n: int, seed: int) -> list[str]:
 # ---- in-process overhead: Retriever.search_vectors vs the raw faiss search ----------------------------
 def overhead(index_dir: Path, towers: Path, queries: list[str], k: int, device: str, precision: str
              ) -> dict[str, Any]:
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     r = Retriever.load(index_dir, towers, device=device, precision=precision)
     out: dict[str, Any] = {"factory": r.index.manifest.get("factory"), "ntotal": r.ntotal}
@@ -218,7 +219,7 @@ def free_port() -> int:
 
 def start_server(index_dir: Path, towers: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "twotower_cli", "serve", "--index", str(index_dir), "--towers", str(towers),
+    cmd = [sys.executable, "-m", "twotower.cli", "serve", "--index", str(index_dir), "--towers", str(towers),
            "--host", "127.0.0.1", "--port", str(port), "--device", args.device, "--max-batch", str(args.max_batch),
            "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning", "--max-queue", "4096",
            "--threads", str(args.threads), "--precision", args.precision]

@@ -33,7 +33,7 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # both loops' progress bars; the table says what happened
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import add_base_arg, check_device, comma_choices, codesearch_dir, emit, print_table  # noqa: E402
+from bench_common import add_base_arg, check_device, codesearch_dir, comma_choices, emit, print_table  # noqa: E402
 
 SYSTEMS = ("st-fp32", "st-bf16", "twotower-fp32", "twotower-bf16")
 
@@ -121,8 +121,8 @@ def subset_pairs(path: Path, n: int, out: Path) -> Path:
 
 def global_batches(pairs: Path, batch_size: int, seed: int, steps: int) -> list[list[int]]:
     """The global batches ``towers.train`` draws for its first ``steps`` steps."""
-    from towers.data import load_pairs
-    from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
+    from twotower.towers.data import load_pairs
+    from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 
     ds = load_pairs(pairs)
     sampler = NoDuplicatesBatchSampler(conflict_keys(list(ds["query"]), list(ds["positive"])), batch_size, seed)
@@ -130,7 +130,7 @@ def global_batches(pairs: Path, batch_size: int, seed: int, steps: int) -> list[
 
 
 def run_twotower(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, amp: str) -> None:
-    import towers.train as tt
+    import twotower.towers.train as tt
 
     config = tt.TrainConfig(pairs=str(pairs), out=str(out), base=args.base, shared=args.towers == "shared",
                             query_max_length=args.query_max_length, result_max_length=args.result_max_length,
@@ -144,12 +144,15 @@ def run_twotower(clock: StepClock, pairs: Path, out: Path, args: argparse.Namesp
 def run_st(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, bf16: bool,
            batches: list[list[int]]) -> None:
     import datasets
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
-    from towers.bases import resolve_base
+    from twotower.towers.bases import resolve_base
 
     base = str(resolve_base(args.base))
     if args.towers == "shared":
@@ -208,7 +211,7 @@ def run_st(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, b
 def hook_twotower(clocks: dict[int, StepClock]) -> None:
     """Time ``towers.train``'s loop from the outside: its optimizer_step ends a step, its forward_backward
     returns the step's loss. The thread that calls them tells which system's clock it is."""
-    import towers.train as tt
+    import twotower.towers.train as tt
 
     step, fb = tt.optimizer_step, tt.forward_backward
 
@@ -252,6 +255,7 @@ def main() -> None:
     total = args.warmup + args.steps + 1  # + 1: the last step overlaps the others' end-of-training work
 
     import torch
+
     # Import in this thread what the systems' threads import lazily (transformers' lazy module is not
     # thread-safe: two threads importing from it at once can fail).
     from sentence_transformers import SentenceTransformerTrainer  # noqa: F401

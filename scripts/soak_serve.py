@@ -254,7 +254,7 @@ class Mutator(threading.Thread):
         i = 0
         while not self.stop.wait(self.every):
             ids = [f"soak-{i // 2}-{j}" for j in range(5)]
-            cli = [sys.executable, "-m", "twotower_cli", "index"]
+            cli = [sys.executable, "-m", "twotower.cli", "index"]
             if i % 2 == 0:
                 batch = self.root / f"add-{i // 2}.jsonl"
                 batch.write_text("".join(json.dumps({"_id": d, "text": f"soak doc {d} about sorting files"}) + "\n"
@@ -288,7 +288,7 @@ def tiny_base(root: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from towers.bases import resolve_base
+    from twotower.towers.bases import resolve_base
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(resolve_base("minilm"))
@@ -302,10 +302,10 @@ def tiny_base(root: Path) -> Path:
 
 def build(root: Path, base: str, n_docs: int, factory: str, seed: int) -> tuple[Path, Path, list[str]]:
     """(TOWERS, INDEX, query texts) under ``root``."""
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
-    from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
 
     base_dir = str(tiny_base(root)) if base == "tiny" else base
     towers = root / "towers"
@@ -355,7 +355,7 @@ def main() -> int:
         if mutator is not None:
             mutator.stop.set()
             mutator.join()
-            from index.store import read_manifest
+            from twotower.index.store import read_manifest
 
             final = int(read_manifest(index).get("generation", 1))
             served = asyncio.run(wait_for_generation(port, final)) if proc.poll() is None else None

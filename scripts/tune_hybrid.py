@@ -32,12 +32,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="encode batch size")
     args = ap.parse_args()
 
-    from common.jsonl import iter_utf8_lines
-    from common.metrics import evaluate
-    from eval.bm25 import BM25Retriever
-    from eval.systems import SystemSpec, TowersSystem
-    from index.faiss_utils import build_faiss, search
-    from index.hybrid import fuse
+    from twotower.common.jsonl import iter_utf8_lines
+    from twotower.common.metrics import evaluate
+    from twotower.eval.bm25 import BM25Retriever
+    from twotower.eval.systems import SystemSpec, TowersSystem
+    from twotower.index.faiss_utils import build_faiss, search
+    from twotower.index.hybrid import fuse
 
     rows = [json.loads(line) for _, line in iter_utf8_lines(Path(args.pairs)) if line.strip()]
     docs: dict[str, int] = {}

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.suites.codesearch import PINNED_WHEELS, extract_functions, fetch, normalize_name  # noqa: E402
-from common.atomic import write_bytes_atomic  # noqa: E402
-from common.cache import cache_dir  # noqa: E402
+from twotower.common.atomic import write_bytes_atomic  # noqa: E402
+from twotower.common.cache import cache_dir  # noqa: E402
+from twotower.eval.suites.codesearch import PINNED_WHEELS, extract_functions, fetch, normalize_name  # noqa: E402
 
 
 def main() -> None:

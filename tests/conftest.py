@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    from towers.bases import resolve_base
+    from twotower.towers.bases import resolve_base
 
     return AutoTokenizer.from_pretrained(resolve_base("minilm"))
 
@@ -172,10 +172,10 @@ QUERIES = ["sort a list", "open a json file", "thread lock queue", "hash the byt
 
 def build_tiny_index(root: Path, base: Path, n_docs: int = 60, factory: str = "Flat") -> tuple[Path, Path]:
     """A TOWERS dir (tiny random BERT, separate towers) and an INDEX dir built from ``make_corpus``."""
-    from index.build import build_index
-    from index.config import IndexBuildConfig
-    from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from twotower.index.build import build_index
+    from twotower.index.config import IndexBuildConfig
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
 
     towers = root / "towers"
     TwoTower.from_base(str(base), shared=False, query_max_length=32, result_max_length=64).save(towers)

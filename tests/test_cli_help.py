@@ -14,7 +14,7 @@ HEAVY = ("torch", "faiss", "transformers", "datasets")
 
 def test_every_verb_has_help_and_none_loads_a_heavy_package() -> None:
     code = ("import sys, contextlib, io\n"
-            "from twotower_cli import build_parser\n"
+            "from twotower.cli import build_parser\n"
             f"for verb in {VERBS!r} + [[]]:\n"
             "    out = io.StringIO()\n"
             "    with contextlib.redirect_stdout(out):\n"
@@ -31,7 +31,7 @@ def test_every_verb_has_help_and_none_loads_a_heavy_package() -> None:
 
 @pytest.mark.parametrize("verb", VERBS)
 def test_help_lists_options(verb: list[str], capsys) -> None:
-    from twotower_cli import build_parser
+    from twotower.cli import build_parser
 
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args([*verb, "--help"])

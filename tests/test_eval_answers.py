@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from eval.answers import comparisons, gains, render
-from eval.report import METRIC_COLUMNS, similarity_panels
+from twotower.eval.answers import comparisons, gains, render
+from twotower.eval.report import METRIC_COLUMNS, similarity_panels
 
 
 def _row(kind: str, recall: float, auc: float | None = None, **cfg) -> dict:
@@ -59,7 +59,7 @@ def test_similarity_plot_puts_raw_and_fine_tuned_side_by_side() -> None:
 
 
 def test_combined_report_has_every_suite_and_the_answers(tmp_path) -> None:
-    from eval.demo import write_combined_report
+    from twotower.eval.demo import write_combined_report
 
     per_suite = {"codesearch-py": _results(0.16, 0.7, 0.5, 0.85, 0.4), "nq": _results(0.3, 0.6, 0.6, 0.8, 0.5)}
     for res in per_suite.values():

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from eval.demo import PROFILES, _dev_subset, _train_towers
+from twotower.eval.demo import PROFILES, _dev_subset, _train_towers
 
 
 @pytest.fixture
 def train_cfg(tiny_bert_dir, tmp_path):
-    from towers.train import TrainConfig
+    from twotower.towers.train import TrainConfig
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": f"query {i}", "positive": f"document number {i}"}) + "\n"
@@ -47,8 +47,8 @@ def test_dev_subset_and_profiles(tmp_path) -> None:
 
 
 def test_llm_towers_config_uses_the_same_pairs_with_the_llm_settings(tmp_path, monkeypatch) -> None:
-    from eval.config import LLM_QUERY_PROMPTS, DemoConfig
-    from eval.demo import _llm_train_config
+    from twotower.eval.config import LLM_QUERY_PROMPTS, DemoConfig
+    from twotower.eval.demo import _llm_train_config
 
     prof = PROFILES["cpu-small"]
     for precision, amp in (("fp32", "none"), ("bf16", "bf16")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.metrics import evaluate, map_at_k, mrr_at_k, ndcg_at_k, recall_at_k, recall_curve
+from twotower.common.metrics import evaluate, map_at_k, mrr_at_k, ndcg_at_k, recall_at_k, recall_curve
 
 ranx = pytest.importorskip("ranx")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.raw_llm import LLM_POOLINGS, RawLLMEncoder
+from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder
 
 TEXTS = ["a short one", "a much longer text with many more tokens in it than the first", "mid length text"]
 

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 
 import numpy as np
 import pytest
 
-from eval.report import format_table, similarity_summary
+from twotower.eval.report import format_table, similarity_summary
 
 TOPICS = ["cat", "dog", "fish", "bird", "tree", "rock", "boat", "car"]
 
 
 @pytest.fixture
 def tiny_suite(tmp_path):
-    from eval.suites.beir import write_beir
+    from twotower.eval.suites.beir import write_beir
 
     corpus = [{"_id": f"d{i}", "title": "", "text": f"the {t} number {i} is about {t}s and more {t}"}
               for i, t in enumerate(TOPICS * 3)]
@@ -27,7 +26,7 @@ def tiny_suite(tmp_path):
 
 @pytest.fixture
 def tiny_towers(tiny_bert_dir, tmp_path):
-    from towers.model import TwoTower
+    from twotower.towers.model import TwoTower
 
     path = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir), query_max_length=16, result_max_length=32).save(path)
@@ -35,8 +34,8 @@ def tiny_towers(tiny_bert_dir, tmp_path):
 
 
 def test_run_bench_writes_every_file(tiny_suite, tiny_towers, tiny_llama_dir, tmp_path, monkeypatch) -> None:
-    from eval.bench import run_bench
-    from eval.config import BenchConfig
+    from twotower.eval.bench import run_bench
+    from twotower.eval.config import BenchConfig
 
     monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "REPORT"
@@ -71,8 +70,8 @@ def test_run_bench_writes_every_file(tiny_suite, tiny_towers, tiny_llama_dir, tm
 
 
 def test_rerun_replaces_the_report_atomically(tiny_suite, tmp_path) -> None:
-    from eval.bench import run_bench
-    from eval.config import BenchConfig
+    from twotower.eval.bench import run_bench
+    from twotower.eval.config import BenchConfig
 
     out = tmp_path / "R"
     cfg = BenchConfig(suite=str(tiny_suite), systems="bm25", out=str(out), k_max=5, device="cpu")
@@ -100,8 +99,8 @@ def test_table_bolds_best_per_column() -> None:
 
 def test_hybrid_systems_fuse_towers_and_bm25(tiny_suite, tiny_towers, tmp_path) -> None:
     """hybrid=TOWERS gives one row per fusion; weighted with alpha 1 ranks exactly as the towers row."""
-    from eval.bench import run_bench
-    from eval.config import BenchConfig
+    from twotower.eval.bench import run_bench
+    from twotower.eval.config import BenchConfig
 
     systems = f"towers={tiny_towers},bm25,hybrid={tiny_towers},hybrid:h1={tiny_towers}:weighted"
     cfg = BenchConfig(suite=str(tiny_suite), systems=systems, out=str(tmp_path / "R"), k_max=10, batch_size=8,

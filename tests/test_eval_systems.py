@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.systems import SystemSpec, parse_systems
+from twotower.eval.systems import SystemSpec, parse_systems
 
 
 def test_parse_full_list() -> None:
@@ -56,7 +56,7 @@ def test_errors(spec: str, message: str) -> None:
 
 
 def test_towers_dir_checked_before_models_load(tmp_path) -> None:
-    from eval.systems import build_systems
+    from twotower.eval.systems import build_systems
 
     with pytest.raises(FileNotFoundError, match="no twotower.json"):
         build_systems(parse_systems(f"towers={tmp_path}"))

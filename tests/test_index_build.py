@@ -9,13 +9,13 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.build import build_index  # noqa: E402
-from index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
-from index.corpus import iter_docs  # noqa: E402
-from index.faiss_utils import build_faiss, search  # noqa: E402
-from index.load import load_index  # noqa: E402
-from index.store import FORMAT_VERSION, read_manifest  # noqa: E402
-from index.synthetic import TableEncoder, brute_force, clustered_vectors  # noqa: E402
+from twotower.index.build import build_index  # noqa: E402
+from twotower.index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
+from twotower.index.corpus import iter_docs  # noqa: E402
+from twotower.index.faiss_utils import build_faiss, search  # noqa: E402
+from twotower.index.load import load_index  # noqa: E402
+from twotower.index.store import FORMAT_VERSION, read_manifest  # noqa: E402
+from twotower.index.synthetic import TableEncoder, brute_force, clustered_vectors  # noqa: E402
 
 ENC = EncodeConfig(progress=False)
 
@@ -206,8 +206,8 @@ def test_cuda_device_without_gpu_is_a_clear_error(small_index):
 
 
 def test_cli_build_info_with_real_towers(tiny_bert_dir, tmp_path, capsys):
-    from towers.model import TwoTower
-    from twotower_cli import main
+    from twotower.cli import main
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir)).save(towers)
@@ -235,7 +235,7 @@ def test_cli_build_info_with_real_towers(tiny_bert_dir, tmp_path, capsys):
 
 
 def test_crash_while_writing_the_index_dir_keeps_previous(tmp_path, monkeypatch):
-    import index.build
+    import twotower.index.build
 
     xb = clustered_vectors(60, 8)
     out = build_index(TableEncoder(xb), rows(50), tmp_path / "idx", IndexBuildConfig(), ENC)
@@ -243,7 +243,7 @@ def test_crash_while_writing_the_index_dir_keeps_previous(tmp_path, monkeypatch)
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index.build, "save_docs", crash)
+    monkeypatch.setattr(twotower.index.build, "save_docs", crash)
     with pytest.raises(OSError, match="disk full"):
         build_index(TableEncoder(xb), rows(60), out, IndexBuildConfig(overwrite=True), ENC)
     assert load_index(out, "cpu").ntotal == 50
@@ -251,7 +251,7 @@ def test_crash_while_writing_the_index_dir_keeps_previous(tmp_path, monkeypatch)
 
 
 def test_encoder_without_fingerprint_never_resumes(tmp_path, capsys):
-    from index.encode import encode_corpus
+    from twotower.index.encode import encode_corpus
 
     class Plain:  # the bare Encoder protocol: no fingerprint()
         dim = 8
@@ -289,7 +289,7 @@ def test_concurrent_searches_with_different_params_match_serial(tmp_path):
 def test_gpu_load_matches_cpu(tmp_path):
     xb = clustered_vectors(5000, 32, seed=7)
     out = build_index(TableEncoder(xb), rows(5000), tmp_path / "idx", IndexBuildConfig(), ENC)
-    from index.mutate import remove_docs
+    from twotower.index.mutate import remove_docs
 
     remove_docs(out, ["d1", "d2"])
     cpu, gpu = load_index(out, "cpu"), load_index(out, "cuda")
@@ -309,8 +309,8 @@ def test_duplicate_ids_in_rows_and_in_a_generator():
 
 
 def test_auto_train_sample_fits_a_quarter_of_the_memory_budget(tmp_path, monkeypatch):
-    import index.build as build_module
-    from index.build import auto_train_size
+    import twotower.index.build as build_module
+    from twotower.index.build import auto_train_size
 
     gib = 1 << 30
     # Plenty of memory: 64 per list, at least 50k, never more than n.

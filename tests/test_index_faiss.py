@@ -6,11 +6,10 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.factory import EXACT_MAX, auto_factory, choose_nlist, default_nprobe, parse_memory  # noqa: E402
-from index.faiss_utils import build_faiss, search, search_defaults  # noqa: E402
-from index.synthetic import ann_recall, brute_force, clustered_vectors  # noqa: E402
-from index.torch_search import TorchFlatSearcher  # noqa: E402
-
+from twotower.index.factory import EXACT_MAX, auto_factory, choose_nlist, default_nprobe, parse_memory  # noqa: E402
+from twotower.index.faiss_utils import build_faiss, search, search_defaults  # noqa: E402
+from twotower.index.synthetic import ann_recall, brute_force, clustered_vectors  # noqa: E402
+from twotower.index.torch_search import TorchFlatSearcher  # noqa: E402
 
 
 @pytest.fixture(scope="module")

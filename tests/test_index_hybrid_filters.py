@@ -10,15 +10,15 @@ import pytest
 faiss = pytest.importorskip("faiss")
 pytest.importorskip("bm25s")
 
-from index.bm25 import BM25_DIR, BM25Index  # noqa: E402
-from index.build import build_index  # noqa: E402
-from index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
-from index.filters import FilterError, FilterMap, build_filter_table  # noqa: E402
-from index.hybrid import fuse, normalise  # noqa: E402
-from index.load import check_query_sides, load_index  # noqa: E402
-from index.mutate import add_docs, remove_docs  # noqa: E402
-from index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
-from retrieval.retriever import Retriever  # noqa: E402
+from twotower.index.bm25 import BM25_DIR, BM25Index  # noqa: E402
+from twotower.index.build import build_index  # noqa: E402
+from twotower.index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
+from twotower.index.filters import FilterError, FilterMap, build_filter_table  # noqa: E402
+from twotower.index.hybrid import fuse, normalise  # noqa: E402
+from twotower.index.load import check_query_sides, load_index  # noqa: E402
+from twotower.index.mutate import add_docs, remove_docs  # noqa: E402
+from twotower.index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
+from twotower.retrieval.retriever import Retriever  # noqa: E402
 
 ENC = EncodeConfig(progress=False)
 WORDS = ["numpy", "sort", "array", "file", "open", "python", "list", "graph", "csv", "parse", "socket", "thread"]
@@ -257,8 +257,8 @@ def test_no_bm25_side_and_unknown_fields_are_refused_before_models_load(tmp_path
 
 def test_gpu_paths_filter_alike_on_the_cpu() -> None:
     """The torch exact search (masking) and the over-fetch path of GPU clones, run on the CPU, equal brute force."""
-    from index.faiss_utils import build_faiss, search_allowed_post
-    from index.torch_search import TorchFlatSearcher
+    from twotower.index.faiss_utils import build_faiss, search_allowed_post
+    from twotower.index.torch_search import TorchFlatSearcher
 
     xb = clustered_vectors(3000, 16, seed=8)
     xq = clustered_vectors(20, 16, seed=9)

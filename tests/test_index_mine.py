@@ -8,8 +8,8 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.mine import MineConfig, mine_negatives, select_negatives  # noqa: E402
-from index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
+from twotower.index.mine import MineConfig, mine_negatives, select_negatives  # noqa: E402
+from twotower.index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
 
 
 def test_select_negatives_range_positives_and_margins():
@@ -75,9 +75,9 @@ def test_rows_sharing_a_query_share_negatives_and_skip_all_its_positives():
 
 
 def test_cli_mine_with_real_towers(tiny_bert_dir, tmp_path, capsys):
-    from towers.data import load_pairs
-    from towers.model import TwoTower
-    from twotower_cli import main
+    from twotower.cli import main
+    from twotower.towers.data import load_pairs
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir)).save(towers)
@@ -100,8 +100,8 @@ def test_cli_mine_with_real_towers(tiny_bert_dir, tmp_path, capsys):
 
 def test_mine_refuses_existing_out_without_overwrite(tiny_bert_dir, tmp_path, capsys):
     """A file at --out that mine did not write is never replaced silently: exit 2 naming --overwrite."""
-    from towers.model import TwoTower
-    from twotower_cli import main
+    from twotower.cli import main
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir)).save(towers)

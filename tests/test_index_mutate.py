@@ -6,11 +6,11 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.build import build_index  # noqa: E402
-from index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
-from index.load import load_index  # noqa: E402
-from index.mutate import add_docs, remove_docs  # noqa: E402
-from index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
+from twotower.index.build import build_index  # noqa: E402
+from twotower.index.config import EncodeConfig, IndexBuildConfig  # noqa: E402
+from twotower.index.load import load_index  # noqa: E402
+from twotower.index.mutate import add_docs, remove_docs  # noqa: E402
+from twotower.index.synthetic import TableEncoder, clustered_vectors  # noqa: E402
 
 ENC = EncodeConfig(progress=False)
 
@@ -88,7 +88,7 @@ def test_add_with_other_towers_is_refused(tmp_path):
 
 
 def test_cli_remove_and_info(tmp_path, capsys):
-    from twotower_cli import main
+    from twotower.cli import main
 
     xb = clustered_vectors(10, 8)
     out = build_index(TableEncoder(xb), rows(range(10)), tmp_path / "idx", IndexBuildConfig(), ENC)
@@ -104,8 +104,8 @@ def test_cli_remove_and_info(tmp_path, capsys):
 def test_cli_add_uses_the_towers_recorded_in_the_manifest(tiny_bert_dir, tmp_path, capsys):
     import json
 
-    from towers.model import TwoTower
-    from twotower_cli import main
+    from twotower.cli import main
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir)).save(towers)

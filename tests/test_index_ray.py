@@ -22,14 +22,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from index.build import build_index  # noqa: E402
-from index.config import EncodeConfig, IndexBuildConfig, RayBuildConfig, ShardConfig  # noqa: E402
-from index.load import load_index  # noqa: E402
-from index.ray_build import default_shards_dir, ray_build_index  # noqa: E402
-from index.shard import SHARD_MANIFEST  # noqa: E402
 from tests.conftest import make_corpus  # noqa: E402
-from towers.inference import result_encoder  # noqa: E402
-from towers.model import TwoTower  # noqa: E402
+from twotower.index.build import build_index  # noqa: E402
+from twotower.index.config import EncodeConfig, IndexBuildConfig, RayBuildConfig, ShardConfig  # noqa: E402
+from twotower.index.load import load_index  # noqa: E402
+from twotower.index.ray_build import default_shards_dir, ray_build_index  # noqa: E402
+from twotower.index.shard import SHARD_MANIFEST  # noqa: E402
+from twotower.towers.inference import result_encoder  # noqa: E402
+from twotower.towers.model import TwoTower  # noqa: E402
 
 N_DOCS = 2000
 CHUNK = 50  # divides the shards of 500 (4 shards) and 100 (20 shards): every build encodes the same chunks
@@ -85,7 +85,7 @@ def test_ray_build_with_two_actors_equals_single_process_build(ray_session, setu
 def test_killed_driver_rerun_reuses_finished_shards(ray_session, setup):
     root, shards = setup["root"] / "killed", setup["root"] / "killed" / "shards"
     out = root / "index"
-    cmd = [sys.executable, "-m", "twotower_cli", "index", "build", "--towers", str(setup["towers"]), "--corpus",
+    cmd = [sys.executable, "-m", "twotower.cli", "index", "build", "--towers", str(setup["towers"]), "--corpus",
            str(setup["corpus"]), "--out", str(out), "--engine", "ray", "--ray-address", ray_session,
            "--num-encoders", "1", "--num-shards", "20", "--chunk-size", str(CHUNK), "--shards-dir", str(shards),
            "--device", "cpu", "--no-progress"]
@@ -129,7 +129,7 @@ def test_ray_build_refuses_bad_options_before_starting(ray_session, setup, tmp_p
 
 
 def test_bad_corpus_row_in_an_actor_is_one_line_exit_2(ray_session, setup, tmp_path, capsys):
-    from twotower_cli import main
+    from twotower.cli import main
 
     bad = tmp_path / "bad.jsonl"
     rows = make_corpus(40)

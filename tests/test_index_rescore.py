@@ -33,8 +33,8 @@ def _corpus(rows: range) -> list[dict]:
 
 
 def _build(xb: np.ndarray, factory: str, out: Path, **config) -> Path:
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
 
     return build_index(VectorTable(xb), _corpus(range(len(xb))), out, IndexBuildConfig(factory=factory, **config),
                        EncodeConfig(progress=False))
@@ -58,7 +58,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_rescore_function_equals_exact_search_over_all_candidates(data) -> None:
-    from index.rescore import rescore
+    from twotower.index.rescore import rescore
 
     xb, xq = data
     k = 10
@@ -75,7 +75,7 @@ def test_rescore_function_equals_exact_search_over_all_candidates(data) -> None:
 
 @pytest.mark.parametrize("factory", COMPACT)
 def test_rescored_compact_index_equals_exact_search_when_n_covers_the_list(factory, data, tmp_path) -> None:
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     xb, xq = data
     k, N = 10, 40  # k * N = 400 = every doc
@@ -94,8 +94,8 @@ def test_rescored_compact_index_equals_exact_search_when_n_covers_the_list(facto
 
 
 def test_binary_codes_are_sign_bits_searched_by_hamming(data, tmp_path) -> None:
-    from index.binary import pack_signs
-    from index.load import load_index
+    from twotower.index.binary import pack_signs
+    from twotower.index.load import load_index
 
     xb, xq = data
     loaded = load_index(_build(xb, "BFlat", tmp_path / "b", keep_vectors="none"), device="cpu")
@@ -111,8 +111,8 @@ def test_binary_codes_are_sign_bits_searched_by_hamming(data, tmp_path) -> None:
 
 
 def test_add_and_remove_keep_vectors_aligned(data, tmp_path) -> None:
-    from index.load import load_index
-    from index.mutate import add_docs, remove_docs
+    from twotower.index.load import load_index
+    from twotower.index.mutate import add_docs, remove_docs
 
     xb, xq = data
     out = _build(xb[:300], "IVF4,SQ4", tmp_path / "m", rescore=100, nprobe=4)
@@ -131,14 +131,14 @@ def test_add_and_remove_keep_vectors_aligned(data, tmp_path) -> None:
 
 
 def _encode_config(tmp_path: Path):
-    from index.config import EncodeConfig
+    from twotower.index.config import EncodeConfig
 
     return EncodeConfig(progress=False, work_dir=str(tmp_path / "work"))
 
 
 def test_memory_options_are_checked(data, tmp_path) -> None:
-    from index.config import IndexBuildConfig
-    from index.factory import auto_factory, default_rescore
+    from twotower.index.config import IndexBuildConfig
+    from twotower.index.factory import auto_factory, default_rescore
 
     with pytest.raises(ValueError, match="--rescore 4 needs the float vectors"):
         IndexBuildConfig(rescore=4, keep_vectors="none")
@@ -162,15 +162,15 @@ def test_rescore_override_through_retriever_cli_and_http(tiny_bert_dir, tmp_path
     """k * rescore covering all 60 docs of a binary index gives the exact ranking, per call, in every front end."""
     from fastapi.testclient import TestClient
 
-    import twotower_cli
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
-    from retrieval.config import ServeConfig
-    from retrieval.retriever import Retriever
-    from retrieval.server import create_app
     from tests.conftest import QUERIES, make_corpus
-    from towers.inference import query_encoder, result_encoder
-    from towers.model import TwoTower
+    from twotower import cli as twotower_cli
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
+    from twotower.towers.inference import query_encoder, result_encoder
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir), shared=False, query_max_length=16, result_max_length=32).save(towers)
@@ -207,7 +207,7 @@ def test_rescore_override_through_retriever_cli_and_http(tiny_bert_dir, tmp_path
 
 
 def test_auto_under_a_small_budget_builds_compact_codes_with_rescoring(data, tmp_path) -> None:
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     xb, xq = data
     out = _build(xb, "auto", tmp_path / "auto", memory_budget="40KB")  # floats: 51 KB, SQ8 codes: 17 KB

@@ -12,13 +12,13 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from index.build import build_index, train_empty  # noqa: E402
-from index.config import EncodeConfig, IndexBuildConfig, MergeConfig, ShardConfig  # noqa: E402
-from index.load import load_index  # noqa: E402
-from index.merge import index_shards, merge_shards, open_shards, shard_indexes  # noqa: E402
-from index.mutate import add_docs, remove_docs  # noqa: E402
-from index.shard import build_shard, read_shard, resolve_shard, shard_dir, shard_range  # noqa: E402
-from index.synthetic import TableEncoder, ann_recall, brute_force, clustered_vectors  # noqa: E402
+from twotower.index.build import build_index, train_empty  # noqa: E402
+from twotower.index.config import EncodeConfig, IndexBuildConfig, MergeConfig, ShardConfig  # noqa: E402
+from twotower.index.load import load_index  # noqa: E402
+from twotower.index.merge import index_shards, merge_shards, open_shards, shard_indexes  # noqa: E402
+from twotower.index.mutate import add_docs, remove_docs  # noqa: E402
+from twotower.index.shard import build_shard, read_shard, resolve_shard, shard_dir, shard_range  # noqa: E402
+from twotower.index.synthetic import TableEncoder, ann_recall, brute_force, clustered_vectors  # noqa: E402
 
 ENC = EncodeConfig(progress=False)
 QUIET = dict(progress=False)
@@ -164,7 +164,7 @@ def test_row_slices_of_every_corpus_format(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from index.corpus import corpus_identity, iter_docs
+    from twotower.index.corpus import corpus_identity, iter_docs
 
     items = rows(50)
     jsonl = tmp_path / "c.jsonl"  # blank lines do not count as rows
@@ -240,7 +240,7 @@ def test_killed_shard_build_resumes_and_rerun_is_a_no_op(tmp_path, capsys):
 
 
 def test_shard_options_are_checked_before_encoding(tmp_path, capsys):
-    from twotower_cli import main
+    from twotower.cli import main
 
     enc = TableEncoder(XB)
     cli = ["index", "build", "--towers", str(tmp_path / "no-towers"), "--corpus", "c.jsonl", "--out", str(tmp_path)]
@@ -276,8 +276,8 @@ def test_shard_from_torchrun_environment():
 
 
 def test_cli_sharded_build_and_merge_with_real_towers(tiny_bert_dir, tmp_path, monkeypatch, capsys):
-    from towers.model import TwoTower
-    from twotower_cli import main
+    from twotower.cli import main
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir), shared=False).save(towers)
@@ -316,13 +316,13 @@ def test_cli_sharded_build_and_merge_with_real_towers(tiny_bert_dir, tmp_path, m
 
 @pytest.mark.slow
 def test_torchrun_one_shard_per_rank(tiny_bert_dir, tmp_path):
-    """`torchrun --nproc_per_node 2 -m twotower_cli index build ...`: each rank writes its shard; the merge
+    """`torchrun --nproc_per_node 2 -m twotower.cli index build ...`: each rank writes its shard; the merge
     equals a single build."""
     import os
     import subprocess
     import sys
 
-    from towers.model import TwoTower
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir)).save(towers)
@@ -333,7 +333,7 @@ def test_torchrun_one_shard_per_rank(tiny_bert_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "twotower_cli", *args, "--out", str(tmp_path / "shards")],
+                          "-m", "twotower.cli", *args, "--out", str(tmp_path / "shards")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]
@@ -345,7 +345,7 @@ def test_torchrun_one_shard_per_rank(tiny_bert_dir, tmp_path):
 
 
 def _cli_single(args: list[str], out: Path) -> Path:
-    from twotower_cli import main
+    from twotower.cli import main
 
     assert main([*args, "--out", str(out)]) == 0
     return out

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import twotower_cli
 from tests.conftest import build_tiny_index
+from twotower import cli as twotower_cli
 
 
 @dataclass
@@ -253,8 +253,8 @@ CORPUS_TEXT_CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 
 @pytest.fixture(scope="module")
 def built(_tiny_models, tmp_path_factory) -> dict[str, Path]:
-    from eval.suites.beir import write_beir
-    from towers.model import TwoTower
+    from twotower.eval.suites.beir import write_beir
+    from twotower.towers.model import TwoTower
 
     root = tmp_path_factory.mktemp("bad-input")
     towers, index = build_tiny_index(root, _tiny_models["bert"])
@@ -315,9 +315,9 @@ def test_the_table_has_at_least_20_distinct_cases() -> None:
 ], ids=["index-wrong-dim", "index-1d-vector", "index-k-zero", "retriever-wrong-dim", "retriever-k-zero",
         "retriever-k-above-cap", "retriever-non-string-query"])
 def test_library_calls_name_the_bad_value(built, call, message) -> None:
-    from index.load import load_index
-    from retrieval.retriever import Retriever
-    from towers.model import Tower
+    from twotower.index.load import load_index
+    from twotower.retrieval.retriever import Retriever
+    from twotower.towers.model import Tower
 
     index = load_index(built["index"], "cpu")
     retriever = Retriever(index, Tower.load(built["towers"] / "query_tower"))
@@ -341,7 +341,7 @@ GOOD_LINE = json.dumps(DOC).encode() + b"\n"
 def test_corpus_file_errors_name_file_and_line(tmp_path, name, data, message) -> None:
     import gzip
 
-    from index.corpus import iter_docs
+    from twotower.index.corpus import iter_docs
 
     path = tmp_path / name
     path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
@@ -350,7 +350,7 @@ def test_corpus_file_errors_name_file_and_line(tmp_path, name, data, message) ->
 
 
 def test_corpus_row_count_names_the_line_that_is_not_utf8(tmp_path) -> None:
-    from index.corpus import count_rows
+    from twotower.index.corpus import count_rows
 
     path = tmp_path / "c.jsonl"
     path.write_bytes(GOOD_LINE * 3 + b'{"_id": "\xff"}\n')
@@ -359,7 +359,7 @@ def test_corpus_row_count_names_the_line_that_is_not_utf8(tmp_path) -> None:
 
 
 def test_in_memory_rows_with_a_lone_surrogate_name_the_row() -> None:
-    from index.corpus import iter_docs
+    from twotower.index.corpus import iter_docs
 
     with pytest.raises(ValueError, match=r"row 1: field 'text' is not valid text: lone UTF-16 surrogate .* \(id 'b'\)"):
         list(iter_docs([{"_id": "a", "text": "ok"}, {"_id": "b", "text": "x\ud83d"}]))

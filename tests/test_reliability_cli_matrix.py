@@ -24,8 +24,8 @@ import faiss
 import pytest
 import transformers
 
-import twotower_cli
 from tests.conftest import build_tiny_index
+from twotower import cli as twotower_cli
 
 PATH_DESTS = {"out", "corpus", "towers", "index", "pairs", "dev", "suite", "ids_file", "queries_file", "work_dir",
               "shards", "workdir", "base", "dir"}
@@ -45,25 +45,25 @@ def tripwires(monkeypatch, tmp_path):
     monkeypatch.setattr(faiss, "read_index", trip)
     import datasets
 
-    import eval.suites.codesearch
-    import eval.suites.nq
-    import towers.cli
+    import twotower.eval.suites.codesearch
+    import twotower.eval.suites.nq
+    import twotower.towers.cli
 
     monkeypatch.setattr(datasets, "load_dataset", trip)  # the hub (local files are read without it)
-    monkeypatch.setattr(eval.suites.codesearch, "fetch", trip)  # downloads
-    monkeypatch.setattr(eval.suites.nq, "fetch", trip)
-    monkeypatch.setattr(towers.cli, "launch_torchrun", trip)  # processes
+    monkeypatch.setattr(twotower.eval.suites.codesearch, "fetch", trip)  # downloads
+    monkeypatch.setattr(twotower.eval.suites.nq, "fetch", trip)
+    monkeypatch.setattr(twotower.towers.cli, "launch_torchrun", trip)  # processes
     monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
 def inputs(_tiny_models, tmp_path_factory) -> dict[str, Path]:
-    from eval.suites.beir import write_beir
-    from index.config import EncodeConfig, ShardConfig
-    from index.shard import build_shard
     from tests.conftest import make_corpus
-    from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from twotower.eval.suites.beir import write_beir
+    from twotower.index.config import EncodeConfig, ShardConfig
+    from twotower.index.shard import build_shard
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
 
     root = tmp_path_factory.mktemp("matrix")
     towers, index = build_tiny_index(root, _tiny_models["bert"], n_docs=12)

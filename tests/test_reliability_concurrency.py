@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import twotower_cli
 from tests.conftest import build_tiny_index
+from twotower import cli as twotower_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -22,7 +22,7 @@ TIMEOUT = 180  # seconds a subprocess may take on the loaded 2-core box
 # Holds the writer lock of argv[1] until its stdin closes: a real second process, as another writer would be.
 HOLDER = r"""
 import sys
-from common.lock import exclusive
+from twotower.common.lock import exclusive
 with exclusive(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()
@@ -41,12 +41,12 @@ def corpus(path: Path, prefix: str, n: int = 5) -> Path:
 
 
 def add_cmd(index_dir: Path, corpus_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "twotower_cli", "index", "add", str(index_dir), "--corpus", str(corpus_path),
+    return [sys.executable, "-m", "twotower.cli", "index", "add", str(index_dir), "--corpus", str(corpus_path),
             "--device", "cpu", "--no-progress", *extra]
 
 
 def live_ids(index_dir: Path) -> set[str]:
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     idx = load_index(index_dir, "cpu")
     removed = set(idx.removed.tolist())
@@ -140,19 +140,19 @@ def test_add_and_remove_at_once_keep_both_changes(index, tmp_path):
     _, idx = index
     add = subprocess.Popen(add_cmd(idx, corpus(tmp_path / "n.jsonl", "n"), "--wait", "120"), env=ENV, cwd=ROOT,
                            stderr=subprocess.PIPE, text=True)
-    remove = subprocess.Popen([sys.executable, "-m", "twotower_cli", "index", "remove", str(idx), "--ids", "doc-3",
+    remove = subprocess.Popen([sys.executable, "-m", "twotower.cli", "index", "remove", str(idx), "--ids", "doc-3",
                                "doc-4", "--wait", "120"], env=ENV, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     assert add.wait(TIMEOUT) == 0, add.stderr.read()
     assert remove.wait(TIMEOUT) == 0, remove.stderr.read()
     ids = live_ids(idx)
     assert {f"n{i}" for i in range(5)} <= ids and not {"doc-3", "doc-4"} & ids
-    from index.store import read_manifest
+    from twotower.index.store import read_manifest
 
     assert read_manifest(idx)["generation"] == 3  # build, then one generation per change
 
 
 def test_the_lock_file_goes_away_and_a_killed_holder_frees_it(index):
-    from common.lock import exclusive, lock_path
+    from twotower.common.lock import exclusive, lock_path
 
     _, idx = index
     holder = hold_lock(idx)

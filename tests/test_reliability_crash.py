@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-import twotower_cli
 from tests.conftest import QUERIES
+from twotower import cli as twotower_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread everywhere: the in-process reference run uses one torch thread (conftest), and bitwise-equal
@@ -65,7 +65,7 @@ if os.environ.get("KILL_AFTER_RENAME_TO"):
         if os.path.basename(os.fspath(dst)).startswith(prefix):
             die()
     os.replace = replace
-import twotower_cli
+from twotower import cli as twotower_cli
 sys.exit(twotower_cli.main(sys.argv[1:]))
 """
 
@@ -77,7 +77,7 @@ def _tail(log: Path) -> str:
 def kill_when(args: list[str], ready: Callable[[], bool], log: Path) -> None:
     """Run ``twotower ARGS`` and SIGKILL it as soon as ``ready()`` (polled every 2 ms) is true."""
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", *args], stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=ENV, cwd=ROOT)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -128,8 +128,8 @@ def losses(out: Path) -> list[tuple[int, float]]:
 
 
 def test_train_killed_mid_step_and_mid_checkpoint_resumes_to_identical_weights(tiny_bert_dir, tmp_path):
-    from towers import checkpoint as ckpt
-    from towers.model import TwoTower
+    from twotower.towers import checkpoint as ckpt
+    from twotower.towers.model import TwoTower
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": w, "positive": f"all about the {w} {w}"}) + "\n" for w in WORDS))
@@ -185,10 +185,10 @@ def write_corpus(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def towers_and_index(_tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     """TOWERS (tiny random BERT) and a 40-doc INDEX built from them (copied per test)."""
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
-    from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
 
     root = tmp_path_factory.mktemp("crash-index")
     towers = root / "towers"
@@ -202,7 +202,7 @@ class Snapshot:
     """What a user sees of an INDEX dir: the manifest bytes and the answers to fixed query vectors."""
 
     def __init__(self, index_dir: Path, xq: np.ndarray) -> None:
-        from index.load import load_index
+        from twotower.index.load import load_index
 
         index = load_index(index_dir, "cpu")
         self.manifest = (index_dir / "manifest.json").read_bytes()
@@ -219,7 +219,7 @@ class Snapshot:
 @pytest.fixture
 def index_case(towers_and_index, tmp_path):
     """(towers, a fresh copy of the INDEX dir, query vectors, snapshot of the index before any kill)."""
-    from towers.model import Tower
+    from twotower.towers.model import Tower
 
     towers, index = towers_and_index
     copy = tmp_path / "idx"
@@ -238,8 +238,8 @@ def build_args(towers: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_index_build_killed_between_chunks_keeps_previous_index_and_rerun_resumes(index_case, tmp_path):
-    from index.load import load_index
-    from towers.model import TwoTower
+    from twotower.index.load import load_index
+    from twotower.towers.model import TwoTower
 
     towers, idx, xq, before = index_case
     corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_rows(240))
@@ -264,12 +264,12 @@ def test_index_build_killed_between_chunks_keeps_previous_index_and_rerun_resume
 
 
 def test_index_build_killed_while_writing_the_index_dir_keeps_previous(index_case, tmp_path):
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     towers, idx, xq, before = index_case
     corpus = write_corpus(tmp_path / "corpus.jsonl", corpus_rows(100))
     # index.faiss is already in the temp dir; the doc store is being written
-    kill_at_call(build_args(towers, corpus, idx), tmp_path / "kill.log", KILL_AT="index.build:save_docs:1")
+    kill_at_call(build_args(towers, corpus, idx), tmp_path / "kill.log", KILL_AT="twotower.index.build:save_docs:1")
     before.assert_same(Snapshot(idx, xq))
     assert len(tmp_dirs(tmp_path, "idx")) == 1  # the half-written dir never got the final name
     assert twotower_cli.main(build_args(towers, corpus, idx)) == 0
@@ -318,7 +318,7 @@ def test_leftover_temp_dirs_are_ignored_by_readers_and_listed_by_build(index_cas
 # finished temp dir over the old one. Run alone (no torch import) so the kill costs a fraction of a second.
 PUBLISH = r"""
 import shutil, sys
-from common.atomic import atomic_dir
+from twotower.common.atomic import atomic_dir
 src, dest = sys.argv[1:3]
 with atomic_dir(dest) as tmp:
     for f in ("index.faiss", "manifest.json"):
@@ -329,7 +329,7 @@ with atomic_dir(dest) as tmp:
 
 def test_index_dir_killed_between_the_publishing_renames_keeps_an_index(index_case, tmp_path):
     towers, idx, xq, before = index_case
-    hook = KILL_HOOK.replace("import twotower_cli\nsys.exit(twotower_cli.main(sys.argv[1:]))", PUBLISH)
+    hook = KILL_HOOK.replace("from twotower import cli as twotower_cli\nsys.exit(twotower_cli.main(sys.argv[1:]))", PUBLISH)
     with (tmp_path / "kill.log").open("wb") as out:
         proc = subprocess.run([sys.executable, "-c", hook, str(idx), str(idx)], stdout=out, stderr=subprocess.STDOUT,
                               env={**ENV, "KILL_AFTER_RENAME_TO": ".idx.old-"}, cwd=ROOT, timeout=TIMEOUT)
@@ -341,7 +341,7 @@ def test_index_dir_killed_between_the_publishing_renames_keeps_an_index(index_ca
 
 
 def test_index_add_killed_between_chunks_keeps_previous_index_and_rerun_adds(index_case, tmp_path):
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     towers, idx, xq, before = index_case
     new = write_corpus(tmp_path / "new.jsonl", corpus_rows(200, start=1000))
@@ -359,15 +359,15 @@ def test_index_add_killed_between_chunks_keeps_previous_index_and_rerun_adds(ind
 
 @pytest.mark.slow
 def test_index_add_and_remove_killed_while_writing_keep_previous(index_case, tmp_path):
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     towers, idx, xq, before = index_case
     new = write_corpus(tmp_path / "new.jsonl", corpus_rows(20, start=1000))
     add = ["index", "add", str(idx), "--corpus", str(new), "--device", "cpu", "--no-progress"]
-    kill_at_call(add, tmp_path / "kill-add.log", KILL_AT="index.build:save_docs:1")
+    kill_at_call(add, tmp_path / "kill-add.log", KILL_AT="twotower.index.build:save_docs:1")
     before.assert_same(Snapshot(idx, xq))
     remove = ["index", "remove", str(idx), "--ids", "p1", "p2", "p3"]
-    kill_at_call(remove, tmp_path / "kill-remove.log", KILL_AT="common.atomic:fsync_tree:1")
+    kill_at_call(remove, tmp_path / "kill-remove.log", KILL_AT="twotower.common.atomic:fsync_tree:1")
     before.assert_same(Snapshot(idx, xq))
     assert twotower_cli.main(add) == 0 and twotower_cli.main(remove) == 0
     index = load_index(idx, "cpu")
@@ -398,11 +398,11 @@ def _damage_chunk(work: Path, damage: str) -> None:
 
 @pytest.mark.parametrize("damage", ["emb-flip", "emb-truncate", "docs-flip", "docs-missing", "record-without-sha256"])
 def test_a_damaged_chunk_is_encoded_again(towers_and_index, tmp_path, damage, capsys):
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
-    from towers.inference import result_encoder
-    from index.load import load_index
-    from towers.model import TwoTower
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
+    from twotower.index.load import load_index
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
 
     towers, _ = towers_and_index
     model = TwoTower.load(towers)

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import twotower_cli
 from tests.conftest import QUERIES, build_tiny_index
+from twotower import cli as twotower_cli
 
 
 def _refuse(constant: str) -> Any:
@@ -28,7 +28,7 @@ def strict(text: str | bytes) -> Any:
 def test_strict_parser_refuses_what_python_would_write():
     with pytest.raises(ValueError, match="NaN"):
         strict(json.dumps({"x": float("nan")}))
-    from common.jsonl import dumps_strict
+    from twotower.common.jsonl import dumps_strict
 
     assert strict(dumps_strict({"x": float("nan"), "y": [1.5, float("-inf")], "z": (float("inf"),)})) == {
         "x": None, "y": [1.5, None], "z": [None]}
@@ -40,7 +40,7 @@ def _run(argv: list[str], capsys) -> str:
 
 
 def test_every_json_output_of_the_pipeline_is_strict(_tiny_models, tmp_path, capsys):
-    from eval.suites.beir import write_beir
+    from twotower.eval.suites.beir import write_beir
 
     base = _tiny_models["bert"]
     pairs = tmp_path / "pairs.jsonl"
@@ -88,9 +88,9 @@ def test_every_json_output_of_the_pipeline_is_strict(_tiny_models, tmp_path, cap
 def test_http_bodies_are_strict(_tiny_models, tmp_path):
     from fastapi.testclient import TestClient
 
-    from retrieval.config import ServeConfig
-    from retrieval.retriever import Retriever
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
 
     _, idx = build_tiny_index(tmp_path, _tiny_models["bert"], n_docs=10)
     app = create_app(ServeConfig(index=str(idx), reload_interval=0), Retriever.load(idx, device="cpu"))
@@ -106,8 +106,8 @@ def test_http_bodies_are_strict(_tiny_models, tmp_path):
 
 
 def test_non_finite_scores_and_metadata_are_written_as_null():
-    from retrieval.retriever import Hit
-    from retrieval.server import _hits_json
+    from twotower.retrieval.retriever import Hit
+    from twotower.retrieval.server import _hits_json
 
     body = _hits_json([[Hit("a", float("nan"), "t", "", {"x": float("inf")}, 1)]])
     assert strict(body) == [[{"id": "a", "score": None, "text": "t", "title": "", "metadata": {"x": None},
@@ -116,7 +116,7 @@ def test_non_finite_scores_and_metadata_are_written_as_null():
 
 
 def test_a_diverged_loss_is_logged_as_null(tmp_path):
-    from towers.checkpoint import TrainLog
+    from twotower.towers.checkpoint import TrainLog
 
     log = TrainLog(tmp_path / "train_log.jsonl", None)
     log.write({"step": 1, "loss": float("nan"), "lr": 1e-4})

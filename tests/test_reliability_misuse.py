@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-import twotower_cli
 from tests.conftest import build_tiny_index
+from twotower import cli as twotower_cli
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +68,9 @@ def test_dev_overlapping_pairs_is_warned_with_the_count(_tiny_models, tmp_path, 
 def test_docs_page_is_served_by_the_app_with_nothing_from_a_cdn(tiny):
     from fastapi.testclient import TestClient
 
-    from retrieval.config import ServeConfig
-    from retrieval.retriever import Retriever
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
 
     _, idx = tiny
     with TestClient(create_app(ServeConfig(index=str(idx), reload_interval=0), Retriever.load(idx, device="cpu"))) as c:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import twotower_cli
 from tests.conftest import build_tiny_index, make_corpus
+from twotower import cli as twotower_cli
 
 
 def snapshot(path: Path) -> dict[str, str]:
@@ -51,7 +51,7 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def art(_tiny_models, tmp_path_factory) -> dict[str, Path]:
     """Real artefacts of every kind (read-only: tests copy what they damage)."""
-    from eval.suites.beir import write_beir
+    from twotower.eval.suites.beir import write_beir
 
     root = tmp_path_factory.mktemp("outputs")
     towers, index = build_tiny_index(root, _tiny_models["bert"], n_docs=30)
@@ -213,7 +213,7 @@ def test_work_dir_of_ours_is_marked_reused_and_deleted(art, tmp_path, capsys):
 
 # ---- symlinked outputs: blue/green ------------------------------------------------------------------------
 def _live_ids(index_dir: Path) -> list[str]:
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     index = load_index(index_dir, "cpu")
     removed = set(index.removed.tolist())
@@ -264,7 +264,7 @@ def test_dangling_link_gets_its_target_built(art, tmp_path, capsys):
 
 
 def test_atomic_dir_never_replaces_a_file_or_the_current_dir(tmp_path, monkeypatch):
-    from common.atomic import atomic_dir
+    from twotower.common.atomic import atomic_dir
 
     victim = tmp_path / "f"
     victim.write_text("keep")
@@ -278,11 +278,11 @@ def test_atomic_dir_never_replaces_a_file_or_the_current_dir(tmp_path, monkeypat
 
 # ---- what is recognised as ours ----------------------------------------------------------------------------
 def test_artefacts_are_recognised_by_their_stage_markers(art, tmp_path, capsys):
-    from common.outputs import DEMO_MARKER, WORK_MARKER, artefact_kind
-    from eval.demo import run_demo  # noqa: F401  (the module that writes DEMO_MARKER)
-    from index.shard import SHARD_KIND, SHARD_MANIFEST
-    from index.store import MANIFEST
-    from towers.checkpoint import CKPT_DIR, LOG_NAME
+    from twotower.common.outputs import DEMO_MARKER, WORK_MARKER, artefact_kind
+    from twotower.eval.demo import run_demo  # noqa: F401  (the module that writes DEMO_MARKER)
+    from twotower.index.shard import SHARD_KIND, SHARD_MANIFEST
+    from twotower.index.store import MANIFEST
+    from twotower.towers.checkpoint import CKPT_DIR, LOG_NAME
 
     assert (MANIFEST, SHARD_MANIFEST, SHARD_KIND, CKPT_DIR, LOG_NAME) == (
         "manifest.json", "shard.json", "twotower-index-shard", "checkpoints", "train_log.jsonl")

@@ -80,7 +80,7 @@ def pairs_files(draw: st.DrawFn) -> bytes:
 @FAST
 @given(content=pairs_files())
 def test_pairs_loader_gives_valid_pairs_or_a_value_error(content: bytes) -> None:
-    from towers.data import load_pairs
+    from twotower.towers.data import load_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pairs.jsonl"
@@ -125,7 +125,7 @@ def beir_dirs(draw: st.DrawFn) -> tuple[bytes, bytes, bytes]:
 @FAST
 @given(files=beir_dirs())
 def test_beir_loader_gives_a_consistent_suite_or_a_value_error(files: tuple[bytes, bytes, bytes]) -> None:
-    from eval.suites.beir import load_beir
+    from twotower.eval.suites.beir import load_beir
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -151,9 +151,9 @@ def test_beir_loader_gives_a_consistent_suite_or_a_value_error(files: tuple[byte
 def client(_tiny_models, tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from retrieval.config import ServeConfig
-    from retrieval.retriever import Retriever
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
 
     _, index_dir = build_tiny_index(tmp_path_factory.mktemp("property-http"), _tiny_models["bert"],
                                     factory="IVF4,Flat")  # IVF: nprobe reaches faiss

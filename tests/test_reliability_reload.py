@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import twotower_cli
 from tests.conftest import build_tiny_index
+from twotower import cli as twotower_cli
 
 httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_serve_process_finds_an_added_doc_and_loses_a_removed_one(_tiny_models, 
     towers, idx = build_tiny_index(tmp_path, _tiny_models["bert"], n_docs=20)
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "twotower_cli", "serve", "--index", str(idx), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", "--index", str(idx), "--port", str(port),
                              "--device", "cpu", "--reload-interval", "0.2", "--log-level", "warning"],
                             env=ENV, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -84,8 +84,8 @@ def served(_tiny_models, tmp_path):
     """An in-process uvicorn on a free port serving a tiny index that the test changes underneath it."""
     import uvicorn
 
-    from retrieval.config import ServeConfig
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.server import create_app
 
     towers, idx = build_tiny_index(tmp_path, _tiny_models["bert"], n_docs=20)
     config = ServeConfig(index=str(idx), device="cpu", reload_interval=0.05, max_wait_ms=1.0)
@@ -105,9 +105,9 @@ def served(_tiny_models, tmp_path):
 
 
 def test_requests_during_swaps_all_succeed(served, tmp_path):
-    from index.mutate import add_docs, remove_docs
-    from towers.inference import result_encoder
-    from towers.model import TwoTower
+    from twotower.index.mutate import add_docs, remove_docs
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
 
     url, idx, towers, app = served
     encoder = result_encoder(TwoTower.load(towers), "cpu")
@@ -137,7 +137,7 @@ def test_requests_during_swaps_all_succeed(served, tmp_path):
 def test_a_broken_version_keeps_the_old_one_serving(served, capsys):
     url, idx, _, app = served
     before = ids(url)
-    from common.atomic import atomic_dir
+    from twotower.common.atomic import atomic_dir
 
     with atomic_dir(idx) as tmp:  # a new version whose manifest disagrees with its faiss file
         for f in idx.iterdir():
@@ -150,10 +150,10 @@ def test_a_broken_version_keeps_the_old_one_serving(served, capsys):
 
 
 def test_a_server_of_a_symlinked_index_follows_the_swapped_link(_tiny_models, tmp_path):
-    from retrieval.batcher import MicroBatcher
-    from retrieval.config import ServeConfig
-    from retrieval.reload import IndexWatcher
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.batcher import MicroBatcher
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.reload import IndexWatcher
+    from twotower.retrieval.retriever import Retriever
 
     towers, built = build_tiny_index(tmp_path, _tiny_models["bert"], n_docs=10)
     shutil.move(built, tmp_path / "index-v1")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import twotower_cli
 from tests.conftest import build_tiny_index
+from twotower import cli as twotower_cli
 
 BOM = "\ufeff".encode()
 
@@ -35,7 +35,7 @@ PAIRS = [{"query": "sort a list", "positive": "use sorted(xs)"}, {"query": "open
 
 @pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.csv"])
 def test_pairs_saved_by_windows_tools_read_as_their_text(name, tmp_path):
-    from towers.data import load_pairs
+    from twotower.towers.data import load_pairs
 
     if name.endswith(".jsonl"):
         text = "".join(json.dumps(r) + "\n" for r in PAIRS)
@@ -48,7 +48,7 @@ def test_pairs_saved_by_windows_tools_read_as_their_text(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["corpus.jsonl", "corpus.jsonl.gz"])
 def test_corpus_saved_by_windows_tools_reads_the_same_docs(name, tmp_path):
-    from index.corpus import count_rows, iter_docs
+    from twotower.index.corpus import count_rows, iter_docs
 
     rows = [{"_id": "d1", "title": "T", "text": "first"}, {"_id": "d2", "text": "second line"}]
     clean, saved = both(tmp_path, name, "".join(json.dumps(r) + "\n" for r in rows))
@@ -56,7 +56,7 @@ def test_corpus_saved_by_windows_tools_reads_the_same_docs(name, tmp_path):
 
 
 def test_beir_suite_saved_by_windows_tools_loads_the_same(tmp_path):
-    from eval.suites.beir import load_beir
+    from twotower.eval.suites.beir import load_beir
 
     files = {"corpus.jsonl": '{"_id": "d1", "text": "sort a list"}\n{"_id": "d2", "text": "open a file"}\n',
              "queries.jsonl": '{"_id": "q1", "text": "sorting"}\n',
@@ -103,7 +103,7 @@ VISIBLE = ["a", "a\u200b", "café\x00", "😀", "検索", "\u0301x", "-"]
 
 
 def test_what_counts_as_blank():
-    from common.text import is_blank
+    from twotower.common.text import is_blank
 
     assert all(is_blank(t) for t in INVISIBLE + [""]), [t for t in INVISIBLE if not is_blank(t)]
     assert not any(is_blank(t) for t in VISIBLE), [t for t in VISIBLE if is_blank(t)]
@@ -113,9 +113,9 @@ def test_what_counts_as_blank():
 def test_invisible_query_is_refused_like_an_empty_one(query, tiny, capsys):
     from fastapi.testclient import TestClient
 
-    from retrieval.config import ServeConfig
-    from retrieval.retriever import Retriever
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
 
     _, idx = tiny
     assert twotower_cli.main(["search", "--index", str(idx), "--device", "cpu", "ok", query]) == 2
@@ -126,9 +126,9 @@ def test_invisible_query_is_refused_like_an_empty_one(query, tiny, capsys):
 
 
 def test_invisible_text_is_refused_in_every_file(tiny, tmp_path, capsys):
-    from eval.suites.beir import load_beir
-    from index.corpus import iter_docs
-    from towers.data import load_pairs
+    from twotower.eval.suites.beir import load_beir
+    from twotower.index.corpus import iter_docs
+    from twotower.towers.data import load_pairs
 
     pairs = tmp_path / "p.jsonl"
     pairs.write_text(json.dumps({"query": "ok", "positive": "fine"}) + "\n" + json.dumps(

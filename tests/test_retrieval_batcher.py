@@ -10,7 +10,7 @@ from tests.conftest import QUERIES, build_tiny_index
 
 @pytest.fixture(scope="module")
 def retriever(_tiny_models, tmp_path_factory):
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, index_dir = build_tiny_index(tmp_path_factory.mktemp("batcher"), _tiny_models["bert"])
     return Retriever.load(index_dir, device="cpu")
@@ -21,7 +21,7 @@ def _ids(hits) -> list[list[str]]:
 
 
 def test_batches_respect_max_batch_and_scatter_back(retriever) -> None:
-    from retrieval.batcher import MicroBatcher
+    from twotower.retrieval.batcher import MicroBatcher
 
     singles = [f"{QUERIES[i % len(QUERIES)]} {i}" for i in range(10)]
     big = [f"{q} big" for q in QUERIES] + ["one more"]  # 6 queries > max_batch: runs alone
@@ -45,7 +45,7 @@ def test_batches_respect_max_batch_and_scatter_back(retriever) -> None:
 
 
 def test_invalid_input_is_rejected_before_queueing(retriever) -> None:
-    from retrieval.batcher import MicroBatcher
+    from twotower.retrieval.batcher import MicroBatcher
 
     async def scenario() -> None:
         batcher = MicroBatcher(retriever).start()
@@ -62,7 +62,7 @@ def test_invalid_input_is_rejected_before_queueing(retriever) -> None:
 
 
 def test_failed_batch_reaches_every_request_and_worker_survives(retriever, monkeypatch) -> None:
-    from retrieval.batcher import MicroBatcher
+    from twotower.retrieval.batcher import MicroBatcher
 
     def boom(queries):
         raise RuntimeError("encoder exploded")
@@ -82,7 +82,7 @@ def test_failed_batch_reaches_every_request_and_worker_survives(retriever, monke
 
 
 def test_close_finishes_queued_work(retriever) -> None:
-    from retrieval.batcher import MicroBatcher
+    from twotower.retrieval.batcher import MicroBatcher
 
     async def scenario() -> list:
         batcher = MicroBatcher(retriever, max_batch=2, max_wait_ms=0).start()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import twotower_cli
 from tests.conftest import QUERIES, build_tiny_index, make_corpus
+from twotower import cli as twotower_cli
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def built(_tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def expected(built):
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     return Retriever.load(built[1], device="cpu").search(QUERIES, k=3)
 
@@ -85,7 +85,7 @@ def test_errors_are_one_clean_line(built, capsys, tmp_path, extra, message) -> N
 
 
 def test_mode_and_filter_options(built, capsys) -> None:
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, index_dir = built
     argv = ["search", "--index", str(index_dir), "--device", "cpu", "--json", "-k", "4", *QUERIES[:2]]

@@ -34,8 +34,8 @@ class NoTower:
 
 
 def _build(xb: np.ndarray, factory: str, out: Path, titles: bool = False) -> Path:
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
 
     corpus = [{"_id": f"d{i}", "title": f"t{i}" if titles and i % 2 else "", "text": f"doc {i}",
                **({"source": f"s{i}"} if titles and i == 3 else {})} for i in range(len(xb))]
@@ -44,7 +44,7 @@ def _build(xb: np.ndarray, factory: str, out: Path, titles: bool = False) -> Pat
 
 @pytest.fixture(scope="module")
 def vectors() -> tuple[np.ndarray, np.ndarray]:
-    from index.synthetic import clustered_vectors
+    from twotower.index.synthetic import clustered_vectors
 
     data = clustered_vectors(2000 + 20, 32, seed=3)
     return data[:2000], data[2000:]
@@ -56,7 +56,7 @@ def ivf_dir(vectors, tmp_path_factory) -> Path:
 
 
 def test_cached_params_follow_the_requested_nprobe(vectors, ivf_dir) -> None:
-    from index.load import load_index
+    from twotower.index.load import load_index
 
     xb, xq = vectors
     exact = np.argsort(-(xq @ xb.T), axis=1)[:, :10]
@@ -74,8 +74,8 @@ def test_cached_params_follow_the_requested_nprobe(vectors, ivf_dir) -> None:
 def test_tombstones_stay_excluded_with_cached_params(vectors, ivf_dir, tmp_path) -> None:
     import shutil
 
-    from index.load import load_index
-    from index.mutate import remove_docs
+    from twotower.index.load import load_index
+    from twotower.index.mutate import remove_docs
 
     xb, xq = vectors
     work = tmp_path / "ivf"
@@ -95,10 +95,9 @@ def test_tombstones_stay_excluded_with_cached_params(vectors, ivf_dir, tmp_path)
 
 
 def test_blank_columns_are_skipped_but_filled(vectors, ivf_dir) -> None:
-    from retrieval.doctable import DocTable
-    from retrieval.retriever import Retriever
-
-    from index.load import load_index
+    from twotower.index.load import load_index
+    from twotower.retrieval.doctable import DocTable
+    from twotower.retrieval.retriever import Retriever
 
     xq = vectors[1]
     retriever = Retriever(load_index(ivf_dir, device="cpu"), NoTower())
@@ -112,8 +111,8 @@ def test_blank_columns_are_skipped_but_filled(vectors, ivf_dir) -> None:
 
 
 def test_titles_and_metadata_still_come_back(vectors, tmp_path) -> None:
-    from index.load import load_index
-    from retrieval.retriever import Retriever
+    from twotower.index.load import load_index
+    from twotower.retrieval.retriever import Retriever
 
     xb = vectors[0][:50]
     retriever = Retriever(load_index(_build(xb, "Flat", tmp_path / "flat", titles=True), device="cpu"), NoTower())
@@ -124,8 +123,8 @@ def test_titles_and_metadata_still_come_back(vectors, tmp_path) -> None:
 
 
 def test_hit_lists_with_fewer_live_docs_than_k(vectors, tmp_path) -> None:
-    from index.load import load_index
-    from retrieval.retriever import Retriever
+    from twotower.index.load import load_index
+    from twotower.retrieval.retriever import Retriever
 
     xb = vectors[0][:3]
     retriever = Retriever(load_index(_build(xb, "Flat", tmp_path / "three"), device="cpu"), NoTower())

@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 
 @pytest.fixture(scope="module")
 def retriever(_tiny_models, tmp_path_factory):
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, index_dir = build_tiny_index(tmp_path_factory.mktemp("http"), _tiny_models["bert"])
     return Retriever.load(index_dir, device="cpu")
@@ -28,8 +28,8 @@ def server_url(retriever) -> Iterator[str]:
     """uvicorn in a thread on a socket bound to 127.0.0.1:0 (no port race); stopped in teardown."""
     import uvicorn
 
-    from retrieval.config import ServeConfig
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.server import create_app
 
     # A long wait so the concurrent test's requests surely meet in one batch.
     config = ServeConfig(index="", max_wait_ms=50.0, max_batch=64)
@@ -110,8 +110,8 @@ def test_concurrent_requests_are_batched_and_equal_serial(server_url, retriever)
 def client(retriever):
     from fastapi.testclient import TestClient
 
-    from retrieval.config import ServeConfig
-    from retrieval.server import create_app
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.server import create_app
 
     config = ServeConfig(index="", max_queries=4, max_query_chars=50, max_k=20, max_wait_ms=0.0)
     with TestClient(create_app(config, retriever)) as c:
@@ -181,7 +181,7 @@ def test_oversized_and_unknown_length_bodies_refused_unread(client) -> None:
 def test_overloaded_queue_answers_503(retriever) -> None:
     import asyncio
 
-    from retrieval.batcher import MicroBatcher, Overloaded
+    from twotower.retrieval.batcher import MicroBatcher, Overloaded
 
     async def scenario() -> None:
         batcher = MicroBatcher(retriever, max_batch=1, max_wait_ms=0, max_queue=1)
@@ -196,9 +196,9 @@ def test_overloaded_queue_answers_503(retriever) -> None:
 
 
 def test_serve_parser_builds_config() -> None:
-    import twotower_cli
-    from retrieval.config import ServeConfig
-    from common.cliargs import dataclass_from_args
+    from twotower import cli as twotower_cli
+    from twotower.common.cliargs import dataclass_from_args
+    from twotower.retrieval.config import ServeConfig
 
     args = twotower_cli.build_parser().parse_args(
         ["serve", "--index", "IDX", "--port", "9001", "--max-batch", "8", "--max-wait-ms", "0.5", "--max-k", "50"])

@@ -16,16 +16,16 @@ import pytest
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
 
-from index.config import EncodeConfig, IndexBuildConfig, ShardConfig  # noqa: E402
-from index.merge import merge_shards  # noqa: E402
-from index.shard import build_shard  # noqa: E402
-from retrieval.config import RayServeConfig, ServeConfig  # noqa: E402
-from retrieval.ray_serve import ShardedRetriever, ShardServer, ShardSet, deploy, merge_topk  # noqa: E402
-from retrieval.retriever import Hit, Retriever  # noqa: E402
 from tests.conftest import WORDS, make_corpus  # noqa: E402
 from tests.test_retrieval_http import BAD_REQUESTS  # noqa: E402
-from towers.inference import result_encoder  # noqa: E402
-from towers.model import TwoTower  # noqa: E402
+from twotower.index.config import EncodeConfig, IndexBuildConfig, ShardConfig  # noqa: E402
+from twotower.index.merge import merge_shards  # noqa: E402
+from twotower.index.shard import build_shard  # noqa: E402
+from twotower.retrieval.config import RayServeConfig, ServeConfig  # noqa: E402
+from twotower.retrieval.ray_serve import ShardedRetriever, ShardServer, ShardSet, deploy, merge_topk  # noqa: E402
+from twotower.retrieval.retriever import Hit, Retriever  # noqa: E402
+from twotower.towers.inference import result_encoder  # noqa: E402
+from twotower.towers.model import TwoTower  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 N_DOCS = 300
@@ -58,7 +58,7 @@ def local_client(built):
     """Today's in-process server over the merged index: the reference."""
     from fastapi.testclient import TestClient
 
-    from retrieval.server import create_app
+    from twotower.retrieval.server import create_app
 
     retriever = Retriever.load(built["merged"], built["towers"], device="cpu")
     with TestClient(create_app(ServeConfig(index=str(built["merged"]), reload_interval=0, **LIMITS), retriever)) as c:

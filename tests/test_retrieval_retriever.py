@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import QUERIES, build_tiny_index, make_corpus
 
+
 @pytest.fixture(scope="module")
 def built(_tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     return build_tiny_index(tmp_path_factory.mktemp("retrieval"), _tiny_models["bert"])
@@ -17,7 +18,7 @@ def built(_tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def retriever(built):
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     towers, index_dir = built
     return Retriever.load(index_dir, device="cpu")
@@ -26,7 +27,7 @@ def retriever(built):
 def test_results_equal_direct_faiss_search(built, retriever) -> None:
     import faiss
 
-    from towers.model import Tower
+    from twotower.towers.model import Tower
 
     towers, index_dir = built
     tower = Tower.load(towers / "query_tower")
@@ -113,8 +114,8 @@ def test_threads_get_the_same_answers_as_serial_calls(retriever) -> None:
 
 
 def test_fingerprint_mismatch_refused(built, _tiny_models, tmp_path) -> None:
-    from retrieval.retriever import Retriever
-    from towers.model import TwoTower
+    from twotower.retrieval.retriever import Retriever
+    from twotower.towers.model import TwoTower
 
     _, index_dir = built
     other = tmp_path / "other-towers"
@@ -140,7 +141,7 @@ def test_k_above_ntotal_returns_every_doc_once(retriever) -> None:
 
 
 def test_ivf_nprobe_passes_through(_tiny_models, tmp_path, retriever) -> None:
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, ivf_dir = build_tiny_index(tmp_path, _tiny_models["bert"], factory="IVF4,Flat")
     ivf = Retriever.load(ivf_dir, device="cpu")
@@ -154,7 +155,7 @@ def test_ivf_nprobe_passes_through(_tiny_models, tmp_path, retriever) -> None:
 
 
 def test_bf16_precision_close_to_fp32(built, retriever) -> None:
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, index_dir = built
     with pytest.raises(ValueError, match="unknown precision 'int4': choose fp32, bf16, fp16"):
@@ -167,7 +168,7 @@ def test_bf16_precision_close_to_fp32(built, retriever) -> None:
 def test_doctable_chunked_take_equals_combined() -> None:
     import datasets
 
-    from retrieval.doctable import DocTable
+    from twotower.retrieval.doctable import DocTable
 
     # Five record batches of 7 rows, like a memory-mapped doc store cut into chunks.
     parts = [datasets.Dataset.from_dict({"id": [f"d{c * 7 + i}" for i in range(7)],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.suites.beir import load_beir, write_beir
+from twotower.eval.suites.beir import load_beir, write_beir
 
 CORPUS = [
     {"_id": "d1", "title": "Alpha", "text": "first doc"},

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.suites import codesearch
-from eval.suites.beir import file_sha256, load_beir
-from eval.suites.build import build_suite, verify_suite
-from eval.suites.codesearch import CodeFunction, WheelPin, docstring_query, extract_functions
+from twotower.eval.suites import codesearch
+from twotower.eval.suites.beir import file_sha256, load_beir
+from twotower.eval.suites.build import build_suite, verify_suite
+from twotower.eval.suites.codesearch import CodeFunction, WheelPin, docstring_query, extract_functions
 
 BOILER = '    """Return the value."""\n'
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import twotower_cli
-from eval.suites import nq
-from eval.suites.beir import file_sha256, load_beir
-from eval.suites.cli import SUITE_NAMES
-from eval.suites.build import SUITES
+from twotower import cli as twotower_cli
+from twotower.eval.suites import nq
+from twotower.eval.suites.beir import file_sha256, load_beir
+from twotower.eval.suites.build import SUITES
+from twotower.eval.suites.cli import SUITE_NAMES
 
 VOCAB = [f"w{i}x" for i in range(3000)]
 

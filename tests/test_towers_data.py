@@ -8,8 +8,8 @@ import datasets
 import numpy as np
 import pytest
 
-from towers.data import load_pairs
-from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
+from twotower.towers.data import load_pairs
+from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 
 ROWS = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}", f"m{i}"]} for i in range(5)]
 
@@ -143,7 +143,7 @@ def test_sampler_resumes_mid_epoch_and_shards_global_batches():
 
 
 def test_too_few_rows_for_a_batch_is_a_clear_error(tmp_path):
-    from towers.train import TrainConfig, train
+    from twotower.towers.train import TrainConfig, train
 
     path = _jsonl(tmp_path / "p.jsonl", [{"query": "a", "positive": "same"}, {"query": "b", "positive": "same"}])
     with pytest.raises(ValueError, match=r"2 rows make no batch of 2 pairs with distinct queries and positives"):

@@ -19,13 +19,13 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-import towers.train as train_mod
-from towers.cli import add_train_parser, config_argv, torchrun_command
-from towers.distributed import global_mean, init_distributed, unused_parameters, wrap_ddp
-from towers.loss import Temperature
-from towers.model import TwoTower
-from towers.sampler import NoDuplicatesBatchSampler, conflict_keys
-from towers.train import Batch, TowerForward, TrainConfig, collate, features, forward_backward, train
+import twotower.towers.train as train_mod
+from twotower.towers.cli import add_train_parser, config_argv, torchrun_command
+from twotower.towers.distributed import global_mean, init_distributed, unused_parameters, wrap_ddp
+from twotower.towers.loss import Temperature
+from twotower.towers.model import TwoTower
+from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
+from twotower.towers.train import Batch, TowerForward, TrainConfig, collate, features, forward_backward, train
 
 WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime fig date olive "
          "berry walnut corn rice bean pea oat rye").split()
@@ -52,7 +52,7 @@ def _spawn(fn, *args, timeout: float = 90.0) -> None:
     """
     import multiprocessing.forkserver
 
-    multiprocessing.forkserver.set_forkserver_preload(["towers.train", "transformers.models.bert.modeling_bert"])
+    multiprocessing.forkserver.set_forkserver_preload(["twotower.towers.train", "transformers.models.bert.modeling_bert"])
     ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -253,8 +253,8 @@ def test_torchrun_command_rebuilds_the_config_without_nproc():
     assert "--nproc_per_node=4" in cmd and not any(a.startswith("--nproc") and "=" not in a for a in cmd)
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers())
-    child = cmd[cmd.index("towers.cli") + 1:]
-    from common.cliargs import dataclass_from_args
+    child = cmd[cmd.index("twotower.towers.cli") + 1:]
+    from twotower.common.cliargs import dataclass_from_args
 
     rebuilt = dataclass_from_args(TrainConfig, parser.parse_args(["train", *child]))
     assert rebuilt == TrainConfig(**{**config.to_dict(), "nproc": 1})
@@ -282,7 +282,7 @@ def test_cli_nproc_launches_torchrun(tiny_bert_dir, tmp_path):
 
     pairs = _pairs_file(tmp_path / "pairs.jsonl")
     out = tmp_path / "towers"
-    cmd = [sys.executable, "-m", "twotower_cli", "train", "--pairs", str(pairs), "--out", str(out), "--base",
+    cmd = [sys.executable, "-m", "twotower.cli", "train", "--pairs", str(pairs), "--out", str(out), "--base",
            str(tiny_bert_dir), "--nproc", "2", "--batch-size", "8", "--max-steps", "2", "--device", "cpu",
            "--query-max-length", "16", "--result-max-length", "16"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})

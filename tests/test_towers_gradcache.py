@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from towers import gradcache
-from towers.gradcache import chunk_pairs, split_features
-from towers.loss import Temperature, contrastive_loss
-from towers.model import TwoTower
-from towers.train import Batch, TowerForward, TrainConfig, collate, features, forward_backward, train
+from twotower.towers import gradcache
+from twotower.towers.gradcache import chunk_pairs, split_features
+from twotower.towers.loss import Temperature, contrastive_loss
+from twotower.towers.model import TwoTower
+from twotower.towers.train import Batch, TowerForward, TrainConfig, collate, features, forward_backward, train
 
 WORDS = "apple banana cherry grape lemon mango orange peach pear plum kiwi melon".split()
 POSITIVES = [f"all about the {w} " + " ".join([w] * (i % 4)) for i, w in enumerate(WORDS)]  # uneven lengths

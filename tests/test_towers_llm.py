@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from towers.inference import query_encoder, result_encoder
-from towers.llm import append_eos, appends_eos
-from towers.model import Tower, TwoTower
+from twotower.towers.inference import query_encoder, result_encoder
+from twotower.towers.llm import append_eos, appends_eos
+from twotower.towers.model import Tower, TwoTower
 
 TEXTS = ["how do I sort a list", "def f(x):\n    return sorted(x)", "a", "all about the document number " * 4]
 QP, RP = "Instruct: Given a docstring, retrieve the Python function\nQuery: ", "Passage: "

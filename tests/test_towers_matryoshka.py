@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import twotower_cli
+from twotower import cli as twotower_cli
 
 WORDS = ("apple banana cherry grape lemon mango orange peach pear plum kiwi melon lime fig date olive").split()
 
@@ -21,8 +21,8 @@ def _unit(n: int, d: int, seed: int) -> torch.Tensor:
 
 
 def test_truncate_renorm_equals_reference() -> None:
-    from common.encoder import truncate_renorm
-    from towers.loss import truncate_renorm as truncate_torch
+    from twotower.common.encoder import truncate_renorm
+    from twotower.towers.loss import truncate_renorm as truncate_torch
 
     x = np.random.default_rng(0).standard_normal((7, 24)).astype(np.float64) * 3
     for dim in (24, 16, 5, 1):
@@ -36,7 +36,7 @@ def test_truncate_renorm_equals_reference() -> None:
 
 
 def test_mrl_loss_equals_weighted_sum_of_per_dim_info_nce() -> None:
-    from towers.loss import matryoshka_loss
+    from twotower.towers.loss import matryoshka_loss
 
     q, p, negs = _unit(6, 32, 1), _unit(6, 32, 2), _unit(4, 32, 3)
     dims, weights, t = (32, 16, 8), (1.0, 0.5, 2.0), 0.05
@@ -61,7 +61,7 @@ def _pairs(tmp_path: Path) -> Path:
 
 
 def test_train_records_matryoshka_and_refuses_bad_dims(tiny_bert_dir, tmp_path, capsys) -> None:
-    from towers.config import TrainConfig
+    from twotower.towers.config import TrainConfig
 
     pairs = _pairs(tmp_path)
     out = tmp_path / "towers"
@@ -85,12 +85,12 @@ def test_train_records_matryoshka_and_refuses_bad_dims(tiny_bert_dir, tmp_path, 
 
 
 def test_index_dim_truncates_docs_and_queries_alike(tiny_bert_dir, tmp_path, capsys) -> None:
-    from common.encoder import truncate_renorm
-    from index.build import build_index
-    from index.config import EncodeConfig, IndexBuildConfig
-    from retrieval.retriever import Retriever
-    from towers.inference import query_encoder, result_encoder
-    from towers.model import TwoTower
+    from twotower.common.encoder import truncate_renorm
+    from twotower.index.build import build_index
+    from twotower.index.config import EncodeConfig, IndexBuildConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.towers.inference import query_encoder, result_encoder
+    from twotower.towers.model import TwoTower
 
     towers = tmp_path / "towers"
     TwoTower.from_base(str(tiny_bert_dir), shared=False, query_max_length=16, result_max_length=16).save(towers)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from towers.model import Tower, TwoTower
-from towers.pooling import pool
+from twotower.towers.model import Tower, TwoTower
+from twotower.towers.pooling import pool
 
 TEXTS = ["how do I sort a list", "def f(x):\n    return sorted(x)", "a", "a much longer piece of text " * 5]
 

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from tests.conftest import QUERIES, build_tiny_index  # noqa: E402
-from towers.model import Tower  # noqa: E402
-from towers.onnx import onnx_copy  # noqa: E402
+from twotower.towers.model import Tower  # noqa: E402
+from twotower.towers.onnx import onnx_copy  # noqa: E402
 
 TEXTS = ["a", "sort a list of numbers in place and return it", "open a json file " * 12, "x y", "graph tree path"]
 
@@ -54,7 +54,7 @@ def test_missing_onnxruntime_is_a_clear_error(tiny_bert_dir, tmp_path, monkeypat
 
 
 def test_retriever_with_onnx_precision_matches_fp32(_tiny_models, tmp_path_factory) -> None:
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, index_dir = build_tiny_index(tmp_path_factory.mktemp("onnx"), _tiny_models["bert"])
     exact = Retriever.load(index_dir, device="cpu")
@@ -67,7 +67,7 @@ def test_retriever_with_onnx_precision_matches_fp32(_tiny_models, tmp_path_facto
 
 
 def test_onnx_precision_on_a_gpu_device_is_refused(_tiny_models, tmp_path_factory) -> None:
-    from retrieval.retriever import Retriever
+    from twotower.retrieval.retriever import Retriever
 
     _, index_dir = build_tiny_index(tmp_path_factory.mktemp("onnx-gpu"), _tiny_models["bert"])
     if not torch.cuda.is_available():

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from common.encoder import length_groups
-from towers.inference import cast_copy, int8_copy
-from towers.model import Tower
+from twotower.common.encoder import length_groups
+from twotower.towers.inference import cast_copy, int8_copy
+from twotower.towers.model import Tower
 
 FAST = settings(max_examples=80, deadline=None, database=None, derandomize=True)
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import towers.train as train_mod
-import twotower_cli
+import twotower.towers.train as train_mod
 from tests.conftest import PAIR_WORDS as WORDS
-from towers import checkpoint as ckpt
-from towers.loss import Temperature, info_nce
-from towers.model import TwoTower
-from towers.train import TrainConfig, collate, train
+from twotower import cli as twotower_cli
+from twotower.towers import checkpoint as ckpt
+from twotower.towers.loss import Temperature, info_nce
+from twotower.towers.model import TwoTower
+from twotower.towers.train import TrainConfig, collate, train
 
 
 @pytest.fixture

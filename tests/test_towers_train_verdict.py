@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-import towers.train as train_mod
-import twotower_cli
+import twotower.towers.train as train_mod
 from tests.conftest import PAIR_WORDS as WORDS
-from towers.data import DEV_MIN, split_dev
-from towers.dev import read_best
-from towers.inference import query_encoder, result_encoder, tower_encoder
-from towers.lengths import auto_max_length
-from towers.model import TwoTower
-from towers.train import TrainConfig, train
+from twotower import cli as twotower_cli
+from twotower.towers.data import DEV_MIN, split_dev
+from twotower.towers.dev import read_best
+from twotower.towers.inference import query_encoder, result_encoder, tower_encoder
+from twotower.towers.lengths import auto_max_length
+from twotower.towers.model import TwoTower
+from twotower.towers.train import TrainConfig, train
 
 
 @pytest.fixture
@@ -244,9 +244,9 @@ def test_hard_negatives_are_mined_per_round_and_recorded(pairs_file, tiny_bert_d
 
 
 def test_index_search_and_bench_use_the_inference_length_or_the_override(pairs_file, tiny_bert_dir, tmp_path):
-    from eval.config import BenchConfig
-    from eval.systems import TowersSystem, parse_systems
-    from retrieval.retriever import Retriever
+    from twotower.eval.config import BenchConfig
+    from twotower.eval.systems import TowersSystem, parse_systems
+    from twotower.retrieval.retriever import Retriever
 
     towers = tmp_path / "towers"
     train(_config(pairs_file, towers, tiny_bert_dir, max_steps=1, dev="none", checkpoint_every=0,

@@ -1,0 +1,138 @@
+"""Configs of ``twotower bench`` and ``twotower demo``: dataclasses with a default and a why per field (the CLI
+is generated from them). Kept free of torch/faiss imports so ``--help`` stays fast."""
+from __future__ import annotations
+
+import dataclasses
+
+from twotower.common.cliargs import check_required, field
+from twotower.common.device import check_device
+
+LLM_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Options of ``twotower bench`` (the CLI is generated from these fields)."""
+
+    suite: str = field("", "BEIR suite dir (corpus.jsonl, queries.jsonl, qrels/test.tsv), e.g. "
+                           "runs/demo/codesearch-py-cpu-small/codesearch-py (built by `twotower demo`)", required=True)
+    systems: str = field("raw-llm=smollm2,minilm,bm25",
+                         "comma list: towers[:LABEL]=DIR, raw-llm[=MODEL[:last+mean+logits]], minilm, bm25, "
+                         "hybrid[:LABEL]=DIR[:rrf+weighted] (towers fused with bm25), hybrid-minilm[=rrf+weighted]")
+    out: str = field("REPORT", "report dir to write (report.md, results.json, recall_at_k.png, similarity.png)")
+    k_max: int = field(100, "results retrieved per query (recall@k is reported up to this k)")
+    batch_size: int = field(64, "texts per batch for the towers and MiniLM")
+    llm_batch_size: int = field(16, "texts per batch for the raw LLM (bigger activations)")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N (encoders; search is exact faiss on CPU)")
+    max_queries: int | None = field(None, "evaluate on a random subset of this many queries")
+    max_corpus: int | None = field(None, "keep at most this many docs (all relevant docs of kept queries stay)")
+    query_max_length: int = field(64, "query tokens for minilm and raw-llm (trained towers keep their own)")
+    doc_max_length: int = field(256, "doc tokens for minilm and raw-llm (raw-llm's prompt comes on top)")
+    towers_query_max_length: int | None = field(None, "query tokens for every towers system (default: each "
+                                                      "TOWERS dir's recorded inference length)")
+    towers_result_max_length: int | None = field(None, "doc tokens for every towers system (default: each "
+                                                       "TOWERS dir's recorded inference length)")
+    prompt: str = field("promptEOL", "raw-llm prompt: promptEOL, none, or a template with {text}")
+    llm_precision: str = field("auto", "precision of the decoder-LLM encoders (raw-llm, and towers on an LLM base): "
+                                       "auto (bf16 where the CPU has AVX512-BF16/AMX or on a GPU, else fp32), "
+                                       "fp32, bf16", choices=LLM_PRECISIONS)
+    hybrid_alpha: float = field(0.5, "hybrid systems, weighted fusion: weight of the dense side (0..1; choose it on "
+                                     "dev data, not on the test queries)")
+    hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
+                             choices=["minmax", "zscore"])
+    hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
+    n_random: int = field(10, "random docs per query for the similarity plot")
+    seed: int = field(0, "seed for the query/corpus subsample and the random docs")
+
+    def __post_init__(self) -> None:
+        check_required(self)
+        check_device(self.device)
+        if not 0.0 <= self.hybrid_alpha <= 1.0:
+            raise ValueError(f"--hybrid-alpha must be between 0 and 1, got {self.hybrid_alpha:g}")
+        if self.hybrid_norm not in ("minmax", "zscore"):
+            raise ValueError(f"unknown --hybrid-norm '{self.hybrid_norm}': choose minmax, zscore")
+        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random",
+                     "hybrid_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queries", "max_corpus", "towers_query_max_length", "towers_result_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
+                                 f"{getattr(self, name)}")
+        if self.llm_precision not in LLM_PRECISIONS:
+            raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
+
+
+SUITE_NAMES = ("codesearch-py", "nq")
+# e5-mistral-style instructions of the demo's SmolLM2 towers, one per suite (the towers keep them in twotower.json).
+LLM_QUERY_PROMPTS = {
+    "codesearch-py": "Instruct: Given a docstring, retrieve the Python function\nQuery: ",
+    "nq": "Instruct: Given a question, retrieve Wikipedia passages that answer it\nQuery: ",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Sizes and training settings of one demo profile."""
+
+    max_queries: int | None  # test queries kept (None = all)
+    max_corpus: int | None  # test corpus docs kept (all relevant docs of kept queries stay)
+    dev_size: int | None  # dev pairs for dev recall@10 before/after training (None = all)
+    max_steps: int  # training steps (0 = one epoch)
+    batch_size: int
+    lr: float
+    temperature: float
+    query_max_length: int  # training tokens of the towers
+    doc_max_length: int  # training tokens of the towers
+    eval_every: int
+    # SmolLM2 (decoder LLM) towers: fine-tuned on the same pairs; 0 steps = no such row
+    llm_max_steps: int = 0
+    llm_lr: float = 1e-4
+    llm_batch_size: int = 32
+    llm_query_max_length: int = 48  # the instruction prompt (~15 tokens) comes out of this budget
+    # Inference tokens of the towers and of every baseline: the demo trains short (cheap) and encodes long (issue
+    # 15: MiniLM towers trained at 32/64 lost to MiniLM when also used at 32/64, and beat it at 64/256).
+    inference_query_max_length: int = 64
+    inference_doc_max_length: int = 256
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
+                         temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
+                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48),
+    "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
+                    temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,
+                    llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80),
+}
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Options of ``twotower demo`` (the CLI is generated from these fields)."""
+
+    suite: str = field("codesearch-py", "suite to build and benchmark; all = every suite, plus one combined "
+                                        "report that says what the results answer", choices=[*SUITE_NAMES, "all"])
+    profile: str = field("cpu-small", "cpu-small (fits 20 min on 2 CPU cores) or full (whole suite, for a GPU)",
+                         choices=list(PROFILES))
+    workdir: str = field("runs/demo", "where the suite, towers, index and report go (one subdir per suite+profile)")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N")
+    max_steps: int | None = field(None, "override the profile's training steps")
+    raw_llm: str = field("smollm2", "the raw decoder LLM baseline: smollm2, gemma3 or a causal-LM dir")
+    llm_towers: bool = field(True, "also fine-tune the raw LLM as two towers on the same pairs (the "
+                                   "towers-smollm2 row): the same model before and after contrastive training")
+    llm_max_steps: int | None = field(None, "override the profile's LLM towers training steps")
+    llm_precision: str = field("auto", "decoder-LLM encoding and training precision: auto (bf16 where the "
+                                       "hardware has it), fp32, bf16", choices=LLM_PRECISIONS)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if not self.workdir:
+            raise ValueError("--workdir is required (the dir that holds every demo run)")
+        if self.suite not in (*SUITE_NAMES, "all"):
+            raise ValueError(f"unknown suite '{self.suite}': choose {', '.join(SUITE_NAMES)} or all")
+        if self.llm_precision not in LLM_PRECISIONS:
+            raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile '{self.profile}': choose {', '.join(PROFILES)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"--max-steps must be >= 0 (0: one epoch), got {self.max_steps}")

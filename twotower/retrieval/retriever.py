@@ -1,0 +1,409 @@
+"""Query time: the query tower encodes, the INDEX searches, hits come back with their doc rows.
+
+``Retriever`` is the facade applications call (ColBERT's ``Searcher``): load once, then
+``search(queries, k)`` from any number of threads. Many queries cost one encode and one faiss search;
+doc rows for all hits come from one batched Arrow take (see ``retrieval.doctable``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twotower.common.device import check_device, check_precision, resolve_device
+from twotower.common.encoder import TruncatedEncoder
+from twotower.common.text import is_blank
+from twotower.index.hybrid import FUSIONS, MODES, NORMS, QUERY_DEFAULTS, check_alpha, check_choice, fuse
+from twotower.index.load import load_index
+from twotower.index.store import read_manifest, recorded_towers_dir
+from twotower.retrieval.config import DEFAULT_MAX_K, MAX_NPROBE, MAX_RESCORE
+from twotower.retrieval.doctable import DocTable
+from twotower.towers.inference import TowerEncoder
+from twotower.towers.model import Tower, read_towers_meta
+from twotower.towers.onnx import onnx_copy
+
+# query encoding: full precision, torch.autocast to bf16/fp16, or the float32 encoder in ONNX Runtime (CPU)
+PRECISIONS = ("fp32", "bf16", "fp16", "onnx")
+
+
+@dataclass(slots=True)
+class Hit:
+    """One ranked result. ``rank`` starts at 1; ``score`` is the inner product (cosine for unit vectors)."""
+
+    id: str
+    score: float
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (``dataclasses.asdict`` deep-copies; this does not)."""
+        return {"id": self.id, "score": self.score, "text": self.text, "title": self.title,
+                "metadata": self.metadata, "rank": self.rank}
+
+
+def check_retrieval_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS` (checked before any model loads)."""
+    return check_precision(precision, PRECISIONS)
+
+
+def check_k(k: Any, max_k: int) -> int:
+    """``k`` as an int in [1, max_k], else ValueError naming the value and the cap."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer between 1 and {max_k}, got {k!r}")
+    if not 1 <= k <= max_k:
+        raise ValueError(f"k must be between 1 and {max_k} (the cap), got {k}")
+    return int(k)
+
+
+def check_nprobe(nprobe: Any) -> int | None:
+    if nprobe is None:
+        return None
+    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= MAX_NPROBE:
+        raise ValueError(f"nprobe must be a positive integer (at most {MAX_NPROBE}) or None, got {nprobe!r}")
+    return int(nprobe)
+
+
+MAX_DEPTH = 100  # candidates per side of a hybrid search = k * depth
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """How a search ranks: ``mode`` dense | bm25 | hybrid; for hybrid the ``fusion`` (rrf | weighted), ``alpha``
+    (dense weight of weighted fusion), ``norm`` (minmax | zscore) and ``depth`` (candidates per side = k *
+    depth); ``filter``: a metadata filter (``index.filters``) or None; ``rescore``: re-score ``k * rescore``
+    dense candidates with the exact vectors (None: the index default, 0: off)."""
+
+    mode: str = "dense"
+    fusion: str = "rrf"
+    alpha: float = 0.5
+    norm: str = "minmax"
+    depth: int = QUERY_DEFAULTS["depth"]
+    filter: dict[str, Any] | None = None
+    rescore: int | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        """Hashable identity (the micro-batcher searches requests with equal keys together)."""
+        return (self.mode, self.fusion, self.alpha, self.norm, self.depth,
+                json.dumps(self.filter, sort_keys=True) if self.filter else None, self.rescore)
+
+
+def check_depth(depth: Any) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= MAX_DEPTH:
+        raise ValueError(f"depth must be an integer between 1 and {MAX_DEPTH}, got {depth!r}")
+    return int(depth)
+
+
+def query_dim(index: Any, tower_dim: int) -> int | None:
+    """The dim queries are truncated to for ``index`` (None: the tower's own), or ValueError for a mismatch.
+
+    An index built with ``--dim D`` (Matryoshka) records ``truncate_dim`` = D in its manifest; the query
+    vectors are then cut to D and re-normalised. Any other dim difference is a different model.
+    """
+    dim = int(index.dim)
+    truncate = (getattr(index, "manifest", None) or {}).get("truncate_dim")
+    if dim == tower_dim and not truncate:
+        return None
+    if truncate and int(truncate) == dim and dim < tower_dim:
+        return dim
+    if truncate and dim > tower_dim:
+        raise ValueError(f"index dim {dim} (--dim) is larger than the query tower's dim {tower_dim}: the towers "
+                         f"and the index belong to different models")
+    raise ValueError(f"query tower dim {tower_dim} != index dim {dim}"
+                     + (f" (truncated to {truncate})" if truncate else " and the index records no truncation (--dim)")
+                     + ": the towers and the index belong to different models")
+
+
+def check_queries(queries: str | Sequence[str]) -> list[str]:
+    """A str becomes a one-element list; every query must be a non-blank str."""
+    if isinstance(queries, str):
+        queries = [queries]
+    if not isinstance(queries, Sequence):
+        raise ValueError(f"queries must be a str or a list of str, got {type(queries).__name__}")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str):
+            raise ValueError(f"query {i} must be a str, got {type(q).__name__}")
+        if is_blank(q):
+            raise ValueError(f"query {i} is empty (no visible character)")
+        if not is_encodable(q):
+            raise ValueError(f"query {i} is not valid text: it holds a lone UTF-16 surrogate")
+    return list(queries)
+
+
+def is_encodable(text: str) -> bool:
+    """False for strings with lone surrogates (e.g. JSON ``"\\ud800"``), which the tokenizer cannot take."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+
+def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, precision: str,
+                     query_max_length: int | None = None) -> Any:
+    """The query tower of ``towers_dir`` (``meta``: its twotower.json) for query-time encoding: on ``device``,
+    at the inference query length (``query_max_length``, else twotower.json's ``inference_query_max_length``),
+    as an ONNX Runtime copy for ``precision`` onnx. The one place ``Retriever.load`` and the Ray router load it.
+    Only the query tower: the result tower is what built the index and is not needed here."""
+    check_retrieval_precision(precision)
+    check_device(device)
+    tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
+    tower = Tower.load(Path(towers_dir) / "query_tower").to(tower_device)
+    tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
+    if precision == "onnx":
+        if tower_device != "cpu":
+            raise ValueError(f"precision 'onnx' runs the query tower on the CPU; got device '{device}' "
+                             "(use --device cpu, or bf16/fp16 on a GPU)")
+        tower = onnx_copy(tower)
+    return tower
+
+
+class Retriever:
+    """Query tower + loaded INDEX. Thread-safe: call ``search`` from as many threads as you like.
+
+    Args:
+        index: a ``index.load.LoadedIndex``.
+        tower: the query ``towers.model.Tower`` (already on its device; wrapped in the
+            ``towers.inference.TowerEncoder`` every stage encodes through), or any encoder-protocol object
+            (``dim``, ``encode(texts, batch_size)``), used as is.
+        towers_meta: the TOWERS dir's ``twotower.json`` (reported by ``info``).
+        max_k: the cap on ``k``.
+        batch_size: encode batch size for long query lists.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast for the query tower; ``onnx`` for a tower made by
+            ``towers.onnx.onnx_copy`` (float32).
+    """
+
+    def __init__(self, index: Any, tower: Any, towers_meta: dict[str, Any] | None = None,
+                 max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32") -> None:
+        check_retrieval_precision(precision)
+        self.truncate_dim = query_dim(index, int(tower.dim))
+        self.index = index
+        if isinstance(tower, Tower):
+            autocast = "fp32" if precision == "onnx" else precision
+            self.encoder: Any = TowerEncoder(tower, str(tower.device), autocast)
+            self.tower = tower
+        else:
+            self.encoder = self.tower = tower
+        if self.truncate_dim:  # a Matryoshka index: queries are cut to its dim and re-normalised, as its docs were
+            self.encoder = TruncatedEncoder(self.encoder, self.truncate_dim)
+        self.towers_meta = towers_meta or {}
+        self.max_k = max_k
+        self.batch_size = batch_size
+        self.precision = precision
+        # A sharded index (retrieval.ray_serve) has no docs here: its shards return their hits themselves.
+        self.docs = DocTable(index.docs) if getattr(index, "docs", None) is not None else None
+        # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
+        # shared mutable state is the fast tokenizer's Rust-side truncation setting, which a concurrent
+        # change could hit ("Already borrowed"); this tower's tokenizer is private to the retriever and
+        # always called with the same settings, and this warm-up call sets them before any thread runs.
+        self.encode(["warm-up"])
+
+    @classmethod
+    def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
+             max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32",
+             query_max_length: int | None = None) -> Retriever:
+        """Load an INDEX dir and the query tower of its TOWERS dir.
+
+        Args:
+            index_dir: output of ``twotower index build``.
+            towers_dir: TOWERS dir; default: the one recorded in the index manifest.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (query tower and, where supported, the index).
+            max_k: the cap on ``k``.
+            batch_size: encode batch size.
+            precision: ``fp32``; ``bf16`` encodes several times faster on CPUs with AVX512-BF16/AMX and on
+                GPUs (cosine error ~2e-5 vs fp32); ``fp16`` for GPUs without bf16; ``onnx``: float32 results,
+                the query encoder in ONNX Runtime on the CPU (~1.5-1.8x torch fp32 there; extra ``.[onnx]``).
+            query_max_length: tokens per query; default the TOWERS dir's inference length
+                (``inference_query_max_length`` in twotower.json, as ``towers.inference.tower_encoder``).
+
+        Raises:
+            ValueError: the towers' fingerprint differs from the index's (vectors from another model),
+                or the index records no towers dir and none was given.
+        """
+        check_retrieval_precision(precision)  # a bad name fails before the load
+        check_device(device)
+        tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
+        # Towers first (a moved TOWERS dir is named before anything loads), then the index.
+        towers_dir = Path(towers_dir) if towers_dir is not None else recorded_towers_dir(index_dir,
+                                                                                          read_manifest(index_dir))
+        meta = read_towers_meta(towers_dir)
+        # The index picks its own GPU path under "auto" (faiss-gpu, torch exact search, or the CPU index).
+        index = load_index(index_dir, device="auto" if device == "auto" else tower_device.split(":")[0])
+        fingerprint = meta.get("fingerprint")
+        if not fingerprint:
+            raise ValueError(f"{towers_dir / 'twotower.json'} has no fingerprint: cannot check it matches "
+                             f"index '{index_dir}'")
+        index.check_fingerprint(fingerprint)
+        if meta.get("dim"):
+            query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
+        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length)
+        return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
+                   batch_size=batch_size, precision=precision)
+
+    def with_index(self, index: Any) -> Retriever:
+        """This retriever's query encoder (shared, not reloaded) over another version of its INDEX dir: what
+        ``serve`` swaps in when the dir changes. The caller checks the fingerprint."""
+        if query_dim(index, int(self.tower.dim)) != self.truncate_dim:
+            raise ValueError(f"index '{index.path}' has dim {index.dim} (truncated from "
+                             f"{index.manifest.get('towers_dim')}: {index.manifest.get('truncate_dim')}), the index "
+                             f"being served {self.dim}; restart the server for the new dim")
+        new = copy.copy(self)  # no warm-up encode: the shared tokenizer may be in use by the serving thread
+        new.index, new.docs = index, DocTable(index.docs)
+        return new
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.index.dim)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def info(self) -> dict[str, Any]:
+        """Index manifest + towers meta (no weights): what ``GET /info`` returns."""
+        return {"index": self.index.manifest, "towers": self.towers_meta, "max_k": self.max_k,
+                "device": str(getattr(self.encoder, "device", "cpu")), "precision": self.precision, "ntotal": self.ntotal,
+                "dim": self.dim}
+
+    # ---- query time -------------------------------------------------------------------------------
+    def encode(self, queries: str | Sequence[str]) -> np.ndarray:
+        """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
+        return self.encoder.encode(check_queries(queries), batch_size=self.batch_size)
+
+    def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
+                norm: str | None = None, depth: int | None = None, filter: dict[str, Any] | None = None,
+                rescore: int | None = None) -> QueryOptions:
+        """Checked :class:`QueryOptions`; every None comes from the manifest's ``query_defaults``.
+
+        Raises:
+            ValueError: a bad choice or number; ``index.filters.FilterError`` (a ValueError) for a filter on an
+                unknown field or with a bad operator (naming the field and the valid operators); a mode this
+                index cannot serve (no BM25 side); a rescore factor for an index that keeps no vectors.
+        """
+        d = {**QUERY_DEFAULTS, **(self.index.manifest.get("query_defaults") or {})}
+        opts = QueryOptions(mode=check_choice("mode", d["mode"] if mode is None else mode, MODES),
+                            fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
+                            alpha=check_alpha(d["alpha"] if alpha is None else alpha),
+                            norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
+                            depth=check_depth(d["depth"] if depth is None else depth), filter=filter or None,
+                            rescore=self.check_rescore(rescore))
+        if opts.mode != "dense":
+            _ = self.index.bm25  # raises when the index has no BM25 side
+        self.index.allowed(filter)  # raises on a bad filter
+        return opts
+
+    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None, mode: str | None = None,
+               fusion: str | None = None, alpha: float | None = None, norm: str | None = None,
+               depth: int | None = None, filter: dict[str, Any] | None = None,
+               rescore: int | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits per query (one encode + one faiss search for all of them).
+
+        Args:
+            queries: one query or a list; a str gives a one-element result list.
+            k: hits per query, 1..``max_k``.
+            nprobe: IVF lists to visit (None: the index default).
+            mode: ``dense`` (the towers), ``bm25`` (the index's BM25 side) or ``hybrid`` (both, fused); None: the
+                manifest's default (``index build --default-mode``, else dense).
+            fusion: hybrid only: ``rrf`` (reciprocal rank fusion, k=60) or ``weighted`` (``alpha * dense + (1 -
+                alpha) * bm25`` of per-query ``norm``-alised scores: ``minmax`` or ``zscore``).
+            depth: hybrid only: each side contributes its top ``k * depth`` candidates.
+            filter: metadata filter, e.g. ``{"package": "numpy"}``, ``{"lang": {"$in": ["py", "java"]}}``,
+                ``{"year": {"$gte": 2020}}`` (see ``index.filters``); both sides search only matching rows.
+            rescore: re-score ``k * rescore`` candidates with the exact vectors kept in the index dir (None:
+                the index default, 0: off).
+
+        Returns:
+            One list of ``Hit`` per query, best first (fewer than k when fewer docs match). ``score`` is the
+            cosine (dense), the BM25 score (bm25) or the fused score (hybrid).
+        """
+        k = check_k(k, self.max_k)
+        nprobe = check_nprobe(nprobe)
+        queries = check_queries(queries)
+        opts = self.options(mode, fusion, alpha, norm, depth, filter, rescore)
+        if not queries:
+            return []
+        xq = self.encode(queries) if opts.mode != "bm25" else None
+        return self.search_encoded(queries, xq, k, nprobe, opts)
+
+    def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
+                       opts: QueryOptions) -> list[list[Hit]]:
+        """Hits for checked ``queries`` whose vectors ``xq`` (nq, dim) are already encoded (None for bm25 mode):
+        the one search path of ``search`` and the micro-batcher."""
+        D, I = self.rank(queries, xq, k, nprobe, opts)
+        return self.hits_from(D, I)
+
+    def rank(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
+             opts: QueryOptions) -> tuple[np.ndarray, np.ndarray]:
+        """faiss-style ``(D, I)`` (nq, k) of a search under ``opts`` (see :meth:`search`)."""
+        allowed = self.index.allowed(opts.filter)
+        if opts.mode == "dense":
+            return self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed,
+                                     rescore=opts.rescore)
+        depth_k = min(k * opts.depth, max(self.ntotal, 1))
+        Db, Ib = self.index.bm25.search(queries, k if opts.mode == "bm25" else depth_k, allowed=allowed,
+                                        excluded=self.index.removed)
+        if opts.mode == "bm25":
+            return Db, Ib
+        Dd, Id = self.index.search(np.ascontiguousarray(xq), depth_k, nprobe=nprobe, allowed=allowed,
+                                   rescore=opts.rescore)
+        return fuse([(Dd, Id), (Db, Ib)], k, opts.fusion, [opts.alpha, 1.0 - opts.alpha], opts.norm)
+
+    def check_rescore(self, rescore: Any) -> int | None:
+        """``rescore`` as an int in [0, MAX_RESCORE] or None; > 0 needs an index that keeps its vectors."""
+        if rescore is None:
+            return None
+        if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or not 0 <= rescore <= MAX_RESCORE:
+            raise ValueError(f"rescore must be an integer between 0 and {MAX_RESCORE} or None, got {rescore!r}")
+        return self.index.check_rescore(int(rescore))
+
+    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
+                       filter: dict[str, Any] | None = None, rescore: int | None = None) -> list[list[Hit]]:
+        """Dense hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query; already truncated to
+        the index's dim for a Matryoshka index), optionally filtered and re-scored."""
+        k = check_k(k, self.max_k)
+        nprobe = check_nprobe(nprobe)
+        xq = np.asarray(xq, dtype=np.float32)
+        if xq.ndim == 1:
+            xq = xq[None, :]
+        if xq.ndim != 2 or xq.shape[1] != self.dim:
+            raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
+        if xq.shape[0] == 0:
+            return []
+        opts = QueryOptions(filter=filter or None, rescore=self.check_rescore(rescore))  # dense: no text needed
+        return self.search_encoded([], np.ascontiguousarray(xq), k, nprobe, opts)
+
+    def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
+        """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""
+        return hits_from(self.docs, D, I)
+
+
+def hits_from(docs: DocTable, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
+    """``Hit`` lists from faiss output (D float32 (nq, k), I int64 (nq, k) rows of ``docs``, -1 = none)."""
+    nq, k = I.shape
+    valid = I >= 0
+    if valid.all():  # every slot filled (the usual case): no masking, ranks repeat 1..k
+        rows, scores, ranks, counts = I.ravel(), D.ravel().tolist(), list(range(1, k + 1)) * nq, [k] * nq
+    else:
+        rows, scores = I[valid], D[valid].tolist()
+        ranks = np.cumsum(valid, axis=1)[valid].tolist()  # 1-based rank of each hit within its query
+        counts = valid.sum(1).tolist()
+    cols = docs.take(rows)  # one batched take for every hit of every query
+    # Metadata is stored as JSON text; the common empty case costs no parse (and a fresh dict per hit).
+    hits = [Hit(i, s, t, ti or "", {} if not m or m == "{}" else json.loads(m), r)
+            for i, s, t, ti, m, r in zip(cols["id"], scores, cols["text"], cols["title"], cols["metadata"], ranks)]
+    out: list[list[Hit]] = []
+    start = 0
+    for n in counts:
+        out.append(hits[start: start + n])
+        start += n
+    return out
