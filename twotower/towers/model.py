@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from twotower.common.atomic import atomic_dir
-from twotower.common.encoder import encode_batched, length_groups
+from twotower.common.encoder import length_groups
 from twotower.towers.bases import resolve_base
+from twotower.towers.feed import BatchFeed
 from twotower.towers.llm import append_eos, appends_eos, default_pooling, left_padded, position_ids
 from twotower.towers.lora import plain_encoder
 from twotower.towers.pooling import check_pooling, pool
@@ -153,8 +155,9 @@ class Tower(nn.Module):
     ) -> np.ndarray:
         """Encoder protocol: texts -> float32 (n, dim), input order kept.
 
-        All texts are tokenised in one fast-tokenizer call, then batched by *token* count (longest first),
-        so each batch is padded only to its own longest sequence.
+        A background thread tokenises the texts chunk by chunk, batches them by *token* count (longest first, so
+        each batch is padded only to its own longest sequence) and collates (pinned on CUDA) while the model runs
+        the previous batch (:class:`~twotower.towers.feed.BatchFeed`).
 
         Args:
             amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or None for full precision.
@@ -164,24 +167,25 @@ class Tower(nn.Module):
         was_training = self.training
         self.eval()
         device = self.device
-        ids = self.tokenizer(self.with_prompt(texts, prompt), truncation=True,
-                             max_length=max_length or self.max_length)["input_ids"]
-        pad_id = self.tokenizer.pad_token_id
+        length = max_length or self.max_length
 
-        def run(batch: list[list[int]]) -> np.ndarray:
-            width = max(len(x) for x in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(batch):  # right padding
-                input_ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = 1
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                return self(input_ids.to(device), mask.to(device)).float().cpu().numpy()
+        def tokenize(part: list[str]) -> list[list[int]]:
+            return self.tokenizer(self.with_prompt(part, prompt), truncation=True, max_length=length)["input_ids"]
 
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        feed = BatchFeed(tokenize, texts, batch_size, self.tokenizer.pad_token_id, pin=device.type == "cuda")
         try:
-            with torch.inference_mode():
-                return encode_batched(ids, run, self.dim, batch_size, show_progress, lengths=[len(x) for x in ids])
+            with torch.inference_mode(), tqdm(total=len(texts), desc="encode", unit="text", smoothing=0.1,
+                                              disable=not show_progress) as bar:
+                for rows, input_ids, mask in feed:
+                    input_ids = input_ids.to(device, non_blocking=True)
+                    mask = mask.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        out[rows] = self(input_ids, mask).float().cpu().numpy()
+                    bar.update(len(rows))
+            return out
         finally:
+            feed.close()
             self.train(was_training)
 
     # ---- persistence: plain HF dir + sentence-transformers module files -----------------------------
