@@ -27,7 +27,7 @@ from twotower.common.device import llm_autocast_dtype, precision_of, resolve_dev
 from twotower.common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
 from twotower.eval.answers import render as render_answers
 from twotower.eval.bench import run_bench
-from twotower.eval.config import LLM_QUERY_PROMPTS, PROFILES, SUITE_NAMES, BenchConfig, DemoConfig, Profile
+from twotower.eval.config import DEMO_SUITES, LLM_QUERY_PROMPTS, PROFILES, BenchConfig, DemoConfig, Profile
 from twotower.eval.report import format_table
 from twotower.eval.suites.build import build_suite
 from twotower.index.build import build_index
@@ -107,7 +107,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     Returns:
         ``{suite: bench results}``.
     """
-    suites = SUITE_NAMES if config.suite == "all" else (config.suite,)
+    suites = DEMO_SUITES if config.suite == "all" else (config.suite,)
     per_suite = {s: run_suite(dataclasses.replace(config, suite=s)) for s in suites}
     out = Path(config.workdir) / f"report-{config.suite}-{config.profile}"
     write_combined_report(per_suite, out)
