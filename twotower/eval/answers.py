@@ -97,8 +97,10 @@ def render(per_suite: Mapping[str, Mapping[str, Any]], llm: str = "smollm2") -> 
     """Markdown of the section: one table per comparison (a row per suite), then the domain-gap reading."""
     all_gains = {suite: gains(res, llm) for suite, res in per_suite.items()}
     lines = ["## What this answers", "",
-             ("Same test queries and corpus per suite; gains are absolute (after - before). "
-              "AUC = P(cos(query, relevant doc) > cos(query, random doc))."), ""]
+             ("Same test queries and corpus per suite; gains are absolute (after - before), with a 95% bootstrap "
+              "CI over the suite's queries; a CI that crosses 0 is no significant difference. "
+              "AUC = P(cos(query, relevant doc) > cos(query, random doc))."), "",
+             summary_table(all_gains), ""]
     for key, title in TITLES.items():
         lines += [f"### ({key}) {title}", "",
                   ("| suite | gap | before | after | recall@10 before -> after (gain) "
@@ -119,6 +121,19 @@ def render(per_suite: Mapping[str, Mapping[str, Any]], llm: str = "smollm2") -> 
     lines += ["", "### NL->code vs NL->NL", ""]
     lines += _gap_reading(all_gains)
     return "\n".join(lines) + "\n"
+
+
+def summary_table(all_gains: Mapping[str, Mapping[str, Any]], metric: str = "recall@10") -> str:
+    """The README's table: a row per comparison, a column per suite, ``before -> after (+gain, 95% CI)`` cells."""
+    suites = list(all_gains)
+    lines = [f"| comparison ({metric} before -> after) | "
+             + " | ".join(f"{s} ({SUITE_GAPS.get(s, '?')})" for s in suites) + " |",
+             "|---|" + "---:|" * len(suites)]
+    for key, title in TITLES.items():
+        cells = [f"no {' / '.join(g[key]['missing'])} row" if "missing" in g[key] else cell(g[key], metric)
+                 for g in all_gains.values()]
+        lines.append(f"| ({key}) {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cell(row: Mapping[str, Any], metric: str) -> str:
