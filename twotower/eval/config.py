@@ -41,6 +41,9 @@ class BenchConfig:
     hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
                              choices=["minmax", "zscore"])
     hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
+    reference: str = field("", "row every other row is compared against (paired difference of recall@10 and "
+                               "nDCG@10, 95%% bootstrap CI, randomization-test p); default: the best trained "
+                               "towers row, else the best row")
     n_random: int = field(10, "random docs per query for the similarity plot")
     seed: int = field(0, "seed for the query/corpus subsample and the random docs")
 
