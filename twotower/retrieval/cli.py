@@ -113,7 +113,8 @@ def run_search(args: argparse.Namespace) -> int:
     flt = parse_filter(config.filter) if config.filter is not None else None
     check_query_sides(config.index, config.mode, flt)
     retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size,
-                               precision=config.precision, query_max_length=config.query_max_length)
+                               precision=config.precision, query_max_length=config.query_max_length,
+                               allow_mixed_towers=config.allow_mixed_towers)
     results = retriever.search(queries, k=config.k, nprobe=config.nprobe, mode=config.mode, fusion=config.fusion,
                                alpha=config.alpha, norm=config.norm, depth=config.depth, filter=flt,
                                rescore=config.rescore)
@@ -148,7 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # Loaded here, before uvicorn starts, so a bad index or a fingerprint mismatch is one clean error line.
     retriever = Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                               precision=config.precision, query_max_length=config.query_max_length)
+                               precision=config.precision, query_max_length=config.query_max_length,
+                               allow_mixed_towers=config.allow_mixed_towers)
     print(f"twotower serve: {retriever.ntotal} docs, dim {retriever.dim}, on http://{config.host}:{config.port} "
           f"(docs at /docs)", file=sys.stderr)
     serve(config, retriever)
