@@ -129,7 +129,7 @@ def _run_rerank(system: Any, docs: list[str], queries: list[str], relevant: Sequ
     timings = {"encode_docs_s": t_docs, "encode_queries_s": t_queries, "docs_per_s": len(docs) / max(t_docs, 1e-9),
                "index_s": 0.0, "search_s": t_dense + t_rerank, "dense_search_s": t_dense, "rerank_s": t_rerank,
                "rerank_ms_per_query": 1000 * t_rerank / max(len(queries), 1), "reranked_per_query": system.n}
-    return {**_score(I, relevant, k_max), "config": system.config()[system.label], "timings": timings}
+    return {**score_run(I, relevant, k_max), "config": system.config()[system.label], "timings": timings}
 
 
 def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, show_progress: bool = True,
