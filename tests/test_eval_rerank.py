@@ -48,3 +48,25 @@ def test_a_reranker_that_does_not_fit_is_refused_before_load(tiny_towers, tiny_b
 
     with pytest.raises(ValueError, match="not a one-label cross-encoder"):
         build_systems(parse_systems(f"towers+rerank={tiny_towers}:{tiny_bert_dir}"))
+
+
+def test_demo_reranker_step_is_cached_or_retrained(tiny_towers, tiny_bert_dir, tmp_path, capsys) -> None:  # noqa: F811
+    import dataclasses
+    import json
+
+    from twotower.eval.demo import _pair_sample, _train_reranker
+    from twotower.towers.reranker_config import RerankerTrainConfig
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"about thing {i}"}) + "\n" for i in range(30)))
+    sample = _pair_sample(train, 12, tmp_path / "sample.jsonl")
+    rows = sample.read_text().splitlines()
+    assert len(rows) == 12 and len(set(rows)) == 12 and set(rows) <= set(train.read_text().splitlines())
+    assert _pair_sample(train, 12, tmp_path / "sample2.jsonl").read_text() == sample.read_text(), "seeded"
+    cfg = RerankerTrainConfig(pairs=str(sample), towers=str(tiny_towers), out=str(tmp_path / "rr"),
+                              base=str(tiny_bert_dir), dev="none", hard_negatives=2, relative_margin=None,
+                              max_steps=2, batch_size=4, max_length=32, device="cpu", progress=False)
+    assert _train_reranker(cfg, tmp_path / "rr") == "trained"
+    assert _train_reranker(cfg, tmp_path / "rr") == "cached"
+    assert _train_reranker(dataclasses.replace(cfg, lr=1e-3), tmp_path / "rr") == "trained"
+    assert json.loads((tmp_path / "rr" / "reranker.json").read_text())["train_config"]["lr"] == 1e-3
