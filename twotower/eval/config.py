@@ -41,6 +41,9 @@ class BenchConfig:
     hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
                              choices=["minmax", "zscore"])
     hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
+    reference: str = field("", "row every other row is compared against (paired difference of recall@10 and "
+                               "nDCG@10, 95%% bootstrap CI, randomization-test p); default: the best trained "
+                               "towers row, else the best row")
     n_random: int = field(10, "random docs per query for the similarity plot")
     seed: int = field(0, "seed for the query/corpus subsample and the random docs")
 
@@ -63,11 +66,15 @@ class BenchConfig:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
 
 
-SUITE_NAMES = ("codesearch-py", "nq")
+SUITE_NAMES = ("codesearch-py", "nq", "wiki")
+# What `--suite all` runs: one suite per regime (NL->code, NL->NL) that builds from files PyPI serves. nq is left
+# out: its sdist is no longer served, it builds only from a copy the user supplies (`--suite nq`).
+DEMO_SUITES = ("codesearch-py", "wiki")
 # e5-mistral-style instructions of the demo's SmolLM2 towers, one per suite (the towers keep them in twotower.json).
 LLM_QUERY_PROMPTS = {
     "codesearch-py": "Instruct: Given a docstring, retrieve the Python function\nQuery: ",
     "nq": "Instruct: Given a question, retrieve Wikipedia passages that answer it\nQuery: ",
+    "wiki": "Instruct: Given a short description of a topic, retrieve the encyclopedia article it describes\nQuery: ",
 }
 
 

