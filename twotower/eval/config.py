@@ -101,15 +101,26 @@ class Profile:
     # 15: MiniLM towers trained at 32/64 lost to MiniLM when also used at 32/64, and beat it at 64/256).
     inference_query_max_length: int = 64
     inference_doc_max_length: int = 256
+    # Cross-encoder reranker (``twotower train-reranker``) on a seeded sample of the train pairs, negatives mined by
+    # the MiniLM towers; the towers-minilm+rerank row reorders their top rerank_n. 0 steps = no such row.
+    rerank_steps: int = 0
+    rerank_pairs: int | None = None  # train pairs sampled for it (None = all)
+    rerank_batch_size: int = 16
+    rerank_lr: float = 2e-5
+    rerank_negatives: int = 5
+    rerank_n: int = 20
+    rerank_dev: int | None = 100  # dev pairs whose towers' top rerank_n are reranked at each evaluation
 
 
 PROFILES: dict[str, Profile] = {
     "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
                          temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
-                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48),
+                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48,
+                         rerank_steps=80, rerank_pairs=800, rerank_batch_size=8, rerank_lr=1e-4, rerank_negatives=3),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
                     temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,
-                    llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80),
+                    llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80,
+                    rerank_steps=1000, rerank_pairs=None, rerank_batch_size=16, rerank_lr=2e-5, rerank_negatives=5),
 }
 
 
@@ -128,6 +139,8 @@ class DemoConfig:
     llm_towers: bool = field(True, "also fine-tune the raw LLM as two towers on the same pairs (the "
                                    "towers-smollm2 row): the same model before and after contrastive training")
     llm_max_steps: int | None = field(None, "override the profile's LLM towers training steps")
+    rerank: bool = field(True, "also train a cross-encoder reranker on the pairs (negatives mined by the MiniLM "
+                               "towers) and bench the towers-minilm+rerank row (their top 20 reordered)")
     llm_precision: str = field("auto", "decoder-LLM encoding and training precision: auto (bf16 where the "
                                        "hardware has it), fp32, bf16", choices=LLM_PRECISIONS)
 
