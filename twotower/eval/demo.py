@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from twotower.common.atomic import atomic_dir, write_bytes_atomic
-from twotower.common.device import llm_autocast_dtype, precision_of, resolve_device
+from twotower.common.device import autocast_dtype, precision_of, resolve_device
 from twotower.common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
 from twotower.eval.answers import render as render_answers
 from twotower.eval.bench import run_bench
@@ -123,7 +123,7 @@ def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, dev
 def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: Path, device: str) -> TrainConfig:
     """SmolLM2 towers on the suite's train pairs: same pairs, temperature and doc length as the MiniLM towers;
     the LLM's own steps, lr and query budget (its instruction prompt comes out of it); bf16 where native."""
-    amp = precision_of(llm_autocast_dtype(config.llm_precision, device)).replace("fp32", "none")  # --amp's names
+    amp = precision_of(autocast_dtype(config.llm_precision, device, decoder=True)).replace("fp32", "none")  # --amp's names
     return TrainConfig(
         pairs=str(suite_dir / "train.jsonl"), out=str(out), base=config.raw_llm,
         max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,

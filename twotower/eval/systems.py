@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower.common.device import llm_autocast_dtype, precision_of
+from twotower.common.device import autocast_dtype, precision_of
 from twotower.eval.bm25 import BM25Retriever
 from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
 from twotower.eval.rerank import RerankSystem, parse_rerank_value
@@ -128,7 +128,7 @@ class TowersSystem:
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
         decoder = is_decoder_dir(self.path / "result_tower")
-        self.precision = precision_of(llm_autocast_dtype(llm_precision, device)) if decoder else "auto"
+        self.precision = precision_of(autocast_dtype(llm_precision, device, decoder=True)) if decoder else "auto"
         self._model: Any = None
 
     @property
