@@ -3,6 +3,8 @@ benchmark against the baselines, and say what the results answer.
 
 Per suite: MiniLM towers (``towers-minilm``) and SmolLM2 fine-tuned as two towers on the same pairs
 (``towers-smollm2``: EOS + last-token pooling, an e5-style query instruction, bf16 where the hardware has it),
+a static query tower trained against the MiniLM result tower, frozen (``towers-static-query``: near-free
+query encoding; docs/static.md),
 next to the raw SmolLM2 rows, the untrained MiniLM and BM25. ``--suite all`` runs every suite and writes one
 combined report whose section "What this answers" (``eval.answers``) reads the gains off the tables.
 
@@ -214,7 +216,10 @@ def run_suite(config: DemoConfig) -> dict[str, Any]:
              llm_dir)
         systems.append(f"towers:towers-{llm_name}={llm_dir}")
     step("index", _build_index, towers_dir, Path(suite_dir) / "corpus.jsonl", work / "index", 64, device)
-    systems += ["minilm", f"towers:towers-minilm={towers_dir}", "bm25"]
+    static_dir = work / "towers-static-query"  # a static query tower against the MiniLM result tower, frozen
+    step("train-static-query", _train_towers, dataclasses.replace(
+        train_cfg, out=str(static_dir), query_tower="static", result_tower_from=str(towers_dir)), static_dir)
+    systems += ["minilm", f"towers:towers-minilm={towers_dir}", f"towers:towers-static-query={static_dir}", "bm25"]
     if config.rerank and prof.rerank_steps:
         reranker_dir = work / "reranker"
         rr_cfg = RerankerTrainConfig(
