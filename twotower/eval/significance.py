@@ -121,12 +121,23 @@ def diff_of_gains(d1: np.ndarray, d2: np.ndarray, n_resamples: int = N_RESAMPLES
 
 
 def verdict(stat: Mapping[str, float]) -> str:
-    """``"better"``, ``"worse"`` or ``"no significant difference"``: only a CI that excludes 0 is a difference."""
+    """``"better"``, ``"worse"`` or ``"no significant difference"``. A difference counts only when its CI excludes 0
+    and, where the stat has one, the randomization test agrees (p < 1 - level): on few queries the percentile
+    bootstrap can exclude 0 where the exact test does not, and a difference inside the noise is never a win."""
+    level = stat.get("level", LEVEL)
+    if "p_value" in stat and stat["p_value"] >= 1 - level:
+        return "no significant difference"
     if stat["ci_low"] > 0:
         return "better"
     if stat["ci_high"] < 0:
         return "worse"
     return "no significant difference"
+
+
+def why_not(stat: Mapping[str, float]) -> str:
+    """Why a difference is not significant: ``the CI crosses 0`` or ``p >= 0.05``."""
+    return "the CI crosses 0" if stat["ci_low"] <= 0 <= stat["ci_high"] else \
+        f"p >= {1 - stat.get('level', LEVEL):.2f}"
 
 
 def format_diff(stat: Mapping[str, float]) -> str:
