@@ -28,7 +28,7 @@ from twotower.eval.significance import CI_METRICS, diff_of_gains, format_diff, f
 
 METRICS = CI_METRICS
 # What each suite's query -> result gap is.
-SUITE_GAPS = {"codesearch-py": "NL->code", "nq": "NL->NL"}
+SUITE_GAPS = {"codesearch-py": "NL->code", "nq": "NL->NL", "wiki": "NL->NL"}
 
 
 def _rows(results: Mapping[str, Any], kind: str, base: str | None = None) -> list[str]:

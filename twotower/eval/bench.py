@@ -107,6 +107,31 @@ def _run_hybrid(system: Any, docs: list[str], queries: list[str], relevant: Sequ
     return out
 
 
+def _run_rerank(system: Any, docs: list[str], queries: list[str], relevant: Sequence[dict[int, int]], k_max: int,
+                batch_size: int, encoded: dict[Any, Any], show_progress: bool) -> dict[str, Any]:
+    """The row of a towers+rerank system: the towers' exact top ``max(k_max, N)``, its first N reranked."""
+    if system.dense_key in encoded:
+        xb, xq, t_docs, t_queries = encoded[system.dense_key]
+    else:
+        t0 = time.perf_counter()
+        xb = system.encode_docs(docs, batch_size, show_progress)[system.label]
+        t_docs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        xq = system.encode_queries(queries, batch_size, show_progress)[system.label]
+        t_queries = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, I = search(build_faiss(xb, "Flat"), xq, min(max(k_max, system.n), len(docs)))
+    t_dense = time.perf_counter() - t0
+    I, t_rerank = system.rerank_ids(queries, docs, I, batch_size, show_progress)
+    I = I[:, :k_max]
+    if I.shape[1] < k_max:  # tiny corpora: pad like faiss does
+        I = np.pad(I, ((0, 0), (0, k_max - I.shape[1])), constant_values=-1)
+    timings = {"encode_docs_s": t_docs, "encode_queries_s": t_queries, "docs_per_s": len(docs) / max(t_docs, 1e-9),
+               "index_s": 0.0, "search_s": t_dense + t_rerank, "dense_search_s": t_dense, "rerank_s": t_rerank,
+               "rerank_ms_per_query": 1000 * t_rerank / max(len(queries), 1), "reranked_per_query": system.n}
+    return {**score_run(I, relevant, k_max), "config": system.config()[system.label], "timings": timings}
+
+
 def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, show_progress: bool = True,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Benchmark the systems of ``config`` on its suite and write the report dir ``config.out``.
@@ -122,7 +147,8 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     """
     c = config
     specs = list(specs) if specs is not None else parse_systems(c.systems)
-    check_out_dir(c.out, ("report",), verb="bench", inputs={"--suite": c.suite, "--systems": [s.value for s in specs]})
+    check_out_dir(c.out, ("report",), verb="bench",
+                  inputs={"--suite": c.suite, "--systems": [v for s in specs for v in (s.value, s.reranker)]})
     device = str(resolve_device(c.device))
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
     built = build_systems(specs, device, c.query_max_length, c.doc_max_length,
@@ -133,7 +159,7 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     if c.reference and c.reference not in row_names:
         raise ValueError(f"--reference '{c.reference}' is not a row of this bench: choose {', '.join(row_names)}")
     # Vectors a hybrid system shares with a plain towers/minilm system are encoded once (kept only when needed).
-    wanted = {s.dense_key for s in built if getattr(s, "hybrid", False)}
+    wanted = {s.dense_key for s in built if getattr(s, "hybrid", False) or getattr(s, "rerank", False)}
     encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float, float]] = {}
     bm25_runs: dict[int, tuple[np.ndarray, float, float]] = {}  # BM25 rankings by depth: one index per bench
     full = load_beir(c.suite)
@@ -156,6 +182,10 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
             rows[system.label] = {**score_run(I, relevant, k_max), "config": configs[system.label],
                                   "timings": {"index_s": t_index, "search_s": t_search,
                                               "docs_per_s": len(docs) / max(t_index, 1e-9)}}
+            continue
+        if getattr(system, "rerank", False):
+            rows[system.label] = _run_rerank(system, docs, queries, relevant, k_max, batch_size, encoded,
+                                             show_progress)
             continue
         if getattr(system, "hybrid", False):
             rows.update(_run_hybrid(system, docs, queries, relevant, k_max, batch_size, encoded, bm25_runs,
