@@ -113,6 +113,11 @@ class TrainConfig:
                                    "5%% of the positive's score); they replace the pairs' negatives; 0 = off")
     hard_negatives_rounds: int = field(1, "with --hard-negatives: mining rounds of --max-steps (or --epochs) "
                                           "each; 2 re-mines with the first round's towers and trains on")
+    teacher: str = field("", "RERANKER dir (twotower train-reranker) to distil from: adds a margin-MSE term "
+                             "(Hofstatter et al. 2020) matching (q.p - q.n) / temperature to the reranker's "
+                             "logit margin over each hard negative; needs --hard-negatives N or a negatives "
+                             "column; empty = off")
+    teacher_weight: float = field(1.0, "weight of the --teacher margin-MSE term next to InfoNCE")
     # Optimisation
     max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
     epochs: int = field(1, "passes over the pairs when --max-steps is 0")
@@ -174,7 +179,7 @@ class TrainConfig:
         check_required(self)
         check_device(self.device)
         positive = ("batch_size", "lr", "temperature", "log_every", "eval_batch_size", "temperature_lr",
-                    "hard_negatives_rounds")
+                    "hard_negatives_rounds", "teacher_weight")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
