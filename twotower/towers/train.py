@@ -58,6 +58,7 @@ from twotower.towers.loss import Temperature, contrastive_loss, matryoshka_loss
 from twotower.towers.model import Tower, TwoTower
 from twotower.towers.negatives import load_mined, mine_for_training, mined_path, mined_stats, save_mined
 from twotower.towers.pooling import check_pooling
+from twotower.towers.recipe import DECODER, describe_recipe, resolve_recipe
 from twotower.towers.reranker import Reranker, check_reranker_dir
 from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 from twotower.towers.static import StaticTower
@@ -404,6 +405,7 @@ class RunState:
     teacher_scores: Scores | None = None  # its scores of the current negatives ...
     teacher_negatives: list[list[str]] | None = None  # ... which are these
     stopped: str = ""  # why the run stopped early, or ""
+    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe in force (towers.recipe), for twotower.json
     log: TrainLog = field(init=False)  # opened by _setup at the step the run continues from
 
 
@@ -471,7 +473,6 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     """Read and check the data, build the model and optimizer, restore ``--resume``'s checkpoint: the run's
     state before its first step. Every check runs before the model loads."""
     cols = (config.query_column, config.positive_column, config.negatives_column)
-    amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
     pairs, dev = _split(config, pairs, env)
     queries, positives = list(pairs["query"]), list(pairs["positive"])
@@ -486,6 +487,10 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     total = per_round * rounds
     out = Path(config.out)
     _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
+    config, recipe = resolve_recipe(config, resolve_base(config.base), device)  # unset options: the base's recipe
+    amp_dtype = autocast_dtype(config.amp, device, decoder=recipe["recipe"] == DECODER.name)
+    if env.is_main:
+        print(f"twotower train: {describe_recipe(config.base, recipe)}", file=sys.stderr)
     config, measured = resolve_lengths(config, queries, positives)  # the resolved lengths are the run's
     if env.is_main:
         for side in ("query", "result"):
@@ -504,7 +509,7 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     forward: nn.Module = TowerForward(model, amp_dtype)
     run = RunState(config, env, device, amp_dtype, out, queries, positives, negatives, dev, fingerprint, measured,
-                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward)
+                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward, recipe=recipe)
     if resume_from is not None:
         _resume(run, resume_from)
     if env.enabled:  # BERT's pooler is computed but unused: DDP must then look for unused parameters
@@ -668,7 +673,7 @@ def _finish(run: RunState) -> TwoTower:
     model.train_config = {**config.to_dict(), "steps": run.step, "final_temperature": float(run.temp().detach()),
                           "data_fingerprint": run.fingerprint, "dev_recall@10": recall,
                           "world_size": run.env.world_size, "lengths_measured": run.measured,
-                          "hard_negatives_mined": mined, **summary}
+                          "hard_negatives_mined": mined, "recipe": run.recipe, **summary}
     merge_lora(model)  # the TOWERS dir and the returned model hold plain (merged) weights
     model.eval()
     run_collectively(lambda: publish_towers(model, run.out), main_only=True)
