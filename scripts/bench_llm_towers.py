@@ -15,7 +15,7 @@ from a neighbour hits them alike:
 Also the cosine between fp32 and bf16 vectors (what bf16 costs in accuracy). Quote ``uptime`` with the figures:
 the machine is shared.
 
-    python scripts/bench_llm_towers.py --base smollm2 --steps 3 --batch-size 32
+    python -m scripts.bench_llm_towers --base smollm2 --steps 3 --batch-size 32
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import codesearch_dir, emit, median, print_table, take_turns
+from scripts.bench_common import codesearch_dir, emit, median, print_table, take_turns
 
 TRAIN_VARIANTS = ("fp32", "bf16", "bf16+ckpt", "bf16+gc8", "bf16+lora16")
 

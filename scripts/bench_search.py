@@ -16,7 +16,7 @@ and ``hits_from`` (doc rows + Hit objects). ``Retriever.search`` end to end (que
 query tower on codesearch-py queries, same pairing) vs sentence-transformers ``encode`` + raw faiss is
 printed for context: the encoder dominates.
 
-    python scripts/bench_search.py --n 100000 --batches 1,32,256 --device cpu
+    python -m scripts.bench_search --n 100000 --batches 1,32,256 --device cpu
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_common import (
+
+from scripts.bench_common import (
     add_base_arg,
     check_device,
     codesearch_dir,

@@ -15,7 +15,7 @@ with one Transformer per side). Same loss (scale 20 = temperature 0.05), AdamW, 
 gradient clipping. The mean loss of the timed steps of each system is printed as a sanity check (same
 batches and weights; dropout draws differ).
 
-    python scripts/bench_train.py --steps 10 --batch-size 32 --device cpu
+    python -m scripts.bench_train --steps 10 --batch-size 32 --device cpu
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # both loops' progress bars; the table says what happened
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import add_base_arg, check_device, codesearch_dir, comma_choices, emit, print_table  # noqa: E402
+from scripts.bench_common import add_base_arg, check_device, codesearch_dir, comma_choices, emit, print_table
 
 SYSTEMS = ("st-fp32", "st-bf16", "twotower-fp32", "twotower-bf16")
 

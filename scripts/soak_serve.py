@@ -17,9 +17,9 @@ the end of the first thousand requests and the end of the last thousand; with --
 add/remove succeeded and the server ends up serving the index's last generation. Prints a summary and one
 JSON line.
 
-    python scripts/soak_serve.py                      # MiniLM towers, 2000 docs, 10k requests, 16 clients
-    python scripts/soak_serve.py --base tiny --requests 2000
-    python scripts/soak_serve.py --mutate-every 5     # the same, with an add or a remove every 5 s
+    python -m scripts.soak_serve                      # MiniLM towers, 2000 docs, 10k requests, 16 clients
+    python -m scripts.soak_serve --base tiny --requests 2000
+    python -m scripts.soak_serve --mutate-every 5     # the same, with an add or a remove every 5 s
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -41,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_serve import start_server, synthetic_texts, vocabulary  # noqa: E402  (also sets OMP passive waits)
+from scripts.bench_common import command_line, machine, versions
+from scripts.bench_serve import start_server, synthetic_texts, vocabulary  # (also sets OMP passive waits)
 
 HOST = "127.0.0.1"  # loopback only: the soak never exposes a port to the network
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_K = 64, 2048, 1000  # the serve defaults (retrieval.config.ServeConfig)
@@ -408,13 +406,12 @@ def main() -> int:
         print("FAIL " + failure)
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    record = {"bench": "soak_serve", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-              "python": platform.python_version(), "base": args.base, "docs": args.docs, "factory": args.factory,
+    record = {"bench": "soak_serve", "machine": machine(), "versions": versions(), "base": args.base, "docs": args.docs, "factory": args.factory,
               "requests": args.requests, "concurrency": args.concurrency, "rss_growth": growth,
               "mutate_every": args.mutate_every,
               "checks": checks, **{k: v for k, v in result.items() if k != "failures"},
               "n_failures": len(result["failures"]), "loadavg_1min": round(os.getloadavg()[0], 2),
-              "command": " ".join(sys.argv)}
+              "command": command_line()}
     line = json.dumps(record)
     print(line)
     if args.json_out:

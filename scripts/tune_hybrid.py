@@ -7,7 +7,7 @@ is ranked once (exact dense search of the towers' vectors, the bm25s index of ``
 fusion setting is applied to the same two ranked lists (``index.hybrid.fuse``). Prints a table and one JSON
 line with the best setting per metric.
 
-    python scripts/tune_hybrid.py --towers TOWERS --pairs SUITE/dev.jsonl
+    python -m scripts.tune_hybrid --towers TOWERS --pairs SUITE/dev.jsonl
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
