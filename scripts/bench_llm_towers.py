@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from scripts.bench_common import codesearch_dir, emit, median, print_table, take_turns
+from twotower.common.jsonl import iter_json_rows
 
 TRAIN_VARIANTS = ("fp32", "bf16", "bf16+ckpt", "bf16+gc8", "bf16+lora16")
 
@@ -68,7 +68,7 @@ def main() -> None:
     )
 
     pairs_path = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
-    rows = [json.loads(line) for line in pairs_path.read_text(encoding="utf-8").splitlines()[:4096]]
+    rows = list(iter_json_rows(pairs_path, 4096))
     load_start = os.getloadavg()
     torch.manual_seed(0)
     model = TwoTower.from_base(args.base, query_max_length=args.query_max_length,

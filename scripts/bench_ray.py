@@ -27,6 +27,7 @@ from typing import Any
 
 from scripts.bench_common import machine, wait_for_health
 from scripts.bench_serve import bench_queries, drive, free_port, start_server
+from twotower.common.jsonl import iter_json_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # RAY_AUTH_MODE=disabled: Ray 2.5x+ token authentication would refuse the CLI's connection to the Ray this script
@@ -39,7 +40,7 @@ def make_corpus(src: Path, n: int, out: Path) -> Path:
     """The first ``n`` rows of ``src``, repeated with fresh ids when it has fewer."""
     if out.is_file() and sum(1 for _ in out.open()) == n:
         return out
-    rows = [json.loads(line) for line in src.open() if line.strip()]
+    rows = list(iter_json_rows(src))
     with out.open("w") as fh:
         for i in range(n):
             row = dict(rows[i % len(rows)])

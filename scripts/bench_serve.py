@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from scripts.bench_common import command_line, machine, versions, wait_for_health
+from twotower.common.jsonl import iter_json_rows
 from twotower.retrieval.cli import passive_openmp
 
 passive_openmp()  # before torch/faiss load, here and in the server subprocess (inherits the env)
@@ -66,12 +67,7 @@ def synthetic_texts(n: int, words: Sequence[str], lo: int, hi: int, seed: int) -
 def corpus_texts(corpus: str | None, n: int, words: Sequence[str], seed: int) -> list[str]:
     texts: list[str] = []
     if corpus:
-        with open(corpus, encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                texts.append(row["text"])
-                if len(texts) >= n:
-                    break
+        texts = [row["text"] for row in iter_json_rows(corpus, n)]
         texts = list(dict.fromkeys(texts))  # the precomputed-vector encoder keys on the text
     return texts + synthetic_texts(n - len(texts), words, 8, 30, seed) if len(texts) < n else texts
 

@@ -34,6 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # both loops' progress bars; the tab
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from scripts.bench_common import add_base_arg, check_device, codesearch_dir, comma_choices, emit, print_table
+from twotower.common.jsonl import iter_json_rows
 
 SYSTEMS = ("st-fp32", "st-bf16", "twotower-fp32", "twotower-bf16")
 
@@ -110,11 +111,8 @@ class StepClock:
 # ---- the systems --------------------------------------------------------------------------------------
 def subset_pairs(path: Path, n: int, out: Path) -> Path:
     """The first ``n`` rows of a pairs JSONL (query, positive), written to ``out``."""
-    with open(path, encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
-        for i, line in enumerate(src):
-            if i >= n:
-                break
-            row = json.loads(line)
+    with open(out, "w", encoding="utf-8") as dst:
+        for row in iter_json_rows(path, n):
             dst.write(json.dumps({"query": row["query"], "positive": row["positive"]}) + "\n")
     return out
 
@@ -165,7 +163,7 @@ def run_st(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, b
         query.max_seq_length, doc.max_seq_length = args.query_max_length, args.result_max_length
         router = Router.for_query_document(query_modules=list(query), document_modules=list(doc))
         model = SentenceTransformer(modules=[router], device=args.device)
-    rows = [json.loads(line) for line in open(pairs, encoding="utf-8")]
+    rows = list(iter_json_rows(pairs))
     train_ds = datasets.Dataset.from_dict({"query": [r["query"] for r in rows],
                                            "positive": [r["positive"] for r in rows]})
 

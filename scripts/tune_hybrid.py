@@ -30,14 +30,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="encode batch size")
     args = ap.parse_args()
 
-    from twotower.common.jsonl import iter_utf8_lines
+    from twotower.common.jsonl import iter_json_rows
     from twotower.common.metrics import evaluate
     from twotower.eval.bm25 import BM25Retriever
     from twotower.eval.systems import SystemSpec, TowersSystem
     from twotower.index.faiss_utils import build_faiss, search
     from twotower.index.hybrid import fuse
 
-    rows = [json.loads(line) for _, line in iter_utf8_lines(Path(args.pairs)) if line.strip()]
+    rows = list(iter_json_rows(Path(args.pairs)))
     docs: dict[str, int] = {}
     for r in rows:
         docs.setdefault(r["positive"], len(docs))
