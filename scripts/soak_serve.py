@@ -316,7 +316,7 @@ def build(root: Path, base: str, n_docs: int, factory: str, seed: int) -> tuple[
     return towers, Path(index), synthetic_texts(500, words, 2, 7, seed + 1)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="minilm", help="towers base: minilm, tiny (random 2-layer BERT) or an HF dir")
     ap.add_argument("--docs", type=int, default=2000, help="corpus size")
@@ -332,8 +332,12 @@ def main() -> int:
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     ap.add_argument("--mutate-every", type=float, default=0.0,
                     help="seconds between `twotower index add` / `index remove` runs on the served index (0 = none)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def run_soak(args: argparse.Namespace) -> tuple[dict[str, Any], bool, int | None]:
+    """Build towers and index, start the server, send the requests (and change the index under it with
+    --mutate-every); the soak's result, whether the server is still alive, and its last /health status."""
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="soak-serve-"))
     root.mkdir(parents=True, exist_ok=True)
     proc = None
@@ -374,6 +378,12 @@ def main() -> int:
         if not args.work:
             shutil.rmtree(root, ignore_errors=True)
 
+    return result, alive, health
+
+
+def check(result: dict[str, Any], alive: bool, health: int | None, args: argparse.Namespace
+          ) -> tuple[dict[str, bool], list[float], float | None]:
+    """The pass/fail checks, the server's RSS after each 1000 requests and its growth first to last."""
     rss = [b for _, b in result["rss_mb"] if b]
     growth = (rss[-1] - rss[0]) / rss[0] if len(rss) >= 2 else None
     checks = {
@@ -393,6 +403,11 @@ def main() -> int:
               f"{mutations['served_generation']}")
         for failed in mutations["failed"][:5]:
             print(f"FAIL {failed['op']}: rc {failed['rc']}: {failed['stderr']}")
+    return checks, rss, growth
+
+
+def print_report(result: dict[str, Any], checks: dict[str, bool], rss: list[float], growth: float | None,
+                 args: argparse.Namespace) -> None:
     valid = sum(v for k, c in result["by_kind"].items() for s, v in c.items() if s == "200" and k != "health")
     print(f"\n{result['answered']} requests ({valid} valid searches) from {args.concurrency} clients in "
           f"{result['seconds']} s: {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
@@ -406,7 +421,15 @@ def main() -> int:
         print("FAIL " + failure)
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    record = {"bench": "soak_serve", "machine": machine(), "versions": versions(), "base": args.base, "docs": args.docs, "factory": args.factory,
+
+
+def main() -> int:
+    args = parse_args()
+    result, alive, health = run_soak(args)
+    checks, rss, growth = check(result, alive, health, args)
+    print_report(result, checks, rss, growth, args)
+    record = {"bench": "soak_serve", "machine": machine(), "versions": versions(), "base": args.base,
+              "docs": args.docs, "factory": args.factory,
               "requests": args.requests, "concurrency": args.concurrency, "rss_growth": growth,
               "mutate_every": args.mutate_every,
               "checks": checks, **{k: v for k, v in result.items() if k != "failures"},
