@@ -16,6 +16,7 @@ from twotower.common.cliargs import run_verb
 VERBS: dict[str, str] = {
     "data": "twotower.eval.suites.cli:add_data_parser",
     "train": "twotower.towers.cli:add_train_parser",
+    "train-reranker": "twotower.towers.cli:add_train_reranker_parser",
     "index": "twotower.index.cli:add_index_parser",
     "mine": "twotower.index.cli:add_mine_parser",
     "search": "twotower.retrieval.cli:add_search_parser",

@@ -22,9 +22,11 @@ from typing import Any
 
 WORK_MARKER = ".twotower-work"  # in every encode work dir twotower creates
 DEMO_MARKER = ".twotower-demo"  # in every demo work dir
+RERANKER_KIND = "twotower-reranker"  # reranker.json's "kind" (towers.reranker.KIND)
 KINDS = {  # kind -> how messages name it (with its marker)
     "index": "an INDEX dir (manifest.json)",
     "towers": "a TOWERS dir (twotower.json)",
+    "reranker": "a RERANKER dir (reranker.json)",
     "run": "a training run (checkpoints/, train_log.jsonl)",
     "suite": "a suite built by `twotower data build` (checksums.json)",
     "report": "a REPORT dir (results.json, report.md)",
@@ -65,6 +67,8 @@ def artefact_kind(path: str | Path) -> str | None:
     if _has_keys(p / "twotower.json", "fingerprint") or (
             (p / "twotower.json").is_file() and (p / "query_tower").is_dir()):
         return "towers"
+    if _has_keys(p / "reranker.json", "kind") and _json(p / "reranker.json")["kind"] == RERANKER_KIND:
+        return "reranker"
     if _has_keys(p / "shard.json", "kind") and _json(p / "shard.json")["kind"] == "twotower-index-shard":
         return "shard"
     checksums = _json(p / "checksums.json")

@@ -17,6 +17,7 @@ from typing import Any
 
 from twotower.common.cliargs import add_dataclass_args, dataclass_from_args, run_verb
 from twotower.towers.config import TrainConfig
+from twotower.towers.reranker_config import RerankerTrainConfig
 
 NO_GAIN_EXIT = 3  # the towers were saved but did not beat the untrained base on dev
 _LAUNCHED = "TWOTOWER_TRAIN_LAUNCHED"  # set by `--nproc N` for its workers
@@ -45,6 +46,41 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+_RERANKER_EXAMPLE = """example:
+  twotower train-reranker --pairs train.jsonl --towers towers/ --out reranker/ --max-steps 500
+
+negatives: --hard-negatives per pair mined with --towers (`twotower mine`'s rules and margins);
+the RERANKER dir loads with sentence_transformers.CrossEncoder(dir)
+exit status: 0 trained (and better than the towers' order on dev), 2 bad input, 3 saved but no gain on dev
+"""
+
+
+def add_train_reranker_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train-reranker", help="train a cross-encoder reranker on (query, positive) pairs, negatives mined with "
+                               "the towers",
+        description="Train a cross-encoder (from MiniLM or a local encoder dir) on the pairs with hard negatives "
+                    "mined by TOWERS; dev: the towers' top-k reranked, nDCG@10 before -> after; writes a "
+                    "RERANKER dir in sentence-transformers CrossEncoder format.",
+        epilog=_RERANKER_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, RerankerTrainConfig)
+    parser.set_defaults(func=run_train_reranker)
+    return parser
+
+
+def run_train_reranker(args: argparse.Namespace) -> int:
+    config = dataclass_from_args(RerankerTrainConfig, args)
+    from twotower.towers.reranker_train import check_inputs, train_reranker
+
+    check_inputs(config)  # before the pairs or any model load
+    out, meta = train_reranker(config)
+    print(f"saved RERANKER dir to {out} (fingerprint {meta['fingerprint']}, max length {meta['max_length']})")
+    return verdict_exit({**meta, "no_gain_reasons": [
+        f"too few pairs: {meta['pairs_trained']} pairs trained (a cross-encoder usually needs thousands)",
+        f"too high a learning rate: --lr {config.lr:g}", "too few steps, or the towers' top-k already in order"]},
+        config.allow_no_gain, what="reranking", base="the towers' order")
+
+
 def run_train(args: argparse.Namespace) -> int:
     config = dataclass_from_args(TrainConfig, args)
     from twotower.towers.train import check_train_out, train
@@ -64,18 +100,21 @@ def run_train(args: argparse.Namespace) -> int:
     return 0 if os.environ.get(_LAUNCHED) else code
 
 
-def verdict_exit(meta: dict[str, Any], allow_no_gain: bool) -> int:
+def verdict_exit(meta: dict[str, Any], allow_no_gain: bool, what: str = "the towers",
+                 base: str = "the untrained base") -> int:
     """Print the verdict (the last line) and the reasons of a run without gain; the exit status: 3 when the
-    towers did not beat the base on dev and ``--allow-no-gain`` is not given, else 0."""
+    towers (or reranking) did not beat the base on dev and ``--allow-no-gain`` is not given, else 0."""
     if "verdict" not in meta:
-        print("no dev evaluation (--dev none, or too few pairs to hold out): no verdict on the gain over the base")
+        print(f"no dev evaluation (--dev none, or too few pairs to hold out): no verdict on the gain over {base}")
         return 0
     if meta.get("improved"):
         print(meta["verdict"])
         return 0
-    print("the towers did not beat the untrained base on dev; possible reasons:\n  "
+    print(f"{what} did not beat {base} on dev; possible reasons:\n  "
           + "\n  ".join(meta.get("no_gain_reasons") or []), file=sys.stderr)
-    print(f"{meta['verdict']}: no gain (twotower.json says \"improved\": false; the towers are saved"
+    saved = "reranker.json says \"improved\": false; the reranker is saved" if what == "reranking" else \
+        "twotower.json says \"improved\": false; the towers are saved"
+    print(f"{meta['verdict']}: no gain ({saved}"
           f"{'' if allow_no_gain else '; --allow-no-gain exits 0'})")
     return 0 if allow_no_gain else NO_GAIN_EXIT
 

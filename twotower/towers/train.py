@@ -57,7 +57,10 @@ from twotower.towers.loss import Temperature, contrastive_loss, matryoshka_loss
 from twotower.towers.model import Tower, TwoTower
 from twotower.towers.negatives import load_mined, mine_for_training, mined_path, mined_stats, save_mined
 from twotower.towers.pooling import check_pooling
+from twotower.towers.recipe import DECODER, describe_recipe, resolve_recipe
 from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
+from twotower.towers.static import StaticTower
+from twotower.towers.static_pair import build_static_pair, check_static_options
 
 __all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed",
            "forward_backward", "optimizer_step", "dev_recall"]
@@ -214,8 +217,11 @@ def _seed_all(seed: int) -> None:
 def _param_groups(model: TwoTower, temp: Temperature, config: TrainConfig) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not biases / norms), temperature in its own group."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() de-duplicates shared towers
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    static = {id(p) for p in model.query_tower.parameters()} if isinstance(model.query_tower, StaticTower) else set()
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2 and id(p) not in static], "weight_decay": 0.0}]
+    if static:  # a token table: its own (much larger) step, no decay pulling rare tokens to zero
+        groups.append({"params": [p for p in params if id(p) in static], "weight_decay": 0.0, "lr": config.static_lr})
     if config.learn_temperature:
         groups.append({"params": [temp.log_t], "weight_decay": 0.0, "lr": config.temperature_lr})
     return groups
@@ -234,7 +240,8 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
 def check_train_out(config: TrainConfig) -> None:
     """Refuse an ``--out`` that is not (or not yet) a TOWERS dir or training run of ours (``common.outputs``)."""
     check_out_dir(config.out, ("towers", "run"), verb="train",
-                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base})
+                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base,
+                          "--result-tower-from": config.result_tower_from})
 
 
 def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
@@ -254,6 +261,7 @@ def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
 def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
     base = resolve_base(config.base)
+    check_static_options(config)
     if config.pooling is not None:
         check_pooling(config.pooling)
     if config.matryoshka_dims:
@@ -377,6 +385,7 @@ class RunState:
     current_round: int = 0
     mined: list[dict[str, Any]] = field(default_factory=list)
     stopped: str = ""  # why the run stopped early, or ""
+    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe in force (towers.recipe), for twotower.json
     log: TrainLog = field(init=False)  # opened by _setup at the step the run continues from
 
 
@@ -397,12 +406,15 @@ def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: P
                  ) -> tuple[TwoTower, Temperature]:
     """The towers (LoRA, checkpointing) and the temperature, on ``device``, seeded alike on every rank."""
     _seed_all(config.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
-    model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
-                               config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
-                               result_prompt=config.result_prompt, eos=config.append_eos)
+    if config.query_tower == "static":  # distilled static query tower (towers.static_pair)
+        model = build_static_pair(config, str(device))
+    else:
+        model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
+                                   config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
+                                   result_prompt=config.result_prompt, eos=config.append_eos)
+        model.inference_max_lengths = {"query": config.inference_query_max_length,
+                                       "result": config.inference_result_max_length}
     model.train_config = config.to_dict()  # also tells a shared tower its result max length
-    model.inference_max_lengths = {"query": config.inference_query_max_length,
-                                   "result": config.inference_result_max_length}
     if config.lora_r:
         apply_lora(model, config.lora_r, config.lora_alpha or 2.0 * config.lora_r, config.lora_targets)
     run_collectively(lambda: dry_save(model, out, config.base), main_only=True)  # unsaveable: fail before step 1
@@ -413,7 +425,8 @@ def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: P
         torch.manual_seed(_rank_seed(config.seed, env.rank))  # independent dropout per rank
     if config.gradient_checkpointing:
         for tower in {model.query_tower, model.result_tower}:
-            _enable_checkpointing(tower.encoder)
+            if isinstance(tower, Tower) and any(p.requires_grad for p in tower.parameters()):  # not static/frozen
+                _enable_checkpointing(tower.encoder)
     return model, temp
 
 
@@ -440,7 +453,6 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     """Read and check the data, build the model and optimizer, restore ``--resume``'s checkpoint: the run's
     state before its first step. Every check runs before the model loads."""
     cols = (config.query_column, config.positive_column, config.negatives_column)
-    amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
     pairs, dev = _split(config, pairs, env)
     queries, positives = list(pairs["query"]), list(pairs["positive"])
@@ -452,6 +464,10 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     total = per_round * rounds
     out = Path(config.out)
     _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
+    config, recipe = resolve_recipe(config, resolve_base(config.base), device)  # unset options: the base's recipe
+    amp_dtype = autocast_dtype(config.amp, device, decoder=recipe["recipe"] == DECODER.name)
+    if env.is_main:
+        print(f"twotower train: {describe_recipe(config.base, recipe)}", file=sys.stderr)
     config, measured = resolve_lengths(config, queries, positives)  # the resolved lengths are the run's
     if env.is_main:
         for side in ("query", "result"):
@@ -470,7 +486,7 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     forward: nn.Module = TowerForward(model, amp_dtype)
     run = RunState(config, env, device, amp_dtype, out, queries, positives, negatives, dev, fingerprint, measured,
-                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward)
+                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward, recipe=recipe)
     if resume_from is not None:
         _resume(run, resume_from)
     if env.enabled:  # BERT's pooler is computed but unused: DDP must then look for unused parameters
@@ -621,7 +637,7 @@ def _finish(run: RunState) -> TwoTower:
     model.train_config = {**config.to_dict(), "steps": run.step, "final_temperature": float(run.temp().detach()),
                           "data_fingerprint": run.fingerprint, "dev_recall@10": recall,
                           "world_size": run.env.world_size, "lengths_measured": run.measured,
-                          "hard_negatives_mined": mined, **summary}
+                          "hard_negatives_mined": mined, "recipe": run.recipe, **summary}
     merge_lora(model)  # the TOWERS dir and the returned model hold plain (merged) weights
     model.eval()
     run_collectively(lambda: publish_towers(model, run.out), main_only=True)
