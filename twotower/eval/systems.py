@@ -10,6 +10,8 @@ Grammar (comma-separated, ``--systems`` may also repeat)::
     hybrid[:LABEL]=DIR[:rrf+weighted]     towers DIR fused with bm25 (``index.hybrid``): one row per fusion,
                                           LABEL-rrf and LABEL-weighted (default: both)
     hybrid-minilm[=rrf+weighted]          the untrained MiniLM fused with bm25, the same way
+    towers+rerank[:LABEL]=TOWERS:RERANKER[:N]  the towers' top N (20) reordered by a cross-encoder
+                                          (``twotower train-reranker``; ``eval.rerank``)
 
 Each system may carry a label (``NAME:LABEL[=VALUE]``); labels must be unique. A dense system returns
 ``{row: (n, d) float32}`` from ``encode_queries``/``encode_docs`` (raw-llm has one row per pooling);
@@ -28,13 +30,14 @@ from twotower.common.device import llm_autocast_dtype, precision_of
 from twotower.eval.bm25 import BM25Retriever
 from twotower.eval.config import BenchConfig
 from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
+from twotower.eval.rerank import RerankSystem, parse_rerank_value
 from twotower.index.query import FUSIONS, QueryOptions, check_choice
 from twotower.towers.bases import resolve_base
 from twotower.towers.inference import TowerEncoder, tower_encoder
 from twotower.towers.llm import is_decoder_dir
 from twotower.towers.model import Tower, TwoTower, read_towers_meta
 
-SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm")
+SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm", "towers+rerank")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class SystemSpec:
     label: str
     value: str | None = None
     poolings: tuple[str, ...] = field(default=())
+    reranker: str | None = None  # towers+rerank: the RERANKER dir ...
+    rerank: int = 0  # ... and how many of the towers' candidates it reorders
 
 
 def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
@@ -69,7 +74,11 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
         if eq and not value:
             raise ValueError(f"empty value in '{part}'")
         poolings: tuple[str, ...] = ()
-        if kind == "towers":
+        reranker, rerank = None, 0
+        if kind == "towers+rerank":
+            value, reranker, rerank = parse_rerank_value(part, value)
+            default_label = kind
+        elif kind == "towers":
             if value is None:
                 raise ValueError(f"'{part}': towers needs a directory, e.g. towers=runs/demo/towers")
             default_label = "towers"
@@ -97,7 +106,7 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
             if value is not None:
                 raise ValueError(f"'{part}': {kind} takes no value (write just '{kind}')")
             default_label = kind
-        out.append(SystemSpec(kind, label or default_label, value, poolings))
+        out.append(SystemSpec(kind, label or default_label, value, poolings, reranker, rerank))
     labels = [s.label for s in out]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
@@ -298,7 +307,7 @@ class HybridSystem:
         return out
 
 
-System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem
+System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem | RerankSystem
 
 
 def build_systems(specs: Sequence[SystemSpec], config: BenchConfig, device: str = "cpu") -> list[System]:
@@ -314,6 +323,11 @@ def build_systems(specs: Sequence[SystemSpec], config: BenchConfig, device: str 
     for spec in specs:
         if spec.kind == "towers":
             systems.append(TowersSystem(spec, device, llm_precision, towers_max_lengths))
+        elif spec.kind == "towers+rerank":
+            assert spec.reranker is not None, "parse_systems gives towers+rerank its reranker"
+            inner_towers = TowersSystem(SystemSpec("towers", spec.label, spec.value), device, llm_precision,
+                                        towers_max_lengths)
+            systems.append(RerankSystem(spec.label, inner_towers, spec.reranker, spec.rerank, device))
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":

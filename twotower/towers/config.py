@@ -23,6 +23,7 @@ SELECT_CHOICES = ("best", "last")
 MINE_RANGE_MAX, MINE_RELATIVE_MARGIN = 50, 0.05
 DEV_AUTO, DEV_NONE = "auto", "none"
 AUTO = "auto"  # a max length measured on the pairs (towers.lengths)
+TOWER_KINDS = ("transformer", "static")  # towers.static.TOWER_KINDS (not imported: keeps --help free of torch)
 
 
 def parse_length(text: str) -> int | str:
@@ -70,6 +71,16 @@ class TrainConfig:
     negatives_per_query: int = field(1, "hard negatives used per query per step (cycled through each row's list "
                                         "epoch by epoch); 0 ignores the column")
     # Model
+    query_tower: str = field("transformer", "kind of query tower: transformer (the base, fine-tuned) or static (a "
+                                            "token table + mean pooling distilled from the base's query tower with "
+                                            "model2vec, then trained against the result tower: near-free query "
+                                            "encoding on CPU; see docs/static.md)", choices=TOWER_KINDS)
+    result_tower_from: str | None = field(None, "with --query-tower static: take the result tower from this "
+                                                "TOWERS dir, frozen (its index stays valid), and distil the static "
+                                                "tower from its query tower; unset = both trained jointly from "
+                                                "--base")
+    static_lr: float = field(2e-3, "AdamW learning rate of a static query tower's table (a lookup table needs a "
+                                   "far larger step than a transformer's 2e-5; no weight decay on it)")
     shared: bool = field(False, "tie the query and result towers (one set of weights)")
     pooling: str | None = field(None, "pooling: mean, cls, last or max; unset = last for decoder LLMs, mean otherwise",
                                 choices=("mean", "cls", "last", "max"))
@@ -221,6 +232,22 @@ class TrainConfig:
             raise ValueError(f"--matryoshka-weights must be finite and >= 0, got {self.matryoshka_weights}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
+        self._check_query_tower()
+
+    def _check_query_tower(self) -> None:
+        """A static query tower's incompatible options, refused before anything loads."""
+        if self.query_tower not in TOWER_KINDS:
+            raise ValueError(f"unknown query tower '{self.query_tower}': choose {', '.join(TOWER_KINDS)}")
+        if not self.static_lr > 0:
+            raise ValueError(f"--static-lr must be > 0, got {self.static_lr}")
+        if self.query_tower != "static":
+            if self.result_tower_from:
+                raise ValueError("--result-tower-from needs --query-tower static")
+            return
+        for flag, on in (("--shared", self.shared), ("--lora-r", self.lora_r), ("--proj-dim", self.proj_dim)):
+            if on:
+                raise ValueError(f"--query-tower static cannot be combined with {flag}: a static tower is one "
+                                 "token table with no encoder, no adapters and no projection")
 
     def matryoshka(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         """(dims, weights) of the Matryoshka loss, or None when it is off."""

@@ -58,6 +58,8 @@ from twotower.towers.model import Tower, TwoTower
 from twotower.towers.negatives import load_mined, mine_for_training, mined_path, mined_stats, save_mined
 from twotower.towers.pooling import check_pooling
 from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
+from twotower.towers.static import StaticTower
+from twotower.towers.static_pair import build_static_pair, check_static_options
 
 __all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed",
            "forward_backward", "optimizer_step", "dev_recall"]
@@ -214,8 +216,11 @@ def _seed_all(seed: int) -> None:
 def _param_groups(model: TwoTower, temp: Temperature, config: TrainConfig) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not biases / norms), temperature in its own group."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() de-duplicates shared towers
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    static = {id(p) for p in model.query_tower.parameters()} if isinstance(model.query_tower, StaticTower) else set()
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2 and id(p) not in static], "weight_decay": 0.0}]
+    if static:  # a token table: its own (much larger) step, no decay pulling rare tokens to zero
+        groups.append({"params": [p for p in params if id(p) in static], "weight_decay": 0.0, "lr": config.static_lr})
     if config.learn_temperature:
         groups.append({"params": [temp.log_t], "weight_decay": 0.0, "lr": config.temperature_lr})
     return groups
@@ -234,7 +239,8 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
 def check_train_out(config: TrainConfig) -> None:
     """Refuse an ``--out`` that is not (or not yet) a TOWERS dir or training run of ours (``common.outputs``)."""
     check_out_dir(config.out, ("towers", "run"), verb="train",
-                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base})
+                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base,
+                          "--result-tower-from": config.result_tower_from})
 
 
 def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
@@ -254,6 +260,7 @@ def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
 def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
     base = resolve_base(config.base)
+    check_static_options(config)
     if config.pooling is not None:
         check_pooling(config.pooling)
     if config.matryoshka_dims:
@@ -397,12 +404,15 @@ def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: P
                  ) -> tuple[TwoTower, Temperature]:
     """The towers (LoRA, checkpointing) and the temperature, on ``device``, seeded alike on every rank."""
     _seed_all(config.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
-    model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
-                               config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
-                               result_prompt=config.result_prompt, eos=config.append_eos)
+    if config.query_tower == "static":  # distilled static query tower (towers.static_pair)
+        model = build_static_pair(config, str(device))
+    else:
+        model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
+                                   config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
+                                   result_prompt=config.result_prompt, eos=config.append_eos)
+        model.inference_max_lengths = {"query": config.inference_query_max_length,
+                                       "result": config.inference_result_max_length}
     model.train_config = config.to_dict()  # also tells a shared tower its result max length
-    model.inference_max_lengths = {"query": config.inference_query_max_length,
-                                   "result": config.inference_result_max_length}
     if config.lora_r:
         apply_lora(model, config.lora_r, config.lora_alpha or 2.0 * config.lora_r, config.lora_targets)
     run_collectively(lambda: dry_save(model, out, config.base), main_only=True)  # unsaveable: fail before step 1
@@ -413,7 +423,8 @@ def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: P
         torch.manual_seed(_rank_seed(config.seed, env.rank))  # independent dropout per rank
     if config.gradient_checkpointing:
         for tower in {model.query_tower, model.result_tower}:
-            _enable_checkpointing(tower.encoder)
+            if isinstance(tower, Tower) and any(p.requires_grad for p in tower.parameters()):  # not static/frozen
+                _enable_checkpointing(tower.encoder)
     return model, temp
 
 
