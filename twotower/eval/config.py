@@ -126,8 +126,9 @@ PROFILES: dict[str, Profile] = {
 class DemoConfig:
     """Options of ``twotower demo`` (the CLI is generated from these fields)."""
 
-    suite: str = field("codesearch-py", "suite to build and benchmark; all = every suite, plus one combined "
-                                        "report that says what the results answer", choices=[*SUITE_NAMES, "all"])
+    suite: str = field("all", "suite to build and benchmark; all = one per regime (codesearch-py: NL->code, wiki: "
+                              "NL->NL), plus one combined report that says what the results answer",
+                       choices=[*SUITE_NAMES, "all"])
     profile: str = field("cpu-small", "cpu-small (fits 20 min on 2 CPU cores) or full (whole suite, for a GPU)",
                          choices=list(PROFILES))
     workdir: str = field("runs/demo", "where the suite, towers, index and report go (one subdir per suite+profile)")

@@ -3,6 +3,8 @@ benchmark against the baselines, and say what the results answer.
 
 Per suite: MiniLM towers (``towers-minilm``) and SmolLM2 fine-tuned as two towers on the same pairs
 (``towers-smollm2``: EOS + last-token pooling, an e5-style query instruction, bf16 where the hardware has it),
+a static query tower trained against the MiniLM result tower, frozen (``towers-static-query``: near-free
+query encoding; docs/static.md),
 next to the raw SmolLM2 rows, the untrained MiniLM and BM25. ``--suite all`` runs every suite and writes one
 combined report whose section "What this answers" (``eval.answers``) reads the gains off the tables.
 
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from twotower.common.atomic import atomic_dir, write_bytes_atomic
-from twotower.common.device import llm_autocast_dtype, precision_of, resolve_device
+from twotower.common.device import autocast_dtype, precision_of, resolve_device
 from twotower.common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
 from twotower.eval.answers import render as render_answers
 from twotower.eval.bench import run_bench
@@ -121,7 +123,7 @@ def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, dev
 def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: Path, device: str) -> TrainConfig:
     """SmolLM2 towers on the suite's train pairs: same pairs, temperature and doc length as the MiniLM towers;
     the LLM's own steps, lr and query budget (its instruction prompt comes out of it); bf16 where native."""
-    amp = precision_of(llm_autocast_dtype(config.llm_precision, device)).replace("fp32", "none")  # --amp's names
+    amp = precision_of(autocast_dtype(config.llm_precision, device, decoder=True)).replace("fp32", "none")  # --amp's names
     return TrainConfig(
         pairs=str(suite_dir / "train.jsonl"), out=str(out), base=config.raw_llm,
         max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,
@@ -214,7 +216,10 @@ def run_suite(config: DemoConfig) -> dict[str, Any]:
              llm_dir)
         systems.append(f"towers:towers-{llm_name}={llm_dir}")
     step("index", _build_index, towers_dir, Path(suite_dir) / "corpus.jsonl", work / "index", 64, device)
-    systems += ["minilm", f"towers:towers-minilm={towers_dir}", "bm25"]
+    static_dir = work / "towers-static-query"  # a static query tower against the MiniLM result tower, frozen
+    step("train-static-query", _train_towers, dataclasses.replace(
+        train_cfg, out=str(static_dir), query_tower="static", result_tower_from=str(towers_dir)), static_dir)
+    systems += ["minilm", f"towers:towers-minilm={towers_dir}", f"towers:towers-static-query={static_dir}", "bm25"]
     if config.rerank and prof.rerank_steps:
         reranker_dir = work / "reranker"
         rr_cfg = RerankerTrainConfig(

@@ -19,6 +19,7 @@ import torch
 
 from twotower.common.atomic import atomic_dir
 from twotower.common.jsonl import dumps_strict
+from twotower.common.machine import cpu_model
 from twotower.common.metrics import REPORT_METRICS
 from twotower.eval.answers import comparisons
 from twotower.eval.significance import format_p, verdict
@@ -26,16 +27,6 @@ from twotower.eval.significance import format_p, verdict
 METRIC_COLUMNS = REPORT_METRICS
 PACKAGES = ("twotower", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "datasets", "numpy",
             "sentence-transformers", "bm25s", "tokenizers", "safetensors")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: platform's answer is the best there is
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -49,7 +40,7 @@ def environment(device: str) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "device": device, "gpu": gpu, "packages": versions,
     }

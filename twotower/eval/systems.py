@@ -2,7 +2,8 @@
 
 Grammar (comma-separated, ``--systems`` may also repeat)::
 
-    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs)
+    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs; the
+                                          query tower a transformer or a static table, docs/static.md)
     raw-llm[=MODEL[:POOL+POOL...]]        a decoder LLM used as is; MODEL = smollm2 (default), gemma3 or a
                                           causal-LM dir; POOL in last, mean, logits (default: all three)
     minilm                                the untrained sentence encoder the towers start from
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from twotower.common.device import llm_autocast_dtype, precision_of
+from twotower.common.device import autocast_dtype, precision_of
 from twotower.eval.bm25 import BM25Retriever
 from twotower.eval.config import BenchConfig
 from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
@@ -35,7 +36,7 @@ from twotower.index.query import FUSIONS, QueryOptions, check_choice
 from twotower.towers.bases import resolve_base
 from twotower.towers.inference import TowerEncoder, tower_encoder
 from twotower.towers.llm import is_decoder_dir
-from twotower.towers.model import Tower, TwoTower, read_towers_meta
+from twotower.towers.model import Tower, TwoTower, read_towers_meta, tower_kind
 
 SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm", "towers+rerank")
 
@@ -128,7 +129,7 @@ class TowersSystem:
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
         decoder = is_decoder_dir(self.path / "result_tower")
-        self.precision = precision_of(llm_autocast_dtype(llm_precision, device)) if decoder else "auto"
+        self.precision = precision_of(autocast_dtype(llm_precision, device, decoder=True)) if decoder else "auto"
         self._model: Any = None
 
     @property
@@ -160,7 +161,8 @@ class TowersSystem:
                              "train_query_max_length": m.get("query_max_length"),
                              "train_result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
                              "query_prompt": m.get("query_prompt"), "result_prompt": m.get("result_prompt"),
-                             "precision": self.precision, "train_config": m.get("train_config")}}
+                             "precision": self.precision, "train_config": m.get("train_config"),
+                             "tower_kinds": {side: tower_kind(m, side) for side in ("query", "result")}}}
 
     def _length(self, meta: dict[str, Any], side: str) -> int | None:
         """Tokens this system encodes ``side`` with: the override, the recorded inference length, or (TOWERS

@@ -22,6 +22,7 @@ SELECT_CHOICES = ("best", "last")
 # scoring above 95% of the positive's score (NV-Retriever's TopK-PercPos).
 MINE_RANGE_MAX, MINE_RELATIVE_MARGIN = 50, 0.05
 DEV_AUTO, DEV_NONE = "auto", "none"
+RECIPE_FIELDS = ("lr", "query_prompt")  # None = the base's recipe (towers.recipe fills them in)
 AUTO = "auto"  # a max length measured on the pairs (towers.lengths)
 TOWER_KINDS = ("transformer", "static")  # towers.static.TOWER_KINDS (not imported: keeps --help free of torch)
 
@@ -85,9 +86,11 @@ class TrainConfig:
     pooling: str | None = field(None, "pooling: mean, cls, last or max; unset = last for decoder LLMs, mean otherwise",
                                 choices=("mean", "cls", "last", "max"))
     proj_dim: int | None = field(None, "add a trained linear projection to this many dims; unset = none")
-    query_prompt: str = field("", "instruction prepended to every query, e5-style, e.g. 'Instruct: Given a "
-                                  "docstring, retrieve the Python function\\nQuery: ' (kept in the TOWERS dir and "
-                                  "applied wherever the towers encode; counts into --query-max-length)")
+    query_prompt: str | None = field(None, "instruction prepended to every query, e5-style, e.g. 'Instruct: Given a "
+                                           "docstring, retrieve the Python function\\nQuery: ' (kept in the TOWERS dir "
+                                           "and applied wherever the towers encode; counts into --query-max-length); "
+                                           "unset = the base's recipe: a generic instruction for a decoder LLM, none "
+                                           "for an encoder; '' = none")
     result_prompt: str = field("", "prompt prepended to every result text (as --query-prompt, for results)")
     append_eos: bool | None = field(None, "end every input with the tokenizer's EOS token (kept in the saved "
                                           "tokenizer); unset = on with last pooling, the decoder-LLM default")
@@ -113,13 +116,19 @@ class TrainConfig:
                                    "5%% of the positive's score); they replace the pairs' negatives; 0 = off")
     hard_negatives_rounds: int = field(1, "with --hard-negatives: mining rounds of --max-steps (or --epochs) "
                                           "each; 2 re-mines with the first round's towers and trains on")
+    teacher: str = field("", "RERANKER dir (twotower train-reranker) to distil from: adds a margin-MSE term "
+                             "(Hofstatter et al. 2020) matching (q.p - q.n) / temperature to the reranker's "
+                             "logit margin over each hard negative; needs --hard-negatives N or a negatives "
+                             "column; empty = off")
+    teacher_weight: float = field(1.0, "weight of the --teacher margin-MSE term next to InfoNCE")
     # Optimisation
     max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
     epochs: int = field(1, "passes over the pairs when --max-steps is 0")
     batch_size: int = field(32, "pairs per step over all processes (each of N encodes batch-size / N); every "
                                 "other pair's positive is an in-batch negative, so bigger batches give a harder "
                                 "task")
-    lr: float = field(2e-5, "peak AdamW learning rate (2e-5 is the sentence-transformers fine-tuning default)")
+    lr: float | None = field(None, "peak AdamW learning rate; unset = the base's recipe: 1e-4 for a decoder LLM (the "
+                                   "demo's SmolLM2 towers), 2e-5 for an encoder (sentence-transformers' default)")
     warmup_ratio: float = field(0.1, "fraction of steps with linear LR warm-up (then linear decay to 0)")
     weight_decay: float = field(0.01, "AdamW weight decay (not applied to biases, norms or the temperature)")
     max_grad_norm: float = field(1.0, "clip the gradient norm to this (0 = no clipping)")
@@ -137,7 +146,8 @@ class TrainConfig:
     seed: int = field(42, "seed of the data order, dropout and initialisation")
     # Machine
     device: str = field("auto", "auto (cuda when available), cpu, cuda or cuda:N", resume_ok=True)
-    amp: str = field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, none",
+    amp: str = field("auto", "mixed precision: auto (bf16 or fp16 on CUDA; on a CPU bf16 for a decoder LLM where "
+                             "the CPU has it natively, else none: the rule index/bench/demo follow), bf16, fp16, none",
                      choices=AMP_CHOICES)
     gradient_checkpointing: bool = field(False, "recompute activations in backward: less memory, ~30%% slower",
                                          resume_ok=True)
@@ -173,8 +183,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        positive = ("batch_size", "lr", "temperature", "log_every", "eval_batch_size", "temperature_lr",
-                    "hard_negatives_rounds")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        positive = ("batch_size", "temperature", "log_every", "eval_batch_size", "temperature_lr",
+                    "hard_negatives_rounds", "teacher_weight")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -268,6 +280,8 @@ class TrainConfig:
         out = []
         for f in dataclasses.fields(self):
             if f.metadata.get("resume_ok") or f.name not in saved:
+                continue
+            if getattr(self, f.name) is None and f.name in RECIPE_FIELDS:  # unset: the same base gives the same value
                 continue
             if saved[f.name] != getattr(self, f.name):
                 out.append(f"{f.name}: checkpoint has {saved[f.name]!r}, this run has {getattr(self, f.name)!r}")
