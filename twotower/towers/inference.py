@@ -43,7 +43,9 @@ class TowerEncoder:
         self.device = resolve_device(device)
         self.tower = tower.to(self.device).eval()
         self.precision = precision
-        self.amp_dtype = autocast_dtype(precision, self.device, decoder=is_decoder_config(tower.encoder.config.to_dict()))
+        encoder = getattr(tower, "encoder", None)  # a static tower has none (and nothing to autocast)
+        decoder = encoder is not None and is_decoder_config(encoder.config.to_dict())
+        self.amp_dtype = autocast_dtype(precision, self.device, decoder=decoder)
         self.max_length = max_length
         self.prompt = prompt
         self.dim = int(tower.dim)
