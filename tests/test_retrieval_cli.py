@@ -60,7 +60,7 @@ def test_queries_from_file_and_stdin(built, expected, capsys, tmp_path, monkeypa
     assert twotower_cli.main([*base, "--queries-file", str(qfile)]) == 0
     from_file = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["query"] for r in from_file] == QUERIES[:3]
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(QUERIES[3:]) + "\n"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(("\n".join(QUERIES[3:]) + "\n").encode())))
     assert twotower_cli.main([*base, "--queries-file", "-"]) == 0
     from_stdin = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     got = [[h["id"] for h in r["hits"]] for r in from_file + from_stdin]

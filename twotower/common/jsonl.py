@@ -7,6 +7,10 @@ byte order mark (Excel, Notepad) is dropped, and so is the CR of CRLF line ends 
 
 Everything twotower writes as JSON (files, ``--json`` lines, HTTP bodies) is RFC 8259 JSON: Python's
 ``json`` would write ``NaN``/``Infinity``, which strict parsers (browsers, ``jq``, Go, Java) refuse.
+
+Input is bounded: no line (and so no field) of a text file may be longer than :func:`max_line_bytes` (8 MiB, set
+with the ``TWOTOWER_MAX_LINE_BYTES`` environment variable). Lines are read in chunks of at most that many bytes,
+so a 50 MB line costs 8 MiB of memory and an error naming its line, not gigabytes.
 """
 from __future__ import annotations
 
@@ -14,11 +18,36 @@ import csv
 import gzip
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 BOM = "\ufeff"
+MAX_LINE_ENV = "TWOTOWER_MAX_LINE_BYTES"
+DEFAULT_MAX_LINE_BYTES = 8 << 20  # far above any real doc, query or pair row; far below what a runaway line costs
+
+
+def max_line_bytes() -> int:
+    """The most bytes one line (or one CSV record) of an input file may hold: ``TWOTOWER_MAX_LINE_BYTES`` when
+    set (a positive integer), else 8 MiB. The one limit on line and field size of every reader here."""
+    text = os.environ.get(MAX_LINE_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_LINE_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_LINE_ENV}={text!r} is not a positive whole number of bytes (default "
+                         f"{DEFAULT_MAX_LINE_BYTES})")
+    return value
+
+
+def _too_long(path: str | Path, lineno: int, limit: int, what: str = "line") -> ValueError:
+    """The error for a line (or CSV record) over the limit: one line naming the file, line and limit."""
+    return ValueError(f"{path}: line {lineno}: {what} longer than {limit} bytes, the limit on one line; split it, "
+                      f"or raise {MAX_LINE_ENV}")
 
 
 def parse_json_line(line: str, where: str) -> Any:
@@ -50,11 +79,33 @@ def iter_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     would say only 'position 123456' of some block)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as fh:
-        yield from _decode_lines(fh, path)
+        yield from iter_binary_lines(fh, path)
 
 
-def _decode_lines(fh: IO[bytes], path: str | Path) -> Iterator[tuple[int, str]]:
-    for lineno, raw in enumerate(fh, 1):
+def iter_json_rows(path: str | Path, limit: int | None = None) -> Iterator[Any]:
+    """The parsed rows of a JSON Lines file in order (blank lines skipped; only the first ``limit`` rows when
+    given), each through :func:`parse_json_line`: a broken row is a ValueError naming "FILE: line N"."""
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    for lineno, line in iter_utf8_lines(path):
+        if not line.strip():
+            continue
+        yield parse_json_line(line, f"{path}: line {lineno}")
+        count += 1
+        if limit is not None and count >= limit:
+            return
+
+
+def iter_binary_lines(fh: IO[bytes], path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each line of an open binary stream (a file, stdin), read in bounded
+    chunks (:func:`max_line_bytes`); a BOM opening the stream is dropped; ``path`` names it in errors."""
+    limit = max_line_bytes()
+    lineno = 0
+    while raw := fh.readline(limit + 1):  # bounded: never more than limit + 1 bytes in memory for one line
+        lineno += 1
+        if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+            raise _too_long(path, lineno, limit)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -77,15 +128,24 @@ def iter_csv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     naming the line."""
     lines = iter_utf8_lines(path)
     numbers: list[int] = []
+    limit = max_line_bytes()
+    pending, lines_in_record = [0], [0]  # bytes and lines read into the record being parsed: bounded by the limit
 
     def text() -> Iterator[str]:
         for n, line in lines:
             numbers.append(n)
+            lines_in_record[0] += 1
+            pending[0] += len(line)
+            if pending[0] > limit:
+                raise _too_long(path, numbers[-lines_in_record[0]], limit,
+                                f"CSV record (running on to line {n}: a quote left open?)")
             yield line[:-2] + "\n" if line.endswith("\r\n") else line  # CRLF -> LF, inside quoted cells too
 
     reader = csv.reader(text(), strict=True)
+    csv.field_size_limit(max(csv.field_size_limit(), limit))  # the record limit above is the one that applies
     while True:
         start = len(numbers) + 1
+        pending[0] = lines_in_record[0] = 0
         try:
             row = next(reader)
         except StopIteration:

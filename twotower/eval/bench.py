@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,10 +18,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from twotower.common.device import resolve_device
-from twotower.common.metrics import evaluate, recall_curve
+from twotower.common.metrics import metric_names, per_query, positive_mask, recall_curve
 from twotower.common.outputs import check_out_dir
 from twotower.eval.config import BenchConfig
 from twotower.eval.report import environment, similarity_summary, write_report
+from twotower.eval.significance import CI_METRICS, compare_to_reference
 from twotower.eval.suites.beir import load_beir
 from twotower.eval.systems import SystemSpec, build_systems, parse_systems
 from twotower.index.faiss_utils import build_faiss, search
@@ -44,8 +46,28 @@ def similarity_samples(xq: np.ndarray, xb: np.ndarray, relevant: Sequence[dict[i
     return {"relevant": np.concatenate(pos).astype(np.float32), "random": np.concatenate(neg).astype(np.float32)}
 
 
-def _score(I: np.ndarray, relevant: Sequence[dict[int, int]], k_max: int) -> dict[str, Any]:
-    return {"metrics": evaluate(I, relevant), "recall_curve": recall_curve(I, relevant, k_max).tolist()}
+def score_run(I: np.ndarray, relevant: Sequence[dict[int, int]], k_max: int) -> dict[str, Any]:
+    """One row's metrics from its ranked ids ``I`` (nq, k_max): the means of the report metrics whose cut-off
+    fits ``k_max`` (``common.metrics.metric_names``: ``--k-max 5`` reports no recall@100), the recall@k curve,
+    and ``per_query`` ({metric: (n_valid,) array}, queries with a relevant doc) for the confidence intervals."""
+    scores = per_query(I, relevant, metric_names(k_max))
+    return {"metrics": {m: float(v.mean()) for m, v in scores.items()},
+            "recall_curve": recall_curve(I, relevant, k_max).tolist(), "per_query": scores}
+
+
+def check_relevance(suite: Any, where: str) -> list[str]:
+    """Ids of the queries whose qrels hold no relevant doc (grade > 0), warned about in one line; a suite where
+    no query has one is refused (every metric would be 0 for nothing)."""
+    mask = positive_mask(suite.relevant_rows())
+    empty = [q for q, ok in zip(suite.query_ids, mask) if not ok]
+    if len(empty) == len(mask):
+        raise ValueError(f"{where}: no query has a relevant doc (every score <= 0): nothing to evaluate; "
+                         f"relevant docs need a score > 0")
+    if empty:
+        shown = ", ".join(empty[:10]) + (f", ... ({len(empty) - 10} more)" if len(empty) > 10 else "")
+        print(f"bench: warning: {where}: {len(empty)} of {len(mask)} queries have no relevant doc (score > 0) and "
+              f"are left out of every metric: {shown}", file=sys.stderr)
+    return empty
 
 
 def _run_hybrid(system: Any, docs: list[str], queries: list[str], relevant: Sequence[dict[int, int]], k_max: int,
@@ -81,8 +103,33 @@ def _run_hybrid(system: Any, docs: list[str], queries: list[str], relevant: Sequ
         timings = {"encode_docs_s": t_docs, "encode_queries_s": t_queries, "docs_per_s": len(docs) / max(t_docs, 1e-9),
                    "index_s": t_bm25_index, "search_s": t_dense + t_bm25 + t_fuse, "dense_search_s": t_dense,
                    "bm25_search_s": t_bm25, "fuse_s": t_fuse, "candidates_per_side": depth_k}
-        out[row] = {**_score(I, relevant, k_max), "config": configs[row], "timings": timings}
+        out[row] = {**score_run(I, relevant, k_max), "config": configs[row], "timings": timings}
     return out
+
+
+def _run_rerank(system: Any, docs: list[str], queries: list[str], relevant: Sequence[dict[int, int]], k_max: int,
+                batch_size: int, encoded: dict[Any, Any], show_progress: bool) -> dict[str, Any]:
+    """The row of a towers+rerank system: the towers' exact top ``max(k_max, N)``, its first N reranked."""
+    if system.dense_key in encoded:
+        xb, xq, t_docs, t_queries = encoded[system.dense_key]
+    else:
+        t0 = time.perf_counter()
+        xb = system.encode_docs(docs, batch_size, show_progress)[system.label]
+        t_docs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        xq = system.encode_queries(queries, batch_size, show_progress)[system.label]
+        t_queries = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, I = search(build_faiss(xb, "Flat"), xq, min(max(k_max, system.n), len(docs)))
+    t_dense = time.perf_counter() - t0
+    I, t_rerank = system.rerank_ids(queries, docs, I, batch_size, show_progress)
+    I = I[:, :k_max]
+    if I.shape[1] < k_max:  # tiny corpora: pad like faiss does
+        I = np.pad(I, ((0, 0), (0, k_max - I.shape[1])), constant_values=-1)
+    timings = {"encode_docs_s": t_docs, "encode_queries_s": t_queries, "docs_per_s": len(docs) / max(t_docs, 1e-9),
+               "index_s": 0.0, "search_s": t_dense + t_rerank, "dense_search_s": t_dense, "rerank_s": t_rerank,
+               "rerank_ms_per_query": 1000 * t_rerank / max(len(queries), 1), "reranked_per_query": system.n}
+    return {**score_run(I, relevant, k_max), "config": system.config()[system.label], "timings": timings}
 
 
 def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, show_progress: bool = True,
@@ -100,19 +147,24 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
     """
     c = config
     specs = list(specs) if specs is not None else parse_systems(c.systems)
-    check_out_dir(c.out, ("report",), verb="bench", inputs={"--suite": c.suite, "--systems": [s.value for s in specs]})
+    check_out_dir(c.out, ("report",), verb="bench",
+                  inputs={"--suite": c.suite, "--systems": [v for s in specs for v in (s.value, s.reranker)]})
     device = str(resolve_device(c.device))
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
     built = build_systems(specs, device, c.query_max_length, c.doc_max_length,
                           None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size, c.llm_precision,
                           c.hybrid_alpha, c.hybrid_norm, c.hybrid_depth,
                           (c.towers_query_max_length, c.towers_result_max_length))
+    row_names = [r for s in built for r in s.rows]
+    if c.reference and c.reference not in row_names:
+        raise ValueError(f"--reference '{c.reference}' is not a row of this bench: choose {', '.join(row_names)}")
     # Vectors a hybrid system shares with a plain towers/minilm system are encoded once (kept only when needed).
-    wanted = {s.dense_key for s in built if getattr(s, "hybrid", False)}
+    wanted = {s.dense_key for s in built if getattr(s, "hybrid", False) or getattr(s, "rerank", False)}
     encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float, float]] = {}
     bm25_runs: dict[int, tuple[np.ndarray, float, float]] = {}  # BM25 rankings by depth: one index per bench
     full = load_beir(c.suite)
     suite = full.subsample(max_queries, max_corpus, seed) if (max_queries or max_corpus) else full
+    no_relevant = check_relevance(suite, str(suite.path / "qrels" / "test.tsv"))
     docs, queries, relevant = suite.doc_texts(), suite.query_texts, suite.relevant_rows()
     rng = np.random.default_rng(seed)
     random_rows = rng.integers(0, len(docs), size=(len(queries), c.n_random))
@@ -127,9 +179,13 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
             t0 = time.perf_counter()
             _, I = system.retriever.search(queries, k_max, show_progress=show_progress)
             t_search = time.perf_counter() - t0
-            rows[system.label] = {**_score(I, relevant, k_max), "config": configs[system.label],
+            rows[system.label] = {**score_run(I, relevant, k_max), "config": configs[system.label],
                                   "timings": {"index_s": t_index, "search_s": t_search,
                                               "docs_per_s": len(docs) / max(t_index, 1e-9)}}
+            continue
+        if getattr(system, "rerank", False):
+            rows[system.label] = _run_rerank(system, docs, queries, relevant, k_max, batch_size, encoded,
+                                             show_progress)
             continue
         if getattr(system, "hybrid", False):
             rows.update(_run_hybrid(system, docs, queries, relevant, k_max, batch_size, encoded, bm25_runs,
@@ -163,14 +219,22 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
                 timings["encode_shared_by"] = system.rows  # one forward pass served every pooling
             if cache_docs:
                 timings["docs_from_cache"] = cache_docs.get("cached", 0)
-            rows[row] = {**_score(I, relevant, k_max), "config": configs[row], "timings": timings,
+            rows[row] = {**score_run(I, relevant, k_max), "config": configs[row], "timings": timings,
                          "dim": int(xb.shape[1]), "similarity": similarity_summary(similarity[row])}
             del index, xb, xq
             gc.collect()
+    scores = {name: row.pop("per_query") for name, row in rows.items()}  # per query, kept for the CIs
+    ci_metrics = [m for m in CI_METRICS if m in metric_names(k_max)]
+    skipped = set(no_relevant)
+    valid_ids = [q for q in suite.query_ids if q not in skipped]
     results = {
         "suite": {**suite.summary(), "path": str(suite.path), "full_checksum": full.checksum,
-                  "max_queries": max_queries, "max_corpus": max_corpus, "seed": seed},
+                  "max_queries": max_queries, "max_corpus": max_corpus, "seed": seed,
+                  "queries_without_relevant": no_relevant},
         "systems": rows,
+        "significance": compare_to_reference(rows, scores, ci_metrics, c.reference or None),
+        "per_query": {"query_ids": valid_ids, "metrics": ci_metrics,
+                      "systems": {name: {m: v[m].tolist() for m in ci_metrics} for name, v in scores.items()}},
         "bench": {"k_max": k_max, "batch_size": batch_size, "llm_batch_size": c.llm_batch_size,
                   "query_max_length": c.query_max_length, "doc_max_length": c.doc_max_length, "prompt": c.prompt, "llm_precision": c.llm_precision,
                   "n_random": c.n_random, "seed": seed, "systems": [dataclasses.asdict(s) for s in specs],

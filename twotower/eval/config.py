@@ -42,6 +42,9 @@ class BenchConfig:
     hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
                              choices=["minmax", "zscore"])
     hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
+    reference: str = field("", "row every other row is compared against (paired difference of recall@10 and "
+                               "nDCG@10, 95%% bootstrap CI, randomization-test p); default: the best trained "
+                               "towers row, else the best row")
     n_random: int = field(10, "random docs per query for the similarity plot")
     seed: int = field(0, "seed for the query/corpus subsample and the random docs")
 
@@ -67,11 +70,15 @@ class BenchConfig:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
 
 
-SUITE_NAMES = ("codesearch-py", "nq")
+SUITE_NAMES = ("codesearch-py", "nq", "wiki")
+# What `--suite all` runs: one suite per regime (NL->code, NL->NL) that builds from files PyPI serves. nq is left
+# out: its sdist is no longer served, it builds only from a copy the user supplies (`--suite nq`).
+DEMO_SUITES = ("codesearch-py", "wiki")
 # e5-mistral-style instructions of the demo's SmolLM2 towers, one per suite (the towers keep them in twotower.json).
 LLM_QUERY_PROMPTS = {
     "codesearch-py": "Instruct: Given a docstring, retrieve the Python function\nQuery: ",
     "nq": "Instruct: Given a question, retrieve Wikipedia passages that answer it\nQuery: ",
+    "wiki": "Instruct: Given a short description of a topic, retrieve the encyclopedia article it describes\nQuery: ",
 }
 
 
@@ -98,15 +105,26 @@ class Profile:
     # 15: MiniLM towers trained at 32/64 lost to MiniLM when also used at 32/64, and beat it at 64/256).
     inference_query_max_length: int = 64
     inference_doc_max_length: int = 256
+    # Cross-encoder reranker (``twotower train-reranker``) on a seeded sample of the train pairs, negatives mined by
+    # the MiniLM towers; the towers-minilm+rerank row reorders their top rerank_n. 0 steps = no such row.
+    rerank_steps: int = 0
+    rerank_pairs: int | None = None  # train pairs sampled for it (None = all)
+    rerank_batch_size: int = 16
+    rerank_lr: float = 2e-5
+    rerank_negatives: int = 5
+    rerank_n: int = 20
+    rerank_dev: int | None = 100  # dev pairs whose towers' top rerank_n are reranked at each evaluation
 
 
 PROFILES: dict[str, Profile] = {
     "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
                          temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
-                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48),
+                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48,
+                         rerank_steps=80, rerank_pairs=800, rerank_batch_size=8, rerank_lr=1e-4, rerank_negatives=3),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
                     temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,
-                    llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80),
+                    llm_max_steps=1000, llm_lr=5e-5, llm_batch_size=64, llm_query_max_length=80,
+                    rerank_steps=1000, rerank_pairs=None, rerank_batch_size=16, rerank_lr=2e-5, rerank_negatives=5),
 }
 
 
@@ -114,8 +132,9 @@ PROFILES: dict[str, Profile] = {
 class DemoConfig:
     """Options of ``twotower demo`` (the CLI is generated from these fields)."""
 
-    suite: str = field("codesearch-py", "suite to build and benchmark; all = every suite, plus one combined "
-                                        "report that says what the results answer", choices=[*SUITE_NAMES, "all"])
+    suite: str = field("all", "suite to build and benchmark; all = one per regime (codesearch-py: NL->code, wiki: "
+                              "NL->NL), plus one combined report that says what the results answer",
+                       choices=[*SUITE_NAMES, "all"])
     profile: str = field("cpu-small", "cpu-small (fits 20 min on 2 CPU cores) or full (whole suite, for a GPU)",
                          choices=list(PROFILES))
     workdir: str = field("runs/demo", "where the suite, towers, index and report go (one subdir per suite+profile)")
@@ -125,6 +144,8 @@ class DemoConfig:
     llm_towers: bool = field(True, "also fine-tune the raw LLM as two towers on the same pairs (the "
                                    "towers-smollm2 row): the same model before and after contrastive training")
     llm_max_steps: int | None = field(None, "override the profile's LLM towers training steps")
+    rerank: bool = field(True, "also train a cross-encoder reranker on the pairs (negatives mined by the MiniLM "
+                               "towers) and bench the towers-minilm+rerank row (their top 20 reordered)")
     llm_precision: str = field("auto", "decoder-LLM encoding and training precision: auto (bf16 where the "
                                        "hardware has it), fp32, bf16", choices=LLM_PRECISIONS)
 

@@ -19,21 +19,14 @@ import torch
 
 from twotower.common.atomic import atomic_dir
 from twotower.common.jsonl import dumps_strict
+from twotower.common.machine import cpu_model
+from twotower.common.metrics import REPORT_METRICS
 from twotower.eval.answers import comparisons
+from twotower.eval.significance import format_p, verdict
 
-METRIC_COLUMNS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "mrr@10", "ndcg@10", "map@100")
+METRIC_COLUMNS = REPORT_METRICS
 PACKAGES = ("twotower", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "datasets", "numpy",
             "sentence-transformers", "bm25s", "tokenizers", "safetensors")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: platform's answer is the best there is
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -47,7 +40,7 @@ def environment(device: str) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "device": device, "gpu": gpu, "packages": versions,
     }
@@ -68,9 +61,12 @@ def similarity_summary(sim: Mapping[str, np.ndarray]) -> dict[str, float]:
             "random_std": float(neg.std()), "auc": float(below.sum() / (len(pos) * len(neg)))}
 
 
-def format_table(results: Mapping[str, Any], columns: tuple[str, ...] = METRIC_COLUMNS) -> str:
-    """Markdown table system x metric; the best value per column is bolded (ties all bolded)."""
+def format_table(results: Mapping[str, Any], columns: tuple[str, ...] | None = None) -> str:
+    """Markdown table system x metric; the best value per column is bolded (ties all bolded). Default columns:
+    the report metrics every row has (only what was computed: ``--k-max 5`` has no recall@100 column)."""
     systems = results["systems"]
+    if columns is None:
+        columns = tuple(c for c in METRIC_COLUMNS if all(c in s["metrics"] for s in systems.values()))
     best = {c: max(s["metrics"][c] for s in systems.values()) for c in columns}
     lines = ["| system | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, s in systems.items():
@@ -79,6 +75,30 @@ def format_table(results: Mapping[str, Any], columns: tuple[str, ...] = METRIC_C
             v = f"{s['metrics'][c]:.3f}"
             cells.append(f"**{v}**" if round(s["metrics"][c], 3) == round(best[c], 3) else v)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_significance(results: Mapping[str, Any]) -> str:
+    """Markdown table: every row against the reference row, per CI metric the difference (row - reference) with
+    its 95% bootstrap CI, the randomization-test p and the verdict; "" when the bench computed none."""
+    sig = results.get("significance")
+    if not sig or not sig.get("metrics") or not sig.get("rows"):
+        return ""
+    ref, metrics = sig["reference"], sig["metrics"]
+    lines = [f"Each row minus **{ref}** on the same {next(iter(next(iter(sig['rows'].values())).values()))['n']} "
+             f"queries: difference with its {round(100 * sig['level'])}% bootstrap CI over queries "
+             f"({sig['n_resamples']:,} resamples, seed {sig['seed']}) and the paired randomization-test p; "
+             "a CI that crosses 0 is no significant difference.", "",
+             "| system | " + " | ".join(f"{m} diff (95% CI) | p" for m in metrics) + " | verdict |",
+             "|---|" + "---:|---:|" * len(metrics) + "---|"]
+    for name, row in sig["rows"].items():
+        cells = [f"{row[m]['diff']:+.3f} ({row[m]['ci_low']:+.3f}..{row[m]['ci_high']:+.3f}) | "
+                 f"{format_p(row[m]['p_value'])}" for m in metrics]
+        verdicts = sorted({verdict(row[m]) for m in metrics})
+        says = verdicts[0] if len(verdicts) == 1 else "mixed: " + ", ".join(
+            f"{m} {verdict(row[m])}" for m in metrics)
+        says = {"better": f"better than {ref}", "worse": f"worse than {ref}"}.get(says, says)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {says} |")
     return "\n".join(lines)
 
 
@@ -107,6 +127,14 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         "",
         format_table(results),
         "",
+    ]
+    if suite.get("queries_without_relevant"):
+        out += [f"{len(suite['queries_without_relevant'])} queries have no relevant doc in the qrels (score > 0) and "
+                "are left out of every metric.", ""]
+    significance = format_significance(results)
+    if significance:
+        out += ["## Differences against the reference row", "", significance, ""]
+    out += [
         "## Query-document cosine separation",
         "",
         "cos(query, relevant doc) vs cos(query, random doc); AUC = P(relevant > random), 0.5 = no separation.",

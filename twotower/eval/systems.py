@@ -2,7 +2,8 @@
 
 Grammar (comma-separated, ``--systems`` may also repeat)::
 
-    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs)
+    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs; the
+                                          query tower a transformer or a static table, docs/static.md)
     raw-llm[=MODEL[:POOL+POOL...]]        a decoder LLM used as is; MODEL = smollm2 (default), gemma3 or a
                                           causal-LM dir; POOL in last, mean, logits (default: all three)
     minilm                                the untrained sentence encoder the towers start from
@@ -10,6 +11,8 @@ Grammar (comma-separated, ``--systems`` may also repeat)::
     hybrid[:LABEL]=DIR[:rrf+weighted]     towers DIR fused with bm25 (``index.hybrid``): one row per fusion,
                                           LABEL-rrf and LABEL-weighted (default: both)
     hybrid-minilm[=rrf+weighted]          the untrained MiniLM fused with bm25, the same way
+    towers+rerank[:LABEL]=TOWERS:RERANKER[:N]  the towers' top N (20) reordered by a cross-encoder
+                                          (``twotower train-reranker``; ``eval.rerank``)
 
 Each system may carry a label (``NAME:LABEL[=VALUE]``); labels must be unique. A dense system returns
 ``{row: (n, d) float32}`` from ``encode_queries``/``encode_docs`` (raw-llm has one row per pooling);
@@ -24,16 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from twotower.common.device import llm_autocast_dtype, precision_of
+from twotower.common.device import autocast_dtype, precision_of
 from twotower.eval.bm25 import BM25Retriever
 from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
+from twotower.eval.rerank import RerankSystem, parse_rerank_value
 from twotower.index.hybrid import DEFAULT_DEPTH, FUSIONS, NORMS, check_alpha, check_choice
 from twotower.towers.bases import resolve_base
 from twotower.towers.inference import TowerEncoder, tower_encoder
 from twotower.towers.llm import is_decoder_dir
-from twotower.towers.model import Tower, TwoTower, read_towers_meta
+from twotower.towers.model import Tower, TwoTower, read_towers_meta, tower_kind
 
-SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm")
+SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm", "towers+rerank")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class SystemSpec:
     label: str
     value: str | None = None
     poolings: tuple[str, ...] = field(default=())
+    reranker: str | None = None  # towers+rerank: the RERANKER dir ...
+    rerank: int = 0  # ... and how many of the towers' candidates it reorders
 
 
 def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
@@ -68,7 +74,11 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
         if eq and not value:
             raise ValueError(f"empty value in '{part}'")
         poolings: tuple[str, ...] = ()
-        if kind == "towers":
+        reranker, rerank = None, 0
+        if kind == "towers+rerank":
+            value, reranker, rerank = parse_rerank_value(part, value)
+            default_label = kind
+        elif kind == "towers":
             if value is None:
                 raise ValueError(f"'{part}': towers needs a directory, e.g. towers=runs/demo/towers")
             default_label = "towers"
@@ -96,7 +106,7 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
             if value is not None:
                 raise ValueError(f"'{part}': {kind} takes no value (write just '{kind}')")
             default_label = kind
-        out.append(SystemSpec(kind, label or default_label, value, poolings))
+        out.append(SystemSpec(kind, label or default_label, value, poolings, reranker, rerank))
     labels = [s.label for s in out]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
@@ -118,7 +128,7 @@ class TowersSystem:
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
         decoder = is_decoder_dir(self.path / "result_tower")
-        self.precision = precision_of(llm_autocast_dtype(llm_precision, device)) if decoder else "auto"
+        self.precision = precision_of(autocast_dtype(llm_precision, device, decoder=True)) if decoder else "auto"
         self._model: Any = None
 
     @property
@@ -150,7 +160,8 @@ class TowersSystem:
                              "train_query_max_length": m.get("query_max_length"),
                              "train_result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
                              "query_prompt": m.get("query_prompt"), "result_prompt": m.get("result_prompt"),
-                             "precision": self.precision, "train_config": m.get("train_config")}}
+                             "precision": self.precision, "train_config": m.get("train_config"),
+                             "tower_kinds": {side: tower_kind(m, side) for side in ("query", "result")}}}
 
     def _length(self, meta: dict[str, Any], side: str) -> int | None:
         """Tokens this system encodes ``side`` with: the override, the recorded inference length, or (TOWERS
@@ -293,7 +304,7 @@ class HybridSystem:
         return out
 
 
-System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem
+System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem | RerankSystem
 
 
 def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
@@ -308,6 +319,11 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
     for spec in specs:
         if spec.kind == "towers":
             systems.append(TowersSystem(spec, device, llm_precision, towers_max_lengths))
+        elif spec.kind == "towers+rerank":
+            assert spec.reranker is not None, "parse_systems gives towers+rerank its reranker"
+            inner_towers = TowersSystem(SystemSpec("towers", spec.label, spec.value), device, llm_precision,
+                                        towers_max_lengths)
+            systems.append(RerankSystem(spec.label, inner_towers, spec.reranker, spec.rerank, device))
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":

@@ -8,10 +8,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from twotower.common.cliargs import add_dataclass_args, dataclass_from_args
-from twotower.common.jsonl import BOM, dumps_strict, read_text_lines
+from twotower.common.jsonl import dumps_strict, iter_binary_lines, read_text_lines
 from twotower.common.text import is_blank
 from twotower.retrieval.config import DEFAULT_MAX_K, MAX_RESCORE, RayServeConfig, SearchConfig, ServeConfig
 
@@ -49,12 +49,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def read_queries(path: str, stdin: TextIO | None = None) -> list[str]:
+def read_queries(path: str, stdin: BinaryIO | None = None) -> list[str]:
     """Non-blank lines of ``path`` (``-`` = stdin), without line ends (LF or CRLF) or a BOM. A line of only
-    invisible characters (zero-width spaces, NUL, ...) is refused naming it, like an empty query."""
+    invisible characters (zero-width spaces, NUL, ...) is refused naming it, like an empty query. Stdin is read
+    as bytes by the one bounded line reader (``common.jsonl.iter_binary_lines``), like a file."""
     if path == "-":
-        lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(stdin or sys.stdin, 1) if line.strip()]
-        lines = [(n, line[1:] if n == 1 and line.startswith(BOM) else line) for n, line in lines]
+        lines = [(n, line.rstrip("\r\n")) for n, line in iter_binary_lines(stdin or sys.stdin.buffer, "stdin")
+                 if line.strip()]
     else:
         lines = read_text_lines(path, "--queries-file")
     for n, line in lines:

