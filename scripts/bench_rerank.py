@@ -6,19 +6,15 @@ suite's length; codesearch-py by default). Systems take turns item by item (``be
 first stage's per-query model cost). The cross-encoder's weights do not change its speed, so without
 ``--reranker`` an untrained one-label head on ``--base`` is timed.
 
-    python scripts/bench_rerank.py --n 20,100 --queries 20 --reranker RERANKER --towers TOWERS
+    python -m scripts.bench_rerank --n 20,100 --queries 20 --reranker RERANKER --towers TOWERS
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from bench_common import emit, load_corpus_texts, take_turns
 
+    from scripts.bench_common import emit, load_corpus_texts, take_turns
     from twotower.towers.bases import resolve_base
     from twotower.towers.inference import tower_encoder
     from twotower.towers.model import TwoTower

@@ -8,7 +8,7 @@
    concurrent one-query clients (``bench_serve.drive``): QPS and p50/p95/p99 latency. The servers run one at
    a time, alternating by concurrency level, each level measured in both before the next.
 
-    python scripts/bench_static.py --towers TOWERS --static STATIC_TOWERS --index INDEX \
+    python -m scripts.bench_static --towers TOWERS --static STATIC_TOWERS --index INDEX \
         --queries SUITE/queries.jsonl --concurrency 1 32
 """
 from __future__ import annotations
@@ -22,12 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import cycle_times, emit, median, print_table, take_turns  # noqa: E402
-from bench_serve import bench_queries, drive, start_server  # noqa: E402
-
-from twotower.retrieval.cli import passive_openmp  # noqa: E402
+from scripts.bench_common import cycle_times, emit, median, print_table, take_turns
+from scripts.bench_serve import bench_queries, drive, start_server
+from twotower.common.jsonl import iter_json_rows
+from twotower.retrieval.cli import passive_openmp
 
 passive_openmp()  # before torch/faiss load, here and in the server subprocesses (they inherit the env)
 
@@ -36,8 +34,7 @@ def load_queries(path: str | None, n: int, seed: int) -> list[str]:
     """The first ``n`` queries of a BEIR queries.jsonl, else synthetic 2-7 word queries (bench_serve's)."""
     if not path:
         return bench_queries(n, seed)
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line, _ in zip(fh, range(n))]
+    return [row["text"] for row in iter_json_rows(path, n)]
 
 
 def encoding(systems: dict[str, Path], queries: list[str], min_seconds: float, repeats: int) -> list[dict[str, Any]]:

@@ -6,13 +6,16 @@ import dataclasses
 
 from twotower.common.cliargs import check_required, field
 from twotower.common.device import check_device
+from twotower.index.query import QueryOptions, check_config_options, options_of, query_fields
 
 LLM_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclasses.dataclass
+@query_fields("bench", prefix="hybrid_")
 class BenchConfig:
-    """Options of ``twotower bench`` (the CLI is generated from these fields)."""
+    """Options of ``twotower bench`` (the CLI is generated from these fields; the hybrid systems' ``--hybrid-*``
+    options from ``index.query.QueryOptions``, see :meth:`hybrid_options`)."""
 
     suite: str = field("", "BEIR suite dir (corpus.jsonl, queries.jsonl, qrels/test.tsv), e.g. "
                            "runs/demo/codesearch-py-cpu-small/codesearch-py (built by `twotower demo`)", required=True)
@@ -36,11 +39,6 @@ class BenchConfig:
     llm_precision: str = field("auto", "precision of the decoder-LLM encoders (raw-llm, and towers on an LLM base): "
                                        "auto (bf16 where the CPU has AVX512-BF16/AMX or on a GPU, else fp32), "
                                        "fp32, bf16", choices=LLM_PRECISIONS)
-    hybrid_alpha: float = field(0.5, "hybrid systems, weighted fusion: weight of the dense side (0..1; choose it on "
-                                     "dev data, not on the test queries)")
-    hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
-                             choices=["minmax", "zscore"])
-    hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
     reference: str = field("", "row every other row is compared against (paired difference of recall@10 and "
                                "nDCG@10, 95%% bootstrap CI, randomization-test p); default: the best trained "
                                "towers row, else the best row")
@@ -50,12 +48,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        if not 0.0 <= self.hybrid_alpha <= 1.0:
-            raise ValueError(f"--hybrid-alpha must be between 0 and 1, got {self.hybrid_alpha:g}")
-        if self.hybrid_norm not in ("minmax", "zscore"):
-            raise ValueError(f"unknown --hybrid-norm '{self.hybrid_norm}': choose minmax, zscore")
-        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random",
-                     "hybrid_depth"):
+        check_config_options(self, "bench", prefix="hybrid_")
+        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queries", "max_corpus", "towers_query_max_length", "towers_result_max_length"):
@@ -64,6 +58,10 @@ class BenchConfig:
                                  f"{getattr(self, name)}")
         if self.llm_precision not in LLM_PRECISIONS:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
+
+    def hybrid_options(self, fusion: str | None = None) -> QueryOptions:
+        """The hybrid systems' query options: ``--hybrid-*``, k = ``k_max``, and ``fusion`` (each system's rows)."""
+        return options_of(self, "bench", prefix="hybrid_", mode="hybrid", k=self.k_max, fusion=fusion).resolve()
 
 
 SUITE_NAMES = ("codesearch-py", "nq", "wiki")

@@ -28,7 +28,7 @@ from twotower.index.encode import EncodedCorpus, default_work_dir, encode_corpus
 from twotower.index.factory import auto_factory, parse_memory
 from twotower.index.faiss_utils import make_index, nlist_of, search_defaults, train_index, write_index
 from twotower.index.filters import FILTERS_FILE, build_filter_table, describe_fields, save_filter_table
-from twotower.index.hybrid import QUERY_DEFAULTS
+from twotower.index.query import QUERY_DEFAULTS
 from twotower.index.store import (
     DOCS_DIR,
     FORMAT_VERSION,

@@ -116,6 +116,11 @@ class TrainConfig:
                                    "5%% of the positive's score); they replace the pairs' negatives; 0 = off")
     hard_negatives_rounds: int = field(1, "with --hard-negatives: mining rounds of --max-steps (or --epochs) "
                                           "each; 2 re-mines with the first round's towers and trains on")
+    teacher: str = field("", "RERANKER dir (twotower train-reranker) to distil from: adds a margin-MSE term "
+                             "(Hofstatter et al. 2020) matching (q.p - q.n) / temperature to the reranker's "
+                             "logit margin over each hard negative; needs --hard-negatives N or a negatives "
+                             "column; empty = off")
+    teacher_weight: float = field(1.0, "weight of the --teacher margin-MSE term next to InfoNCE")
     # Optimisation
     max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
     epochs: int = field(1, "passes over the pairs when --max-steps is 0")
@@ -181,7 +186,7 @@ class TrainConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         positive = ("batch_size", "temperature", "log_every", "eval_batch_size", "temperature_lr",
-                    "hard_negatives_rounds")
+                    "hard_negatives_rounds", "teacher_weight")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

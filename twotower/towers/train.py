@@ -38,6 +38,7 @@ from twotower.towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, dry_save, p
 from twotower.towers.config import TrainConfig
 from twotower.towers.data import DEV_MIN, count_overlap, load_pairs, pairs_fingerprint, split_dev
 from twotower.towers.dev import DevState, dev_metrics, load_best, no_gain_reasons, read_best, save_best, verdict
+from twotower.towers.distill import Scores, batch_margins, margin_mse, teacher_scores
 from twotower.towers.distributed import (
     DistEnv,
     all_gather_object,
@@ -58,6 +59,7 @@ from twotower.towers.model import Tower, TwoTower
 from twotower.towers.negatives import load_mined, mine_for_training, mined_path, mined_stats, save_mined
 from twotower.towers.pooling import check_pooling
 from twotower.towers.recipe import DECODER, describe_recipe, resolve_recipe
+from twotower.towers.reranker import Reranker, check_reranker_dir
 from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
 from twotower.towers.static import StaticTower
 from twotower.towers.static_pair import build_static_pair, check_static_options
@@ -71,26 +73,34 @@ class Batch:
     queries: list[str]
     positives: list[str]
     negatives: list[str]  # flattened hard negatives of the whole batch (scored by every query)
+    owners: list[int] = field(default_factory=list)  # the row each negative was drawn for
+    margins: list[float] = field(default_factory=list)  # --teacher: its margin s(q, p) - s(q, n) per negative
 
 
 def collate(rows: np.ndarray, queries: list[str], positives: list[str], negatives: list[list[str]] | None,
-            epoch: int, per_query: int, exclude: Collection[str] | None = None) -> Batch:
+            epoch: int, per_query: int, exclude: Collection[str] | None = None,
+            teacher: Scores | None = None) -> Batch:
     """Texts of ``rows``. Hard negatives cycle through each row's list epoch by epoch; one that equals a
     positive in the batch is dropped (it would be a false negative for that positive's query).
 
     Args:
         exclude: texts never used as hard negatives; default the positives of ``rows``. A data-parallel rank
             passes the positives of the whole *global* batch, since every rank's positives are candidates.
+        teacher: ``--teacher``'s scores (``towers.distill``): each negative's teacher margin goes with the batch.
     """
     qs, ps = [queries[i] for i in rows], [positives[i] for i in rows]
     negs: list[str] = []
+    owners: list[int] = []
     if negatives is not None and per_query > 0:
         in_batch = set(ps) if exclude is None else set(exclude)
-        for i in rows:
+        for b, i in enumerate(rows):
             row = negatives[i]
             take = [row[(epoch * per_query + j) % len(row)] for j in range(min(per_query, len(row)))]
-            negs += [n for n in take if n not in in_batch]
-    return Batch(qs, ps, negs)
+            kept = [n for n in take if n not in in_batch]
+            negs += kept
+            owners += [b] * len(kept)
+    margins = batch_margins(qs, ps, negs, owners, teacher) if teacher is not None else []
+    return Batch(qs, ps, negs, owners, margins)
 
 
 def _features(tower: Tower, texts: list[str], max_length: int, device: torch.device,
@@ -149,8 +159,8 @@ def embed(model: TwoTower, batch: Batch, device: torch.device, amp_dtype: torch.
 
 def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: torch.device, temp: Temperature,
                      symmetric: bool = False, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     cache_chunk_size: int = 0, matryoshka: tuple[tuple[int, ...], tuple[float, ...]] | None = None
-                     ) -> torch.Tensor:
+                     cache_chunk_size: int = 0, matryoshka: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
+                     teacher_weight: float = 0.0) -> torch.Tensor:
     """One step's loss on this process's rows, with its gradients accumulated into ``.grad``.
 
     Args:
@@ -160,6 +170,7 @@ def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: 
         cache_chunk_size: > 0 runs GradCache (``towers.gradcache``) with chunks of that many rows per tower:
             same gradients, memory of one chunk.
         matryoshka: (dims, weights) of the Matryoshka loss (``towers.loss.matryoshka_loss``); None: InfoNCE.
+        teacher_weight: weight of the margin-MSE term (``towers.distill``) over ``batch.margins``, when it has any.
 
     Returns:
         This rank's loss, detached (its mean over ranks is the loss of the whole batch).
@@ -169,8 +180,12 @@ def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: 
 
     def loss_of(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # q (B, d), r (B + M, d)
         if matryoshka is not None:
-            return matryoshka_loss(q, r[:n], r[n:], *matryoshka, temp(), symmetric)
-        return contrastive_loss(q, r[:n], r[n:], temp(), symmetric)
+            loss = matryoshka_loss(q, r[:n], r[n:], *matryoshka, temp(), symmetric)
+        else:
+            loss = contrastive_loss(q, r[:n], r[n:], temp(), symmetric)
+        if teacher_weight and batch.margins:
+            loss = loss + teacher_weight * margin_mse(q, r[:n], r[n:], batch.owners, batch.margins, temp())
+        return loss
 
     if cache_chunk_size:
         loss = cached_backward(forward, q_features, r_features, loss_of, cache_chunk_size, scale)
@@ -241,7 +256,7 @@ def check_train_out(config: TrainConfig) -> None:
     """Refuse an ``--out`` that is not (or not yet) a TOWERS dir or training run of ours (``common.outputs``)."""
     check_out_dir(config.out, ("towers", "run"), verb="train",
                   inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base,
-                          "--result-tower-from": config.result_tower_from})
+                          "--result-tower-from": config.result_tower_from, "--teacher": config.teacher})
 
 
 def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
@@ -262,6 +277,8 @@ def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
     base = resolve_base(config.base)
     check_static_options(config)
+    if config.teacher:
+        check_reranker_dir(config.teacher)  # a teacher that does not fit is refused before anything loads
     if config.pooling is not None:
         check_pooling(config.pooling)
     if config.matryoshka_dims:
@@ -384,6 +401,9 @@ class RunState:
     evaluated_step: int = -1
     current_round: int = 0
     mined: list[dict[str, Any]] = field(default_factory=list)
+    teacher: Reranker | None = None  # --teacher, loaded before the first step
+    teacher_scores: Scores | None = None  # its scores of the current negatives ...
+    teacher_negatives: list[list[str]] | None = None  # ... which are these
     stopped: str = ""  # why the run stopped early, or ""
     recipe: dict[str, Any] = field(default_factory=dict)  # the recipe in force (towers.recipe), for twotower.json
     log: TrainLog = field(init=False)  # opened by _setup at the step the run continues from
@@ -458,6 +478,9 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     queries, positives = list(pairs["query"]), list(pairs["positive"])
     negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
     fingerprint = pairs_fingerprint(pairs)  # of the training rows: a resume with another split is refused
+    if config.teacher and (config.negatives_per_query == 0 or (negatives is None and not config.hard_negatives)):
+        raise ValueError("--teacher distils over hard negatives: give --hard-negatives N (mined) or pairs with a "
+                         "negatives column, and --negatives-per-query >= 1")
     sampler = _sampler(config, env, queries, positives)
     rounds = config.hard_negatives_rounds if config.hard_negatives else 1
     per_round = config.max_steps or config.epochs * len(sampler)
@@ -558,10 +581,19 @@ def _hard_negatives(run: RunState, round_: int) -> list[list[str]]:
     return negs
 
 
+def _teacher_scores(run: RunState) -> Scores:
+    """``--teacher``'s logits of every (query, positive) and (query, negative) pair of the current negatives."""
+    assert run.teacher is not None and run.negatives is not None, "only with --teacher and hard negatives"
+    tqdm.write(f"--teacher: scoring {len(run.queries)} pairs and their hard negatives with {run.config.teacher}")
+    return teacher_scores(run.teacher, run.queries, run.positives, run.negatives, run.config.eval_batch_size)
+
+
 def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     """The training loop, top to bottom: batch -> loss and backward -> optimizer step -> log, dev, checkpoint."""
     run = _setup(config, env, device)
     config, sampler = run.config, run.sampler
+    if config.teacher:
+        run.teacher = Reranker.load(config.teacher, str(device), precision_of(run.amp_dtype))
     if run.dev is not None and run.step == 0:
         _evaluate(run)
     bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
@@ -571,11 +603,15 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         if config.hard_negatives and run.step // run.per_round + 1 != run.current_round:
             run.current_round = run.step // run.per_round + 1
             run.negatives = _hard_negatives(run, run.current_round)
+        if run.teacher is not None and run.teacher_negatives is not run.negatives:
+            run.teacher_scores, run.teacher_negatives = _teacher_scores(run), run.negatives
         global_rows = sampler.next_global_batch()
         batch = collate(sampler.shard(global_rows), run.queries, run.positives, run.negatives, sampler.epoch,
-                        config.negatives_per_query, exclude={run.positives[i] for i in global_rows})
+                        config.negatives_per_query, exclude={run.positives[i] for i in global_rows},
+                        teacher=run.teacher_scores)
         loss = global_mean(forward_backward(run.forward, run.model, batch, device, run.temp, config.symmetric,
-                                            run.scaler.scale, config.cache_chunk_size, config.matryoshka()))
+                                            run.scaler.scale, config.cache_chunk_size, config.matryoshka(),
+                                            config.teacher_weight if config.teacher else 0.0))
         if not math.isfinite(loss):
             raise RuntimeError(f"loss is {loss} at step {run.step + 1}; lower --lr or use --amp bf16/none")
         optimizer_step(run.params, run.optimizer, run.scheduler, run.scaler, config.max_grad_norm)
