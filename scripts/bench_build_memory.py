@@ -14,7 +14,7 @@ duplicate check (~70 bytes a doc). A first run on a tiny corpus measures the fix
 Note: ``--train-size 0`` (auto) samples max(64 x nlist, 50k) vectors into memory whatever the budget;
 that is why this script fixes it.
 
-    python scripts/bench_build_memory.py --n 40000 --memory-budget 32MB --device cpu
+    python -m scripts.bench_build_memory --n 40000 --memory-budget 32MB --device cpu
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_common import ROOT, RssSampler, emit, print_table
+
+from scripts.bench_common import ROOT, RssSampler, emit, print_table
 
 MB = 2**20
 

@@ -10,8 +10,6 @@ ratios are what the scripts report.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -19,67 +17,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the scripts import the project's packages from a checkout
-    sys.path.insert(0, str(ROOT))
+from twotower.common.device import resolve_device
+from twotower.common.machine import machine, versions
 
-VERSION_PACKAGES = ("torch", "transformers", "sentence_transformers", "faiss", "numpy", "tokenizers")
-
-
-# ---- where and with what it ran ------------------------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the cwd of the servers and CLIs the scripts start
 
 
-def cpu_flags(wanted: Sequence[str] = ("avx512f", "avx512_bf16", "amx_bf16", "avx2")) -> list[str]:
-    """Which of ``wanted`` the CPU advertises (the kernels torch and faiss can use)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in wanted if f in flags]
-
-
-def versions(packages: Sequence[str] = VERSION_PACKAGES) -> dict[str, str]:
-    """``{package: version}`` of the packages that are already imported (importing one just to report it
-    would slow every script down)."""
-    out = {"python": platform.python_version()}
-    for name in packages:
-        module = sys.modules.get(name)
-        if module is not None:
-            out[name] = str(getattr(module, "__version__", "?"))
-    return out
-
-
-def machine(device: str = "cpu") -> dict[str, Any]:
-    """Machine facts for the JSON line: CPU model, cores, load average, torch threads, GPU name."""
-    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_flags": cpu_flags(),
-                            "load_avg_1m": round(os.getloadavg()[0], 2)}
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        info["torch_threads"] = torch.get_num_threads()
-        if device.startswith("cuda") and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
+# ---- where and with what it ran (twotower.common.machine) -----------------------------------------------
 def check_device(device: str) -> str:
-    """``cpu`` or ``cuda``; cuda is refused with a clear message when torch sees no GPU."""
-    import torch
-
-    if device not in ("cpu", "cuda"):
-        raise SystemExit(f"unknown --device '{device}': choose cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU")
-    return device
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` resolved by the project's one device rule
+    (``twotower.common.device``); a device torch cannot use exits with its one-line message."""
+    try:
+        return str(resolve_device(device))
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}") from None
 
 
 # Vendor peak figures (dense bf16 tensor-core FLOP/s, HBM bandwidth) for the GPUs these scripts meet; the
@@ -248,16 +199,12 @@ def codesearch_dir() -> Path:
 
 
 def load_corpus_texts(corpus: str | None, n: int) -> list[str]:
-    """First ``n`` docs of a BEIR corpus.jsonl as ``title + " " + text`` (default: codesearch-py's corpus)."""
-    path = Path(corpus) if corpus else codesearch_dir() / "corpus.jsonl"
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            texts.append((row.get("title", "") + " " + row["text"]).strip())
-            if len(texts) >= n:
-                break
-    return texts
+    """First ``n`` docs of a corpus (default: codesearch-py's corpus.jsonl) as the result tower encodes them
+    (``title + " " + text``), read and checked by the project's corpus reader."""
+    from twotower.index.corpus import iter_docs
+
+    return [doc.encode_text for doc in iter_docs(Path(corpus) if corpus else codesearch_dir() / "corpus.jsonl",
+                                                 stop=n)]
 
 
 # ---- output ---------------------------------------------------------------------------------------------
@@ -271,13 +218,19 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
         print("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
 
 
+def command_line() -> str:
+    """How this script was run, as one would type it again: ``python -m scripts.NAME ARGS`` (no paths of the
+    machine it ran on: under ``-m``, ``sys.argv[0]`` is the module's absolute path)."""
+    return " ".join(["python", "-m", f"scripts.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+
+
 def emit(bench: str, args: Any, results: Any, device: str = "cpu", json_out: str | None = None,
          **extra: Any) -> dict[str, Any]:
     """Print (and optionally append to ``json_out``) the script's one JSON line: what ran, where, with
     which versions and options, and its results."""
     line = {"bench": bench, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device,
             "machine": machine(device), "versions": versions(),
-            "command": " ".join(["python", f"scripts/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+            "command": command_line(),
             "args": {k: v for k, v in vars(args).items() if k != "json_out"}, **extra, "results": results}
     text = json.dumps(line, default=str)
     print(text)

@@ -5,7 +5,7 @@ machines are noisy: compare ratios, not absolute figures), and prints texts/s fo
 of each chunk's best time over ``--repeats`` rounds), the ratio to sentence-transformers, and max
 |cos - 1| between each variant's embeddings and sentence-transformers'.
 
-    python scripts/bench_encode.py --n 10000 --repeats 2 --device cpu
+    python -m scripts.bench_encode --n 10000 --repeats 2 --device cpu
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import argparse
 
 import numpy as np
 import torch
-from bench_common import (
+
+from scripts.bench_common import (
     add_base_arg,
     check_device,
     comma_choices,
@@ -23,7 +24,6 @@ from bench_common import (
     print_table,
     take_turns,
 )
-
 from twotower.towers.bases import resolve_base
 from twotower.towers.inference import cast_copy, int8_copy
 from twotower.towers.model import Tower

@@ -17,16 +17,15 @@ file's size / n (what ``load_index`` reads into memory; the vectors stay on disk
 Real embeddings instead of synthetic ones: ``--suite DIR --towers DIR`` encodes the BEIR suite's corpus with the
 result tower and ``--nq`` of its queries with the query tower (cached as .npy in ``--cache-dir``).
 
-    python scripts/bench_index.py --n 1000000 --d 384 --nq 1000 --device cpu
-    python scripts/bench_index.py --n 500000 --kinds ivfsq8,ivfpq,bflat,bivf --rescore 2,4,10,20
-    python scripts/bench_index.py --suite SUITE_DIR --towers TOWERS_DIR --cache-dir DIR --kinds ivfsq8,ivfpq,bflat,bivf
+    python -m scripts.bench_index --n 1000000 --d 384 --nq 1000 --device cpu
+    python -m scripts.bench_index --n 500000 --kinds ivfsq8,ivfpq,bflat,bivf --rescore 2,4,10,20
+    python -m scripts.bench_index --suite SUITE_DIR --towers TOWERS_DIR --cache-dir DIR --kinds ivfsq8,ivfpq,bflat,bivf
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -36,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from twotower.index.factory import choose_nlist, default_nprobe  # noqa: E402
-from twotower.index.synthetic import ann_recall, clustered_vectors  # noqa: E402
+from scripts.bench_common import machine, versions
+from twotower.index.factory import choose_nlist, default_nprobe
+from twotower.index.synthetic import ann_recall, clustered_vectors
 
 KINDS = ("ivf", "ivfsq8", "ivfpq", "hnsw", "bflat", "bivf")
 
@@ -189,7 +187,8 @@ def suite_vectors(suite: str, towers: str, nq: int, cache_dir: str, batch_size: 
     return xb, xq, desc
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], tuple[int, ...]]:
+    """The options, the index kinds to run and the re-scoring factors (a bad option exits 2)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000, help="base vectors")
     p.add_argument("--d", type=int, default=384, help="dimension (384 = MiniLM)")
@@ -213,9 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default="", help="where --suite vectors (and the re-scoring .npy) are kept")
     p.add_argument("--json-out", default="", help="also write the JSON result here")
     args = p.parse_args(argv)
-
-    import faiss
-
     kinds = [k for k in args.kinds.split(",") if k and k not in args.skip]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
@@ -223,54 +219,45 @@ def main(argv: list[str] | None = None) -> int:
     rescores = tuple(sorted({int(x) for x in args.rescore.split(",")}))
     if args.suite and not args.towers:
         p.error("--suite needs --towers")
-    if args.threads:
-        faiss.omp_set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    return args, kinds, rescores
+
+
+def load_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
+    """(base vectors, queries, what they are): --suite's encoded corpus, or clustered synthetic vectors.
+    Sets ``args.n``, ``args.d``, ``args.nq`` to the data's."""
     if args.suite:
         xb, xq, data_desc = suite_vectors(args.suite, args.towers, args.nq, args.cache_dir or tempfile.gettempdir())
         args.n, args.d, args.nq = len(xb), xb.shape[1], len(xq)
-    else:
-        x = clustered_vectors(args.n + args.nq, args.d, n_clusters=max(10, args.n // 1000), seed=0)
-        xb, xq = x[: args.n], x[args.n :]
-        data_desc = "clustered_vectors(latent=32, n_clusters=n/1000, spread=0.6, noise=0.05)"
-    nlist = args.nlist or choose_nlist(args.n)
-    pq_m = args.pq_m or args.d // 8
-    print(f"# {args.n} x {args.d} vectors: {data_desc}; {args.nq} queries, k={args.k}, "
-          f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), {os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-    print(f"# data ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    vectors = None
-    if any(rescores):  # the float vectors as a loaded INDEX dir sees them: a memory-mapped .npy on disk
-        if args.cache_dir:
-            Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
-        vec_dir = tempfile.mkdtemp(dir=args.cache_dir or None)
-        np.save(Path(vec_dir) / "vectors.npy", xb)
-        vectors = np.load(Path(vec_dir) / "vectors.npy", mmap_mode="r")
-    print(HEADER, flush=True)
+        return xb, xq, data_desc
+    x = clustered_vectors(args.n + args.nq, args.d, n_clusters=max(10, args.n // 1000), seed=0)
+    return x[: args.n], x[args.n :], "clustered_vectors(latent=32, n_clusters=n/1000, spread=0.6, noise=0.05)"
 
-    # Flat: exact search, the reference for recall and speed.
+
+def bench_flat(xb: np.ndarray, xq: np.ndarray, args: argparse.Namespace
+               ) -> tuple[dict[str, Any], np.ndarray, float]:
+    """Flat, exact search: the reference row for recall and speed, the true top-k ids and Flat's QPS."""
+    import faiss
+
     flat = faiss.IndexFlatIP(args.d)
     t0 = time.perf_counter()
     flat.add(xb)
     t_flat = time.perf_counter() - t0
     sec, (_, gt) = timed_search(lambda: flat.search(xq, args.k), args.min_seconds)
-    flat_qps = args.nq / sec
-    rows = [{"index": "Flat", "params": {}, "rescore": 0, "default": True, "train_s": 0.0, "build_s": round(t_flat, 1),
-             "index_bytes": args.n * args.d * 4, "rss_delta_bytes": args.n * args.d * 4,
-             "ram_bytes_per_doc": 4 * args.d, "ram_x_less_than_flat": 1.0,
-             "qps": round(flat_qps, 1), "recall@10": 1.0, "speedup_vs_flat": 1.0}]
-    print(_fmt(rows[0]), flush=True)
-    flat = None  # free it (the search closure is done with it)
-    release_freed_memory()
-    if args.device == "cuda":
-        rows.append(bench_torch_flat(xb, xq, gt, args.k, False, flat_qps))
-        rows.append(bench_torch_flat(xb, xq, gt, args.k, True, flat_qps))
+    row = {"index": "Flat", "params": {}, "rescore": 0, "default": True, "train_s": 0.0, "build_s": round(t_flat, 1),
+           "index_bytes": args.n * args.d * 4, "rss_delta_bytes": args.n * args.d * 4,
+           "ram_bytes_per_doc": 4 * args.d, "ram_x_less_than_flat": 1.0,
+           "qps": round(args.nq / sec, 1), "recall@10": 1.0, "speedup_vs_flat": 1.0}
+    return row, gt, args.nq / sec
 
+
+def plans_for(args: argparse.Namespace, nlist: int, rescores: tuple[int, ...]
+              ) -> dict[str, tuple[str, list[dict[str, int]], tuple[int, ...]]]:
+    """kind -> (factory string, parameter sweep, re-scoring factors)."""
+    pq_m = args.pq_m or args.d // 8
     nprobes = sorted({1, 4, 8, 16, 32, 64, 128, default_nprobe(nlist)} & set(range(1, nlist + 1)))
-    train = max(64 * nlist, 50_000)  # the rule `index build` uses (IndexBuildConfig.train_size = 0)
     dflt = default_nprobe(nlist)
     none = (0,)
-    plans = {  # kind -> (factory, sweep, rescore factors)
+    plans = {
         "ivf": (f"IVF{nlist},Flat", [{"nprobe": p} for p in nprobes], none),
         "ivfsq8": (f"IVF{nlist},SQ8", [{"nprobe": p} for p in nprobes if 4 <= p <= 64], rescores),
         "ivfpq": (f"IVF{nlist},PQ{pq_m}", [{"nprobe": p} for p in nprobes if p >= 8], rescores),
@@ -286,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("ivfsq8", "ivfpq"):
             factory, sweep, rs = plans[kind]
             plans[kind] = (factory, [s for s in sweep if s["nprobe"] in (min(8, dflt), dflt, min(2 * dflt, nlist))], rs)
-    for kind in kinds:
-        factory, sweep, rs = plans[kind]
-        rows += bench_faiss(factory, xb, xq, gt, args.k, train if kind != "hnsw" else 0, sweep, flat_qps,
-                            args.min_seconds, rs, vectors)
+    return plans
 
+
+def print_goals(rows: list[dict[str, Any]]) -> None:
+    """Which rows meet the issue's goals (speed, RAM, binary + re-score)."""
     goal = [r for r in rows if r["recall@10"] >= 0.95 and r["speedup_vs_flat"] >= 10]
     best = max(goal, key=lambda r: r["speedup_vs_flat"]) if goal else None
     verdict = f"met by {best['index']} {json.dumps(best['params'])}: {best['qps']} QPS = {best['speedup_vs_flat']}x " \
@@ -306,19 +293,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# goal ({name}): " + (f"met by {top['index']} {json.dumps(top['params'])} rescore={top['rescore']}: "
                                       f"{top['ram_x_less_than_flat']}x less RAM, recall@10 {top['recall@10']}, "
                                       f"{top['qps']} QPS" if top else "not met"), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, kinds, rescores = parse_args(argv)
+    import faiss
+
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    xb, xq, data_desc = load_vectors(args)
+    nlist = args.nlist or choose_nlist(args.n)
+    print(f"# {args.n} x {args.d} vectors: {data_desc}; {args.nq} queries, k={args.k}, "
+          f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(f"# data ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    vectors = None
+    if any(rescores):  # the float vectors as a loaded INDEX dir sees them: a memory-mapped .npy on disk
+        if args.cache_dir:
+            Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+        vec_dir = tempfile.mkdtemp(dir=args.cache_dir or None)
+        np.save(Path(vec_dir) / "vectors.npy", xb)
+        vectors = np.load(Path(vec_dir) / "vectors.npy", mmap_mode="r")
+    print(HEADER, flush=True)
+
+    flat_row, gt, flat_qps = bench_flat(xb, xq, args)
+    rows = [flat_row]
+    print(_fmt(rows[0]), flush=True)
+    release_freed_memory()  # the Flat index is freed with bench_flat's frame
+    if args.device == "cuda":
+        rows.append(bench_torch_flat(xb, xq, gt, args.k, False, flat_qps))
+        rows.append(bench_torch_flat(xb, xq, gt, args.k, True, flat_qps))
+    train = max(64 * nlist, 50_000)  # the rule `index build` uses (IndexBuildConfig.train_size = 0)
+    plans = plans_for(args, nlist, rescores)
+    for kind in kinds:
+        factory, sweep, rs = plans[kind]
+        rows += bench_faiss(factory, xb, xq, gt, args.k, train if kind != "hnsw" else 0, sweep, flat_qps,
+                            args.min_seconds, rs, vectors)
+    print_goals(rows)
     if vectors is not None:
         import shutil
 
         del vectors
         shutil.rmtree(vec_dir, ignore_errors=True)
-    import torch
+    import torch  # noqa: F401  (imported so that versions() reports it)
 
     result = {"bench": "index", "n": args.n, "d": args.d, "nq": args.nq, "k": args.k, "device": args.device,
               "data": data_desc, "load_average_end": os.getloadavg(),
-              "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
-                          "platform": platform.platform(), "processor": platform.processor()},
-              "versions": {"faiss": faiss.__version__, "numpy": np.__version__, "torch": torch.__version__,
-                           "python": platform.python_version()},
+              "machine": {**machine(args.device), "faiss_threads": faiss.omp_get_max_threads()},
+              "versions": versions(),
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "results": rows}
     line = json.dumps(result)
     print(line)

@@ -15,26 +15,27 @@ from a neighbour hits them alike:
 Also the cosine between fp32 and bf16 vectors (what bf16 costs in accuracy). Quote ``uptime`` with the figures:
 the machine is shared.
 
-    python scripts/bench_llm_towers.py --base smollm2 --steps 3 --batch-size 32
+    python -m scripts.bench_llm_towers --base smollm2 --steps 3 --batch-size 32
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import codesearch_dir, emit, median, print_table, take_turns
+from scripts.bench_common import codesearch_dir, emit, median, print_table, take_turns
+from twotower.common.jsonl import iter_json_rows
 
 TRAIN_VARIANTS = ("fp32", "bf16", "bf16+ckpt", "bf16+gc8", "bf16+lora16")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2", help="decoder LLM base: smollm2, gemma3 or a local HF dir")
     ap.add_argument("--pairs", default=None, help="pairs .jsonl (default: codesearch-py's train.jsonl)")
@@ -48,16 +49,44 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
     ap.add_argument("--skip-encode", action="store_true")
     ap.add_argument("--json-out", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def bench_encode(model: Any, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """docs/s of the result tower in fp32, bf16 autocast and a bf16 cast copy, with their cosine to fp32."""
     import numpy as np
     import torch
 
-    from twotower.towers.config import TrainConfig
     from twotower.towers.inference import cast_copy
+
+    tower = model.result_tower.eval()
+    docs = [r["positive"] for r in rows[: args.docs]]
+    batches = [docs[i:i + args.encode_batch] for i in range(0, len(docs), args.encode_batch)]
+    cast = cast_copy(tower, torch.bfloat16)
+    systems = {"fp32": lambda b: tower.encode(b, len(b)),
+               "bf16-autocast": lambda b: tower.encode(b, len(b), amp_dtype=torch.bfloat16),
+               "bf16-cast": lambda b: cast.encode(b, len(b))}
+    best, outs = take_turns(systems, batches, args.repeats)
+    ref = np.concatenate(outs["fp32"])
+    enc_rows = []
+    for name in systems:
+        vecs = np.concatenate(outs[name])
+        cos = (vecs * ref).sum(1)
+        enc_rows.append({"variant": name, "docs_s": len(docs) / sum(best[name]),
+                         "min_cos_vs_fp32": float(cos.min())})
+    print_table(enc_rows, [("variant", "encode", "s"), ("docs_s", "docs/s", ".1f"),
+                           ("min_cos_vs_fp32", "min cos vs fp32", ".6f")])
+    return enc_rows  # the bf16 copy is freed with this frame, before training
+
+
+def bench_train(model: Any, rows: list[dict[str, Any]], pairs_path: Path, args: argparse.Namespace
+                ) -> list[dict[str, Any]]:
+    """Seconds per training step (the real step functions) of each variant, in turns, after one warm-up."""
+    import torch
+
+    from twotower.towers.config import TrainConfig
     from twotower.towers.lora import apply_lora
     from twotower.towers.loss import Temperature
-    from twotower.towers.model import TwoTower
     from twotower.towers.train import (
         Batch,
         TowerForward,
@@ -66,35 +95,6 @@ def main() -> None:
         forward_backward,
         optimizer_step,
     )
-
-    pairs_path = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
-    rows = [json.loads(line) for line in pairs_path.read_text(encoding="utf-8").splitlines()[:4096]]
-    load_start = os.getloadavg()
-    torch.manual_seed(0)
-    model = TwoTower.from_base(args.base, query_max_length=args.query_max_length,
-                               result_max_length=args.result_max_length)
-    results: dict = {"threads": torch.get_num_threads()}
-
-    if not args.skip_encode:
-        tower = model.result_tower.eval()
-        docs = [r["positive"] for r in rows[: args.docs]]
-        batches = [docs[i:i + args.encode_batch] for i in range(0, len(docs), args.encode_batch)]
-        cast = cast_copy(tower, torch.bfloat16)
-        systems = {"fp32": lambda b: tower.encode(b, len(b)),
-                   "bf16-autocast": lambda b: tower.encode(b, len(b), amp_dtype=torch.bfloat16),
-                   "bf16-cast": lambda b: cast.encode(b, len(b))}
-        best, outs = take_turns(systems, batches, args.repeats)
-        ref = np.concatenate(outs["fp32"])
-        enc_rows = []
-        for name in systems:
-            vecs = np.concatenate(outs[name])
-            cos = (vecs * ref).sum(1)
-            enc_rows.append({"variant": name, "docs_s": len(docs) / sum(best[name]),
-                             "min_cos_vs_fp32": float(cos.min())})
-        results["encode"] = enc_rows
-        print_table(enc_rows, [("variant", "encode", "s"), ("docs_s", "docs/s", ".1f"),
-                               ("min_cos_vs_fp32", "min cos vs fp32", ".6f")])
-        del cast
 
     variants = [v for v in args.variants.split(",") if v]
     cfg = TrainConfig(pairs=str(pairs_path), out="unused", lr=1e-5)
@@ -140,9 +140,27 @@ def main() -> None:
     base = median(times[variants[0]])
     train_rows = [{"variant": n, "s_step": median(times[n]), "pairs_s": args.batch_size / median(times[n]),
                    "speedup": base / median(times[n])} for n in variants]
-    results["train"] = train_rows
     print_table(train_rows, [("variant", "train", "s"), ("s_step", "s/step", ".2f"), ("pairs_s", "pairs/s", ".2f"),
                              ("speedup", f"x vs {variants[0]}", ".2f")])
+    return train_rows
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from twotower.towers.model import TwoTower
+
+    pairs_path = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
+    rows = list(iter_json_rows(pairs_path, 4096))
+    load_start = os.getloadavg()
+    torch.manual_seed(0)
+    model = TwoTower.from_base(args.base, query_max_length=args.query_max_length,
+                               result_max_length=args.result_max_length)
+    results: dict = {"threads": torch.get_num_threads()}
+    if not args.skip_encode:
+        results["encode"] = bench_encode(model, rows, args)
+    results["train"] = bench_train(model, rows, pairs_path, args)
     emit("llm_towers", args, results, load_start=load_start, load_end=os.getloadavg())
 
 

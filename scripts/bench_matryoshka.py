@@ -6,7 +6,7 @@ each dim keeps the first ``dim`` coordinates re-normalised (``common.encoder.tru
 ``twotower bench`` path). Prints a table (nDCG@10 and its share of the same towers' full-dim figure) and one
 JSON line.
 
-    python scripts/bench_matryoshka.py --suite SUITE_DIR --towers plain=TOWERS_A mrl=TOWERS_B --dims 384,256,128,64
+    python -m scripts.bench_matryoshka --suite SUITE_DIR --towers plain=TOWERS_A mrl=TOWERS_B --dims 384,256,128,64
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", default="")
     args = p.parse_args(argv)
 
-    from bench_common import emit
-
+    from scripts.bench_common import emit
     from twotower.common.encoder import truncate_renorm
     from twotower.common.metrics import ndcg_at_k, recall_at_k
     from twotower.eval.suites.beir import load_beir

@@ -8,7 +8,7 @@
 2. Serve: latency of `twotower serve --shards SHARDS --engine ray` (a deployment per shard + the router) against
    `twotower serve --index MERGED` (one in-process index), one-query requests from 1 and 16 concurrent clients.
 
-Usage: python scripts/bench_ray.py --towers TOWERS --corpus corpus.jsonl --docs 20000 --work DIR
+Usage: python -m scripts.bench_ray --towers TOWERS --corpus corpus.jsonl --docs 20000 --work DIR
 The corpus is cut (or repeated, with fresh ids) to --docs rows. Prints a table and one JSON line.
 """
 from __future__ import annotations
@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_common import machine, wait_for_health  # noqa: E402
-from bench_serve import bench_queries, drive, free_port, start_server  # noqa: E402
+from scripts.bench_common import machine, wait_for_health
+from scripts.bench_serve import bench_queries, drive, free_port, start_server
+from twotower.common.jsonl import iter_json_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # RAY_AUTH_MODE=disabled: Ray 2.5x+ token authentication would refuse the CLI's connection to the Ray this script
@@ -41,7 +40,7 @@ def make_corpus(src: Path, n: int, out: Path) -> Path:
     """The first ``n`` rows of ``src``, repeated with fresh ids when it has fewer."""
     if out.is_file() and sum(1 for _ in out.open()) == n:
         return out
-    rows = [json.loads(line) for line in src.open() if line.strip()]
+    rows = list(iter_json_rows(src))
     with out.open("w") as fh:
         for i in range(n):
             row = dict(rows[i % len(rows)])

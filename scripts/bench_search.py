@@ -16,19 +16,19 @@ and ``hits_from`` (doc rows + Hit objects). ``Retriever.search`` end to end (que
 query tower on codesearch-py queries, same pairing) vs sentence-transformers ``encode`` + raw faiss is
 printed for context: the encoder dominates.
 
-    python scripts/bench_search.py --n 100000 --batches 1,32,256 --device cpu
+    python -m scripts.bench_search --n 100000 --batches 1,32,256 --device cpu
 """
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_common import (
+
+from scripts.bench_common import (
     add_base_arg,
     check_device,
     codesearch_dir,
@@ -39,6 +39,7 @@ from bench_common import (
     paired_overhead,
     print_table,
 )
+from twotower.common.jsonl import iter_json_rows
 
 K = 10
 
@@ -93,16 +94,10 @@ def raw_searcher(loaded: Any, faiss: Any) -> tuple[str, Callable[[np.ndarray, in
 
 def query_texts(n: int, path: str | None = None) -> list[str]:
     """The first ``n`` query texts of a BEIR queries.jsonl (default: the codesearch-py suite's)."""
-    texts = []
-    with open(path or codesearch_dir() / "queries.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            texts.append(json.loads(line)["text"])
-            if len(texts) >= n:
-                break
-    return texts
+    return [row["text"] for row in iter_json_rows(path or codesearch_dir() / "queries.jsonl", n)]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000, help="vectors in the index")
     ap.add_argument("--d", type=int, default=384, help="dimension (384 = MiniLM, so the query tower fits)")
@@ -122,7 +117,66 @@ def main() -> None:
     ap.add_argument("--queries", default=None,
                     help="BEIR queries.jsonl for the end-to-end rows (default: the codesearch-py suite's)")
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def time_batch(loaded: Any, retriever: Any, raw: Callable[[np.ndarray, int], Any], xq: np.ndarray, where: str,
+               args: argparse.Namespace) -> dict[str, Any]:
+    """One batch of queries through the raw library and through ours, called in turn round by round: the
+    medians, the paired overheads and the per-call extra time."""
+    ref_d, ref_i = raw(xq, K)
+    D, I = loaded.search(xq, K)
+    if where == "cpu":
+        assert np.array_equal(ref_i, I), "same index, same hits"
+    else:  # GPU reductions may order near-ties differently: same scores, ids may swap
+        assert np.allclose(ref_d, D, atol=1e-4), "same index, same scores"
+    times = cycle_times({
+        "raw": lambda: raw(xq, K),
+        "ours": lambda: retriever.search_vectors(xq, K),
+        "index_search": lambda: loaded.search(xq, K),
+    }, args.seconds, args.min_rounds)
+    hits_s = median(cycle_times({"hits_from": lambda: retriever.hits_from(D, I)}, 0.2, 5)["hits_from"])
+    raw_s, ours_s = median(times["raw"]), median(times["ours"])
+    b = len(xq)
+    return {"rounds": len(times["raw"]), "raw_ms": 1e3 * raw_s, "ours_ms": 1e3 * ours_s,
+            "overhead_pct": 100 * paired_overhead(times["raw"], times["ours"]),
+            "index_search_pct": 100 * paired_overhead(times["raw"], times["index_search"]),
+            "extra_us": 1e6 * median([o - r for r, o in zip(times["raw"], times["ours"])]),
+            "hits_from_us": 1e6 * hits_s, "raw_qps": b / raw_s, "ours_qps": b / ours_s}
+
+
+def bench_end_to_end(args: argparse.Namespace, device: str, batches: list[int], ivf: str, ivf_raw: Any,
+                     ivf_retriever: Any) -> list[dict[str, Any]]:
+    """``Retriever.search`` (query encoding included) against sentence-transformers' encode + raw faiss."""
+    from sentence_transformers import SentenceTransformer
+
+    from twotower.towers.bases import resolve_base
+
+    st = SentenceTransformer(str(resolve_base(args.base)), device=device)
+    st.max_seq_length = 64
+    texts = query_texts(max(batches), args.queries)
+    ivf_retriever.search(texts[:8], K)  # warm-up
+    st.encode(texts[:8])
+    e2e: list[dict[str, Any]] = []
+    for b in batches:
+        qs = texts[:b]
+        times = cycle_times({
+            "st+faiss": lambda: ivf_raw(st.encode(qs, batch_size=64, convert_to_numpy=True,
+                                                  normalize_embeddings=True), K),
+            "retriever.search": lambda: ivf_retriever.search(qs, K)}, args.e2e_seconds, 3)
+        st_s, ours_s = median(times["st+faiss"]), median(times["retriever.search"])
+        e2e.append({"index": ivf, "batch": b, "rounds": len(times["st+faiss"]), "st_faiss_ms": 1e3 * st_s,
+                    "ours_ms": 1e3 * ours_s, "x_st": st_s / ours_s,
+                    "ours_vs_st_pct": 100 * paired_overhead(times["st+faiss"], times["retriever.search"])})
+    print("\nend to end with query encoding (MiniLM, max 64 tokens), IVF index:")
+    print_table(e2e, [("batch", "batch", "d"), ("rounds", "rounds", "d"), ("st_faiss_ms", "ST encode + faiss ms", ".1f"),
+                      ("ours_ms", "Retriever.search ms", ".1f"), ("x_st", "x ST", ".2f"),
+                      ("ours_vs_st_pct", "paired diff %", "+.1f")])
+    return e2e
+
+
+def main() -> None:
+    args = parse_args()
     device = check_device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
 
@@ -150,35 +204,16 @@ def main() -> None:
     peaks = gpu_peaks(device)
     for factory, where in runs:
         loaded = load_index(dirs[factory], device=where)
-        nprobe = loaded.search_defaults.get("nprobe")
         raw_name, raw = raw_searcher(loaded, faiss)
         retriever = Retriever(loaded, tower)
         if (factory, where) == (ivf, "cpu"):
             ivf_raw, ivf_retriever = raw, retriever  # the end-to-end comparison below uses these
         for b in batches:
-            xq = np.ascontiguousarray(xq_all[:b])
-            ref_d, ref_i = raw(xq, K)
-            D, I = loaded.search(xq, K)
-            if where == "cpu":
-                assert np.array_equal(ref_i, I), "same index, same hits"
-            else:  # GPU reductions may order near-ties differently: same scores, ids may swap
-                assert np.allclose(ref_d, D, atol=1e-4), "same index, same scores"
-            times = cycle_times({
-                "raw": lambda: raw(xq, K),
-                "ours": lambda: retriever.search_vectors(xq, K),
-                "index_search": lambda: loaded.search(xq, K),
-            }, args.seconds, args.min_rounds)
-            hits_s = median(cycle_times({"hits_from": lambda: retriever.hits_from(D, I)}, 0.2, 5)["hits_from"])
-            raw_s, ours_s = median(times["raw"]), median(times["ours"])
-            row = {"index": factory, "where": f"{loaded.device} vs {raw_name}", "nprobe": nprobe, "batch": b,
-                   "rounds": len(times["raw"]),
-                         "raw_ms": 1e3 * raw_s, "ours_ms": 1e3 * ours_s,
-                         "overhead_pct": 100 * paired_overhead(times["raw"], times["ours"]),
-                         "index_search_pct": 100 * paired_overhead(times["raw"], times["index_search"]),
-                         "extra_us": 1e6 * median([o - r for r, o in zip(times["raw"], times["ours"])]),
-                         "hits_from_us": 1e6 * hits_s, "raw_qps": b / raw_s, "ours_qps": b / ours_s}
+            row = {"index": factory, "where": f"{loaded.device} vs {raw_name}",
+                   "nprobe": loaded.search_defaults.get("nprobe"), "batch": b,
+                   **time_batch(loaded, retriever, raw, np.ascontiguousarray(xq_all[:b]), where, args)}
             if where == "cuda" and peaks:  # exact search streams every base vector once per call
-                row["raw_hbm_pct"] = 100 * xb.nbytes / raw_s / 1e9 / peaks[1]
+                row["raw_hbm_pct"] = 100 * xb.nbytes / (row["raw_ms"] / 1e3) / 1e9 / peaks[1]
             rows.append(row)
     print(f"n={args.n} d={args.d}, k={K}; medians of single calls, systems called in turn round by round "
           f"(>= {args.seconds}s, >= {args.min_rounds} rounds); overhead = median paired difference / median raw; "
@@ -188,30 +223,7 @@ def main() -> None:
                        ("overhead_pct", "overhead %", "+.1f"), ("extra_us", "extra us", ".0f"),
                        ("index_search_pct", "LoadedIndex.search %", "+.1f"), ("hits_from_us", "hits_from us", ".0f")]
                 + ([("raw_hbm_pct", "raw % HBM peak", ".1f")] if peaks else []))
-
-    e2e: list[dict[str, Any]] = []
-    if args.end_to_end:
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(str(resolve_base(args.base)), device=device)
-        st.max_seq_length = 64
-        texts = query_texts(max(batches), args.queries)
-        ivf_retriever.search(texts[:8], K)  # warm-up
-        st.encode(texts[:8])
-        for b in batches:
-            qs = texts[:b]
-            times = cycle_times({
-                "st+faiss": lambda: ivf_raw(st.encode(qs, batch_size=64, convert_to_numpy=True,
-                                                      normalize_embeddings=True), K),
-                "retriever.search": lambda: ivf_retriever.search(qs, K)}, args.e2e_seconds, 3)
-            st_s, ours_s = median(times["st+faiss"]), median(times["retriever.search"])
-            e2e.append({"index": ivf, "batch": b, "rounds": len(times["st+faiss"]), "st_faiss_ms": 1e3 * st_s,
-                        "ours_ms": 1e3 * ours_s, "x_st": st_s / ours_s,
-                        "ours_vs_st_pct": 100 * paired_overhead(times["st+faiss"], times["retriever.search"])})
-        print("\nend to end with query encoding (MiniLM, max 64 tokens), IVF index:")
-        print_table(e2e, [("batch", "batch", "d"), ("rounds", "rounds", "d"), ("st_faiss_ms", "ST encode + faiss ms", ".1f"),
-                          ("ours_ms", "Retriever.search ms", ".1f"), ("x_st", "x ST", ".2f"),
-                          ("ours_vs_st_pct", "paired diff %", "+.1f")])
+    e2e = bench_end_to_end(args, device, batches, ivf, ivf_raw, ivf_retriever) if args.end_to_end else []
     emit("search", args, rows, device, args.json_out, end_to_end=e2e)
 
 

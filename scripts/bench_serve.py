@@ -10,7 +10,7 @@ first --encode-docs are encoded by the result tower; the rest get the vector of 
 Gaussian noise, renormalised (they lie on the real data's manifold, so IVF lists fill like real ones). The
 index is built through `index.build.build_index` with an encoder that serves those precomputed vectors.
 
-    python scripts/bench_serve.py --docs 100000 --concurrency 1 8 32 --device cpu
+    python -m scripts.bench_serve --docs 100000 --concurrency 1 8 32 --device cpu
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -30,11 +29,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import wait_for_health  # noqa: E402
-
-from twotower.retrieval.cli import passive_openmp  # noqa: E402
+from scripts.bench_common import command_line, machine, versions, wait_for_health
+from twotower.common.jsonl import iter_json_rows
+from twotower.retrieval.cli import passive_openmp
 
 passive_openmp()  # before torch/faiss load, here and in the server subprocess (inherits the env)
 
@@ -70,12 +67,7 @@ def synthetic_texts(n: int, words: Sequence[str], lo: int, hi: int, seed: int) -
 def corpus_texts(corpus: str | None, n: int, words: Sequence[str], seed: int) -> list[str]:
     texts: list[str] = []
     if corpus:
-        with open(corpus, encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                texts.append(row["text"])
-                if len(texts) >= n:
-                    break
+        texts = [row["text"] for row in iter_json_rows(corpus, n)]
         texts = list(dict.fromkeys(texts))  # the precomputed-vector encoder keys on the text
     return texts + synthetic_texts(n - len(texts), words, 8, 30, seed) if len(texts) < n else texts
 
@@ -349,15 +341,15 @@ def main() -> None:
     index_dir = Path(args.index) if args.index else bench_index(args, towers, args.factory)
     queries = bench_queries(1000, args.seed)
     record: dict[str, Any] = {
-        "bench": "serve", "machine": f"{platform.machine()} {os.cpu_count()} cpus", "python": platform.python_version(),
-        "device": args.device, "corpus": corpus_info(args), "k": args.k, "max_batch": args.max_batch,
+        "bench": "serve", "device": args.device, "corpus": corpus_info(args), "k": args.k, "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms, "threads": args.threads, "precision": args.precision,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2), "command": " ".join(sys.argv)}
-    import faiss
-    import torch
+        "loadavg_1min_at_start": round(os.getloadavg()[0], 2), "command": command_line()}
 
-    record["versions"] = {"torch": torch.__version__, "faiss": faiss.__version__}
+    import faiss  # noqa: F401  (imported here so that versions() reports them)
+    import torch  # noqa: F401
+
+    record["machine"], record["versions"] = machine(args.device), versions()  # after the imports it reports
     record["overhead"] = []
     for factory in args.overhead_factories:
         path = index_dir if factory == "served" else bench_index(args, towers, factory)

@@ -15,7 +15,7 @@ with one Transformer per side). Same loss (scale 20 = temperature 0.05), AdamW, 
 gradient clipping. The mean loss of the timed steps of each system is printed as a sanity check (same
 batches and weights; dropout draws differ).
 
-    python scripts/bench_train.py --steps 10 --batch-size 32 --device cpu
+    python -m scripts.bench_train --steps 10 --batch-size 32 --device cpu
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # both loops' progress bars; the table says what happened
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_common import add_base_arg, check_device, codesearch_dir, comma_choices, emit, print_table  # noqa: E402
+from scripts.bench_common import add_base_arg, check_device, codesearch_dir, comma_choices, emit, print_table
+from twotower.common.jsonl import iter_json_rows
 
 SYSTEMS = ("st-fp32", "st-bf16", "twotower-fp32", "twotower-bf16")
 
@@ -110,11 +111,8 @@ class StepClock:
 # ---- the systems --------------------------------------------------------------------------------------
 def subset_pairs(path: Path, n: int, out: Path) -> Path:
     """The first ``n`` rows of a pairs JSONL (query, positive), written to ``out``."""
-    with open(path, encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
-        for i, line in enumerate(src):
-            if i >= n:
-                break
-            row = json.loads(line)
+    with open(out, "w", encoding="utf-8") as dst:
+        for row in iter_json_rows(path, n):
             dst.write(json.dumps({"query": row["query"], "positive": row["positive"]}) + "\n")
     return out
 
@@ -165,7 +163,7 @@ def run_st(clock: StepClock, pairs: Path, out: Path, args: argparse.Namespace, b
         query.max_seq_length, doc.max_seq_length = args.query_max_length, args.result_max_length
         router = Router.for_query_document(query_modules=list(query), document_modules=list(doc))
         model = SentenceTransformer(modules=[router], device=args.device)
-    rows = [json.loads(line) for line in open(pairs, encoding="utf-8")]
+    rows = list(iter_json_rows(pairs))
     train_ds = datasets.Dataset.from_dict({"query": [r["query"] for r in rows],
                                            "positive": [r["positive"] for r in rows]})
 
@@ -228,7 +226,8 @@ def hook_twotower(clocks: dict[int, StepClock]) -> None:
     tt.optimizer_step, tt.forward_backward = optimizer_step, forward_backward
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    """The options and the systems to run (bad combinations exit with a one-line message)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", default=None, help="pairs JSONL (query, positive); default: codesearch-py train.jsonl")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps per system")
@@ -245,27 +244,18 @@ def main() -> None:
     add_base_arg(ap)
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     args = ap.parse_args()
-    device = check_device(args.device)
     systems = comma_choices(args.systems, SYSTEMS, "system")
     if "st-fp32" in systems and "st-bf16" in systems:
         raise SystemExit("st-fp32 and st-bf16 cannot share a process (accelerate's AcceleratorState is a "
                          "process-wide singleton fixed to one mixed precision): run them in two invocations")
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps must be >= 1")
-    total = args.warmup + args.steps + 1  # + 1: the last step overlaps the others' end-of-training work
+    return args, systems
 
-    import torch
 
-    # Import in this thread what the systems' threads import lazily (transformers' lazy module is not
-    # thread-safe: two threads importing from it at once can fail).
-    from sentence_transformers import SentenceTransformerTrainer  # noqa: F401
-    from transformers import TrainerCallback, get_linear_schedule_with_warmup  # noqa: F401
-
-    pairs_src = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    pairs = subset_pairs(pairs_src, 4 * total * args.batch_size, tmp / "pairs.jsonl")
-    batches = global_batches(pairs, args.batch_size, args.seed, total)
-
+def run_systems(systems: list[str], pairs: Path, batches: list[list[int]], total: int, tmp: Path,
+                args: argparse.Namespace) -> dict[str, StepClock]:
+    """Train every system in its own thread, one step each in turn (the baton); their step clocks."""
     baton = Baton(systems)
     clocks = {s: StepClock(baton, s, total) for s in systems}
     by_thread: dict[int, StepClock] = {}
@@ -295,7 +285,12 @@ def main() -> None:
         for name, tb in errors.items():
             print(f"--- {name} failed:\n{tb}")
         raise SystemExit(1)
+    return clocks
 
+
+
+def summarize(clocks: dict[str, StepClock], systems: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per system: pairs/s, seconds per step and mean loss over the timed steps, and the ratios to ST."""
     rows = []
     for s in systems:
         # times[0] is step 2; timed: steps warmup + 1 .. warmup + steps
@@ -311,6 +306,26 @@ def main() -> None:
         prec = r["system"].rsplit("-", 1)[-1]
         r["x_st_fp32"] = r["pairs_per_s"] / ref["st-fp32"] if "st-fp32" in ref else None
         r["x_st_same_precision"] = r["pairs_per_s"] / ref[f"st-{prec}"] if f"st-{prec}" in ref else None
+    return rows
+
+
+def main() -> None:
+    args, systems = parse_args()
+    device = check_device(args.device)
+    total = args.warmup + args.steps + 1  # + 1: the last step overlaps the others' end-of-training work
+
+    import torch
+
+    # Import in this thread what the systems' threads import lazily (transformers' lazy module is not
+    # thread-safe: two threads importing from it at once can fail).
+    from sentence_transformers import SentenceTransformerTrainer  # noqa: F401
+    from transformers import TrainerCallback, get_linear_schedule_with_warmup  # noqa: F401
+
+    pairs_src = Path(args.pairs) if args.pairs else codesearch_dir() / "train.jsonl"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    pairs = subset_pairs(pairs_src, 4 * total * args.batch_size, tmp / "pairs.jsonl")
+    batches = global_batches(pairs, args.batch_size, args.seed, total)
+    rows = summarize(run_systems(systems, pairs, batches, total, tmp, args), systems, args)
     print(f"{args.steps} timed steps of batch {args.batch_size} per system (after {args.warmup} warm-up), "
           f"query/result max length {args.query_max_length}/{args.result_max_length}, towers {args.towers}, "
           f"{device}, {torch.get_num_threads()} torch threads, steps interleaved round-robin")

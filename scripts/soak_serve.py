@@ -17,9 +17,9 @@ the end of the first thousand requests and the end of the last thousand; with --
 add/remove succeeded and the server ends up serving the index's last generation. Prints a summary and one
 JSON line.
 
-    python scripts/soak_serve.py                      # MiniLM towers, 2000 docs, 10k requests, 16 clients
-    python scripts/soak_serve.py --base tiny --requests 2000
-    python scripts/soak_serve.py --mutate-every 5     # the same, with an add or a remove every 5 s
+    python -m scripts.soak_serve                      # MiniLM towers, 2000 docs, 10k requests, 16 clients
+    python -m scripts.soak_serve --base tiny --requests 2000
+    python -m scripts.soak_serve --mutate-every 5     # the same, with an add or a remove every 5 s
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -41,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_serve import start_server, synthetic_texts, vocabulary  # noqa: E402  (also sets OMP passive waits)
+from scripts.bench_common import command_line, machine, versions
+from scripts.bench_serve import start_server, synthetic_texts, vocabulary  # (also sets OMP passive waits)
 
 HOST = "127.0.0.1"  # loopback only: the soak never exposes a port to the network
 MAX_QUERIES, MAX_QUERY_CHARS, MAX_K = 64, 2048, 1000  # the serve defaults (retrieval.config.ServeConfig)
@@ -318,7 +316,7 @@ def build(root: Path, base: str, n_docs: int, factory: str, seed: int) -> tuple[
     return towers, Path(index), synthetic_texts(500, words, 2, 7, seed + 1)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="minilm", help="towers base: minilm, tiny (random 2-layer BERT) or an HF dir")
     ap.add_argument("--docs", type=int, default=2000, help="corpus size")
@@ -334,8 +332,12 @@ def main() -> int:
     ap.add_argument("--json-out", default=None, help="append the JSON line to this file")
     ap.add_argument("--mutate-every", type=float, default=0.0,
                     help="seconds between `twotower index add` / `index remove` runs on the served index (0 = none)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def run_soak(args: argparse.Namespace) -> tuple[dict[str, Any], bool, int | None]:
+    """Build towers and index, start the server, send the requests (and change the index under it with
+    --mutate-every); the soak's result, whether the server is still alive, and its last /health status."""
     root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="soak-serve-"))
     root.mkdir(parents=True, exist_ok=True)
     proc = None
@@ -376,6 +378,12 @@ def main() -> int:
         if not args.work:
             shutil.rmtree(root, ignore_errors=True)
 
+    return result, alive, health
+
+
+def check(result: dict[str, Any], alive: bool, health: int | None, args: argparse.Namespace
+          ) -> tuple[dict[str, bool], list[float], float | None]:
+    """The pass/fail checks, the server's RSS after each 1000 requests and its growth first to last."""
     rss = [b for _, b in result["rss_mb"] if b]
     growth = (rss[-1] - rss[0]) / rss[0] if len(rss) >= 2 else None
     checks = {
@@ -395,6 +403,11 @@ def main() -> int:
               f"{mutations['served_generation']}")
         for failed in mutations["failed"][:5]:
             print(f"FAIL {failed['op']}: rc {failed['rc']}: {failed['stderr']}")
+    return checks, rss, growth
+
+
+def print_report(result: dict[str, Any], checks: dict[str, bool], rss: list[float], growth: float | None,
+                 args: argparse.Namespace) -> None:
     valid = sum(v for k, c in result["by_kind"].items() for s, v in c.items() if s == "200" and k != "health")
     print(f"\n{result['answered']} requests ({valid} valid searches) from {args.concurrency} clients in "
           f"{result['seconds']} s: {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
@@ -408,13 +421,20 @@ def main() -> int:
         print("FAIL " + failure)
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    record = {"bench": "soak_serve", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-              "python": platform.python_version(), "base": args.base, "docs": args.docs, "factory": args.factory,
+
+
+def main() -> int:
+    args = parse_args()
+    result, alive, health = run_soak(args)
+    checks, rss, growth = check(result, alive, health, args)
+    print_report(result, checks, rss, growth, args)
+    record = {"bench": "soak_serve", "machine": machine(), "versions": versions(), "base": args.base,
+              "docs": args.docs, "factory": args.factory,
               "requests": args.requests, "concurrency": args.concurrency, "rss_growth": growth,
               "mutate_every": args.mutate_every,
               "checks": checks, **{k: v for k, v in result.items() if k != "failures"},
               "n_failures": len(result["failures"]), "loadavg_1min": round(os.getloadavg()[0], 2),
-              "command": " ".join(sys.argv)}
+              "command": command_line()}
     line = json.dumps(record)
     print(line)
     if args.json_out:

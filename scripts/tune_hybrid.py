@@ -7,7 +7,7 @@ is ranked once (exact dense search of the towers' vectors, the bm25s index of ``
 fusion setting is applied to the same two ranked lists (``index.hybrid.fuse``). Prints a table and one JSON
 line with the best setting per metric.
 
-    python scripts/tune_hybrid.py --towers TOWERS --pairs SUITE/dev.jsonl
+    python -m scripts.tune_hybrid --towers TOWERS --pairs SUITE/dev.jsonl
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -32,14 +30,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="encode batch size")
     args = ap.parse_args()
 
-    from twotower.common.jsonl import iter_utf8_lines
+    from twotower.common.jsonl import iter_json_rows
     from twotower.common.metrics import evaluate
     from twotower.eval.bm25 import BM25Retriever
     from twotower.eval.systems import SystemSpec, TowersSystem
     from twotower.index.faiss_utils import build_faiss, search
     from twotower.index.hybrid import fuse
 
-    rows = [json.loads(line) for _, line in iter_utf8_lines(Path(args.pairs)) if line.strip()]
+    rows = list(iter_json_rows(Path(args.pairs)))
     docs: dict[str, int] = {}
     for r in rows:
         docs.setdefault(r["positive"], len(docs))

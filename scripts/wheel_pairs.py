@@ -2,20 +2,17 @@
 
 A small real pairs file for a quick training run, e.g. the README's 2,000 networkx pairs:
 
-    python scripts/wheel_pairs.py --package networkx --n 2000 --out runs/networkx_pairs.jsonl
+    python -m scripts.wheel_pairs --package networkx --n 2000 --out runs/networkx_pairs.jsonl
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twotower.common.atomic import write_bytes_atomic  # noqa: E402
-from twotower.common.cache import cache_dir  # noqa: E402
-from twotower.eval.suites.codesearch import PINNED_WHEELS, extract_functions, fetch, normalize_name  # noqa: E402
+from twotower.common.atomic import write_bytes_atomic
+from twotower.common.cache import cache_dir
+from twotower.eval.suites.codesearch import PINNED_WHEELS, extract_functions, fetch, normalize_name
 
 
 def main() -> None:

@@ -147,3 +147,50 @@ def test_bad_towers_and_pairs_are_one_line(setup, capsys, tmp_path):
     bad.write_text('{"query": "a", "positive": "b"}\n{"query": "a"}\n')
     code, _, err = run(["train-reranker", "--pairs", str(bad), "--towers", str(setup["towers"]), *common], capsys)
     assert code == 2 and "bad.jsonl" in err and "positive" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- distillation: train --teacher RERANKER (margin-MSE) ----------------------------------------------------
+def test_margin_mse_matches_the_formula_and_batch_margins_follow_owners():
+    from twotower.towers.distill import batch_margins, margin_mse
+
+    torch.manual_seed(0)
+    q, p, negs = torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)
+    owners, teacher = [0, 1, 1], [1.0, 0.5, -2.0]
+    student = torch.stack([(q[o] @ p[o] - q[o] @ n) / 0.05 for o, n in zip(owners, negs)])
+    assert torch.allclose(margin_mse(q, p, negs, owners, teacher, 0.05), ((student - torch.tensor(teacher)) ** 2).mean())
+    scores = {("a", "pa"): 3.0, ("a", "n1"): 1.0, ("b", "pb"): 2.0, ("b", "n1"): 2.5}
+    assert batch_margins(["a", "b"], ["pa", "pb"], ["n1", "n1"], [0, 1], scores) == [2.0, -0.5]
+
+
+def test_collate_keeps_each_negatives_owner():
+    from twotower.towers.train import collate
+
+    negatives = [["n0", "p1"], ["n1a", "n1b"]]  # row 0's "p1" is row 1's positive: dropped
+    scores = {(q, t): float(len(t)) for q in ("q0", "q1") for t in ("p0", "p1", "n0", "p1", "n1a", "n1b")}
+    batch = collate(np.array([0, 1]), ["q0", "q1"], ["p0", "p1"], negatives, 0, 2, teacher=scores)
+    assert batch.negatives == ["n0", "n1a", "n1b"] and batch.owners == [0, 1, 1]
+    assert batch.margins == [0.0, -1.0, -1.0]
+
+
+def test_train_with_a_teacher_distils_and_records_it(setup, capsys, tmp_path):
+    teacher = tmp_path / "teacher"
+    Reranker.from_base(setup["base"], 32, device="cpu", seed=3).save(teacher, {"base": "tiny"})
+    common = ["train", "--pairs", str(setup["train"]), "--base", str(setup["base"]), "--max-steps", "3",
+              "--batch-size", "4", "--dev", "none", "--device", "cpu", "--hard-negatives", "1", "--seed", "1"]
+    code, _, err = run([*common, "--out", str(tmp_path / "plain")], capsys)
+    assert code == 0, err
+    code, out, err = run([*common, "--out", str(tmp_path / "distil"), "--teacher", str(teacher)], capsys)
+    assert code == 0, err
+    assert "--teacher: scoring 48 pairs" in out + err
+    from twotower.towers.model import TwoTower
+
+    plain, distil = TwoTower.load(tmp_path / "plain"), TwoTower.load(tmp_path / "distil")
+    assert distil.train_config["teacher"] == str(teacher)
+    assert plain.fingerprint() != distil.fingerprint(), "the margin-MSE term changed the gradients"
+    # a teacher that is no reranker, or no negatives to distil over: one line, before any model loads
+    code, _, err = run([*common, "--out", str(tmp_path / "x"), "--teacher", str(setup["base"])], capsys)
+    assert code == 2 and "not a one-label cross-encoder" in err and len(err.strip().splitlines()) == 1, err
+    at = common.index("--hard-negatives")
+    no_negs = common[:at] + common[at + 2:]
+    code, _, err = run([*no_negs, "--out", str(tmp_path / "y"), "--teacher", str(teacher)], capsys)
+    assert code == 2 and "--teacher distils over hard negatives" in err and len(err.strip().splitlines()) == 1, err

@@ -1,7 +1,8 @@
 """The one device and precision policy: which device a model runs on, and which autocast dtype it uses.
 
 Training, index building, retrieval and eval all call these two functions, so a GPU without bf16 gets fp16
-everywhere (not bf16 in one verb and fp16 in another), and ``--device`` is parsed one way. torch is imported
+everywhere (not bf16 in one verb and fp16 in another), a decoder LLM gets bf16 on a CPU with native bf16 in
+every verb, and ``--device`` is parsed one way. torch is imported
 inside the functions: the CLI validates ``--device``/``--precision`` with :func:`check_device` and
 :func:`check_precision` before any heavy import, and ``--help`` stays fast.
 """
@@ -11,7 +12,8 @@ import os
 from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")  # plus cuda:N
-# auto: bf16 on a CUDA GPU that has it, fp16 on one that does not, full precision on the CPU.
+# auto: bf16 on a CUDA GPU that has it, fp16 on one that does not; on the CPU bf16 for a decoder LLM where native,
+# else full precision.
 # none is the same as fp32 (the spelling `twotower train --amp` has always used).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "none")
 
@@ -53,13 +55,17 @@ def resolve_device(name: str) -> Any:
     return device
 
 
-def autocast_dtype(precision: str, device: Any) -> Any:
-    """The ``torch.autocast`` dtype for ``precision`` on ``device``, or None for full precision.
+def autocast_dtype(precision: str, device: Any, decoder: bool = False) -> Any:
+    """The ``torch.autocast`` dtype for ``precision`` on ``device``, or None for full precision: the one rule
+    that train, index, bench and demo all follow.
 
     Args:
-        precision: auto (bf16 on a CUDA GPU that supports it, fp16 on one that does not, None on the CPU),
-            fp32/none (None), bf16, fp16.
+        precision: auto, fp32/none (None), bf16, fp16. auto = bf16 on a CUDA GPU that supports it, fp16 on one
+            that does not; on the CPU, bf16 for a decoder LLM where the CPU computes bf16 natively (its matmuls
+            dominate: SmolLM2 on 2 AVX512-BF16 cores trains 1.5x and encodes 1.7-1.9x faster, cosine >= 0.9988
+            to float32; docs/speed.md), else full precision (small encoders like MiniLM gain nothing).
         device: a ``torch.device`` or its name.
+        decoder: the model is a decoder LLM (SmolLM2 and up).
     """
     import torch
 
@@ -67,7 +73,7 @@ def autocast_dtype(precision: str, device: Any) -> Any:
     device_type = torch.device(device).type
     if precision == "auto":
         if device_type != "cuda":
-            return None
+            return torch.bfloat16 if decoder and cpu_has_bf16() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -80,20 +86,6 @@ def cpu_has_bf16() -> bool:
     except OSError:  # not Linux: assume not (float32 is always right, only slower)
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def llm_autocast_dtype(precision: str, device: Any) -> Any:
-    """The autocast dtype for a decoder LLM (SmolLM2 and up), whose matmuls dominate its time: like
-    :func:`autocast_dtype`, except that ``auto`` also picks bf16 on a CPU with native bf16 (SmolLM2 on 2 AVX512-BF16
-    cores: 1.5x faster training steps, 1.7-1.9x faster encoding, cosine >= 0.9988 to float32; docs/speed.md).
-    Small encoders keep :func:`autocast_dtype`.
-    """
-    import torch
-
-    check_precision(precision)
-    if precision == "auto" and torch.device(device).type == "cpu":
-        return torch.bfloat16 if cpu_has_bf16() else None
-    return autocast_dtype(precision, device)
 
 
 def precision_of(dtype: Any) -> str:

@@ -82,6 +82,21 @@ def iter_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         yield from iter_binary_lines(fh, path)
 
 
+def iter_json_rows(path: str | Path, limit: int | None = None) -> Iterator[Any]:
+    """The parsed rows of a JSON Lines file in order (blank lines skipped; only the first ``limit`` rows when
+    given), each through :func:`parse_json_line`: a broken row is a ValueError naming "FILE: line N"."""
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    for lineno, line in iter_utf8_lines(path):
+        if not line.strip():
+            continue
+        yield parse_json_line(line, f"{path}: line {lineno}")
+        count += 1
+        if limit is not None and count >= limit:
+            return
+
+
 def iter_binary_lines(fh: IO[bytes], path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, text) of each line of an open binary stream (a file, stdin), read in bounded
     chunks (:func:`max_line_bytes`); a BOM opening the stream is dropped; ``path`` names it in errors."""

@@ -39,10 +39,11 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo", help="the main job: build data, train towers, index, benchmark, report",
-        description="Build a suite (codesearch-py or nq), train two towers from MiniLM on its train pairs, index "
-                    "its corpus, and benchmark the towers against the raw LLM (SmolLM2: last/mean/logits "
-                    "pooling), untrained MiniLM and BM25. Every step is cached: a rerun is quick. The cpu-small "
-                    "profile fits in 20 minutes on 2 CPU cores.")
+        description="For each suite (default: codesearch-py, NL->code, and wiki, NL->NL): build it, train towers "
+                    "from MiniLM and from SmolLM2 on its train pairs, index its corpus, and benchmark the towers "
+                    "against the raw LLM (SmolLM2: last/mean/logits pooling), untrained MiniLM and BM25; then one "
+                    "combined report that says what the results answer. Every step is cached: a rerun is quick. "
+                    "The cpu-small profile is sized for 20 minutes on 2 CPU cores.")
     add_dataclass_args(parser, DemoConfig)
     parser.set_defaults(func=run_demo)
     return parser

@@ -3,6 +3,8 @@ benchmark against the baselines, and say what the results answer.
 
 Per suite: MiniLM towers (``towers-minilm``) and SmolLM2 fine-tuned as two towers on the same pairs
 (``towers-smollm2``: EOS + last-token pooling, an e5-style query instruction, bf16 where the hardware has it),
+a static query tower trained against the MiniLM result tower, frozen (``towers-static-query``: near-free
+query encoding; docs/static.md),
 next to the raw SmolLM2 rows, the untrained MiniLM and BM25. ``--suite all`` runs every suite and writes one
 combined report whose section "What this answers" (``eval.answers``) reads the gains off the tables.
 
@@ -22,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from twotower.common.atomic import atomic_dir, write_bytes_atomic
-from twotower.common.device import llm_autocast_dtype, precision_of, resolve_device
+from twotower.common.device import autocast_dtype, precision_of, resolve_device
 from twotower.common.outputs import DEMO_MARKER, check_out_dir, mark_work_dir
 from twotower.eval.answers import render as render_answers
 from twotower.eval.bench import run_bench
@@ -35,6 +39,7 @@ from twotower.index.config import EncodeConfig, IndexBuildConfig
 from twotower.towers import checkpoint as ckpt
 from twotower.towers.inference import result_encoder
 from twotower.towers.model import TwoTower, read_towers_meta
+from twotower.towers.reranker_config import RerankerTrainConfig
 from twotower.towers.train import TrainConfig, train
 
 
@@ -75,6 +80,35 @@ def _train_towers(cfg: Any, out: Path) -> str:
     return "resumed" if cfg.resume else "trained"
 
 
+def _pair_sample(pairs: Path, n: int | None, out: Path, seed: int = 0) -> Path:
+    """``n`` train pairs drawn with a fixed seed (the file is ordered by package: its head is one package)."""
+    if n is None:
+        return pairs
+    lines = pairs.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = sorted(np.random.default_rng(seed).permutation(len(lines))[:n].tolist())
+    data = "".join(lines[i] for i in keep).encode()
+    if not out.exists() or out.read_bytes() != data:
+        write_bytes_atomic(out, data)
+    return out
+
+
+def _train_reranker(cfg: RerankerTrainConfig, out: Path) -> str:
+    """Train unless ``out`` holds a reranker trained with the same settings (and the same towers)."""
+    meta_path = out / "reranker.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        same = {k: v for k, v in (meta.get("train_config") or {}).items() if k not in ("overwrite", "progress")} == \
+            {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "progress")}
+        if same and meta.get("towers") == read_towers_meta(cfg.towers).get("fingerprint"):
+            return "cached"
+        cfg = dataclasses.replace(cfg, overwrite=True)
+    from twotower.towers.reranker_train import train_reranker
+
+    _, meta = train_reranker(cfg)
+    print(f"demo: {meta.get('verdict', 'reranker trained (no dev verdict)')}", file=sys.stderr)
+    return "trained"
+
+
 def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, device: str) -> str:
     manifest = out / "manifest.json"
     fingerprint = read_towers_meta(towers_dir)["fingerprint"]
@@ -89,7 +123,7 @@ def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, dev
 def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: Path, device: str) -> TrainConfig:
     """SmolLM2 towers on the suite's train pairs: same pairs, temperature and doc length as the MiniLM towers;
     the LLM's own steps, lr and query budget (its instruction prompt comes out of it); bf16 where native."""
-    amp = precision_of(llm_autocast_dtype(config.llm_precision, device)).replace("fp32", "none")  # --amp's names
+    amp = precision_of(autocast_dtype(config.llm_precision, device, decoder=True)).replace("fp32", "none")  # --amp's names
     return TrainConfig(
         pairs=str(suite_dir / "train.jsonl"), out=str(out), base=config.raw_llm,
         max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,
@@ -182,7 +216,21 @@ def run_suite(config: DemoConfig) -> dict[str, Any]:
              llm_dir)
         systems.append(f"towers:towers-{llm_name}={llm_dir}")
     step("index", _build_index, towers_dir, Path(suite_dir) / "corpus.jsonl", work / "index", 64, device)
-    systems += ["minilm", f"towers:towers-minilm={towers_dir}", "bm25"]
+    static_dir = work / "towers-static-query"  # a static query tower against the MiniLM result tower, frozen
+    step("train-static-query", _train_towers, dataclasses.replace(
+        train_cfg, out=str(static_dir), query_tower="static", result_tower_from=str(towers_dir)), static_dir)
+    systems += ["minilm", f"towers:towers-minilm={towers_dir}", f"towers:towers-static-query={static_dir}", "bm25"]
+    if config.rerank and prof.rerank_steps:
+        reranker_dir = work / "reranker"
+        rr_cfg = RerankerTrainConfig(
+            pairs=str(_pair_sample(Path(suite_dir) / "train.jsonl", prof.rerank_pairs, work / "rerank-pairs.jsonl")),
+            towers=str(towers_dir), out=str(reranker_dir), dev=str(_dev_subset(dev, prof.rerank_dev,
+                                                                                work / "rerank-dev.jsonl")),
+            hard_negatives=prof.rerank_negatives, max_steps=prof.rerank_steps, batch_size=prof.rerank_batch_size,
+            lr=prof.rerank_lr, max_length=prof.inference_doc_max_length, rerank_depth=prof.rerank_n,
+            eval_every=max(prof.rerank_steps // 2, 1), allow_no_gain=True, device=device, seed=42)
+        step("train-reranker", _train_reranker, rr_cfg, reranker_dir)
+        systems.append(f"towers+rerank:towers-minilm+rerank={towers_dir}:{reranker_dir}:{prof.rerank_n}")
     extra = {"demo": {"suite": config.suite, "profile": config.profile, "profile_settings": dataclasses.asdict(prof),
                       "steps": steps, "towers": str(towers_dir), "index": str(work / "index")}}
     bench = BenchConfig(suite=str(suite_dir), systems=",".join(systems), out=str(work / "report"), k_max=100,

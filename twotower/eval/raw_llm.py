@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twotower.common.atomic import write_bytes_atomic
 from twotower.common.cache import cache_dir
-from twotower.common.device import llm_autocast_dtype, resolve_device
+from twotower.common.device import autocast_dtype, resolve_device
 from twotower.common.hashing import file_sha256
 from twotower.common.jsonl import dumps_strict
 from twotower.towers.bases import resolve_base
@@ -133,7 +133,7 @@ class RawLLMEncoder:
         cache: keep embeddings on disk under ``common.cache.cache_dir()/emb/``.
         device: ``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``: bf16 on a GPU (fp16 without bf16) and on a CPU with native bf16, else fp32;
-            ``fp32``; ``bf16`` (see ``common.device.llm_autocast_dtype``).
+            ``fp32``; ``bf16`` (see ``common.device.autocast_dtype``).
     """
 
     def __init__(self, model_dir_or_name: str = "smollm2", pooling: str = "last", prompt: str | None = "promptEOL",
@@ -151,7 +151,7 @@ class RawLLMEncoder:
         self.use_cache = cache
         self.device = resolve_device(device)
         # Weights in half precision where the hardware computes it natively (a GPU; a CPU with AVX512-BF16/AMX).
-        self.dtype = llm_autocast_dtype(precision, self.device) or torch.float32
+        self.dtype = autocast_dtype(precision, self.device, decoder=True) or torch.float32
         self._model: Any = None
         self._tokenizer: Any = None
         self._fingerprint: str | None = None

@@ -19,6 +19,7 @@ import torch
 
 from twotower.common.atomic import atomic_dir
 from twotower.common.jsonl import dumps_strict
+from twotower.common.machine import cpu_model
 from twotower.common.metrics import REPORT_METRICS
 from twotower.eval.answers import comparisons
 from twotower.eval.significance import format_p, verdict
@@ -26,16 +27,6 @@ from twotower.eval.significance import format_p, verdict
 METRIC_COLUMNS = REPORT_METRICS
 PACKAGES = ("twotower", "torch", "transformers", "faiss-cpu", "faiss-gpu-cu12", "datasets", "numpy",
             "sentence-transformers", "bm25s", "tokenizers", "safetensors")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: platform's answer is the best there is
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -49,7 +40,7 @@ def environment(device: str) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "device": device, "gpu": gpu, "packages": versions,
     }
@@ -94,10 +85,11 @@ def format_significance(results: Mapping[str, Any]) -> str:
     if not sig or not sig.get("metrics") or not sig.get("rows"):
         return ""
     ref, metrics = sig["reference"], sig["metrics"]
-    lines = [f"Each row minus **{ref}** on the same {next(iter(next(iter(sig['rows'].values())).values()))['n']} "
-             f"queries: difference with its {round(100 * sig['level'])}% bootstrap CI over queries "
+    n_queries = next(iter(sig["rows"].values()))[metrics[0]]["n"]  # every comparison pairs the same queries
+    lines = [f"Each row minus **{ref}** on the same {n_queries} queries: difference with its "
+             f"{round(100 * sig['level'])}% bootstrap CI over queries "
              f"({sig['n_resamples']:,} resamples, seed {sig['seed']}) and the paired randomization-test p; "
-             "a CI that crosses 0 is no significant difference.", "",
+             "a difference counts only where the CI excludes 0 and p < 0.05.", "",
              "| system | " + " | ".join(f"{m} diff (95% CI) | p" for m in metrics) + " | verdict |",
              "|---|" + "---:|---:|" * len(metrics) + "---|"]
     for name, row in sig["rows"].items():

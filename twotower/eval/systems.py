@@ -2,7 +2,8 @@
 
 Grammar (comma-separated, ``--systems`` may also repeat)::
 
-    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs)
+    towers=DIR | towers:LABEL=DIR         trained towers (query tower for queries, result tower for docs; the
+                                          query tower a transformer or a static table, docs/static.md)
     raw-llm[=MODEL[:POOL+POOL...]]        a decoder LLM used as is; MODEL = smollm2 (default), gemma3 or a
                                           causal-LM dir; POOL in last, mean, logits (default: all three)
     minilm                                the untrained sentence encoder the towers start from
@@ -10,6 +11,8 @@ Grammar (comma-separated, ``--systems`` may also repeat)::
     hybrid[:LABEL]=DIR[:rrf+weighted]     towers DIR fused with bm25 (``index.hybrid``): one row per fusion,
                                           LABEL-rrf and LABEL-weighted (default: both)
     hybrid-minilm[=rrf+weighted]          the untrained MiniLM fused with bm25, the same way
+    towers+rerank[:LABEL]=TOWERS:RERANKER[:N]  the towers' top N (20) reordered by a cross-encoder
+                                          (``twotower train-reranker``; ``eval.rerank``)
 
 Each system may carry a label (``NAME:LABEL[=VALUE]``); labels must be unique. A dense system returns
 ``{row: (n, d) float32}`` from ``encode_queries``/``encode_docs`` (raw-llm has one row per pooling);
@@ -24,16 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from twotower.common.device import llm_autocast_dtype, precision_of
+from twotower.common.device import autocast_dtype, precision_of
 from twotower.eval.bm25 import BM25Retriever
+from twotower.eval.config import BenchConfig
 from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
-from twotower.index.hybrid import DEFAULT_DEPTH, FUSIONS, NORMS, check_alpha, check_choice
+from twotower.eval.rerank import RerankSystem, parse_rerank_value
+from twotower.index.query import FUSIONS, QueryOptions, check_choice
 from twotower.towers.bases import resolve_base
 from twotower.towers.inference import TowerEncoder, tower_encoder
 from twotower.towers.llm import is_decoder_dir
-from twotower.towers.model import Tower, TwoTower, read_towers_meta
+from twotower.towers.model import Tower, TwoTower, read_towers_meta, tower_kind
 
-SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm")
+SYSTEM_NAMES = ("towers", "raw-llm", "minilm", "bm25", "hybrid", "hybrid-minilm", "towers+rerank")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class SystemSpec:
     label: str
     value: str | None = None
     poolings: tuple[str, ...] = field(default=())
+    reranker: str | None = None  # towers+rerank: the RERANKER dir ...
+    rerank: int = 0  # ... and how many of the towers' candidates it reorders
 
 
 def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
@@ -68,7 +75,11 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
         if eq and not value:
             raise ValueError(f"empty value in '{part}'")
         poolings: tuple[str, ...] = ()
-        if kind == "towers":
+        reranker, rerank = None, 0
+        if kind == "towers+rerank":
+            value, reranker, rerank = parse_rerank_value(part, value)
+            default_label = kind
+        elif kind == "towers":
             if value is None:
                 raise ValueError(f"'{part}': towers needs a directory, e.g. towers=runs/demo/towers")
             default_label = "towers"
@@ -96,7 +107,7 @@ def parse_systems(specs: str | Sequence[str]) -> list[SystemSpec]:
             if value is not None:
                 raise ValueError(f"'{part}': {kind} takes no value (write just '{kind}')")
             default_label = kind
-        out.append(SystemSpec(kind, label or default_label, value, poolings))
+        out.append(SystemSpec(kind, label or default_label, value, poolings, reranker, rerank))
     labels = [s.label for s in out]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
@@ -118,7 +129,7 @@ class TowersSystem:
         self.meta = read_towers_meta(self.path)  # fails fast (clear error) before any model loads
         self.device = device
         decoder = is_decoder_dir(self.path / "result_tower")
-        self.precision = precision_of(llm_autocast_dtype(llm_precision, device)) if decoder else "auto"
+        self.precision = precision_of(autocast_dtype(llm_precision, device, decoder=True)) if decoder else "auto"
         self._model: Any = None
 
     @property
@@ -150,7 +161,8 @@ class TowersSystem:
                              "train_query_max_length": m.get("query_max_length"),
                              "train_result_max_length": m.get("result_max_length"), "fingerprint": m.get("fingerprint"),
                              "query_prompt": m.get("query_prompt"), "result_prompt": m.get("result_prompt"),
-                             "precision": self.precision, "train_config": m.get("train_config")}}
+                             "precision": self.precision, "train_config": m.get("train_config"),
+                             "tower_kinds": {side: tower_kind(m, side) for side in ("query", "result")}}}
 
     def _length(self, meta: dict[str, Any], side: str) -> int | None:
         """Tokens this system encodes ``side`` with: the override, the recorded inference length, or (TOWERS
@@ -258,13 +270,16 @@ class HybridSystem:
     dense = True
     hybrid = True
 
-    def __init__(self, spec: SystemSpec, dense: TowersSystem | MiniLMSystem, alpha: float = 0.5,
-                 norm: str = "minmax", depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, spec: SystemSpec, dense: TowersSystem | MiniLMSystem, options: QueryOptions) -> None:
         self.label = spec.label
         self.inner = dense
         self.fusions = spec.poolings or FUSIONS
-        self.alpha, self.norm, self.depth = check_alpha(alpha), check_choice("norm", norm, NORMS), depth
+        self.options = options  # resolved: alpha, norm, depth, k (= k_max); the fusion is each row's
         self.retriever = BM25Retriever()
+
+    def row_options(self) -> dict[str, QueryOptions]:
+        """Each report row's query options (one row per fusion)."""
+        return {f"{self.label}-{f}": self.options.replace(fusion=f) for f in self.fusions}
 
     @property
     def rows(self) -> list[str]:
@@ -286,32 +301,39 @@ class HybridSystem:
         dense = f"towers {inner['path']} ({inner.get('fingerprint')})" if inner["kind"] == "towers" else inner["base"]
         bm25 = self.retriever.config()
         out = {}
-        for f in self.fusions:
-            fusion = {"fusion": f, "rrf_k": 60} if f == "rrf" else {"fusion": f, "alpha": self.alpha, "norm": self.norm}
-            out[f"{self.label}-{f}"] = {"kind": "hybrid", **fusion, "depth": self.depth, "dense": dense,
-                                        "bm25": f"bm25s {bm25['version']} {bm25['method']} k1={bm25['k1']} b={bm25['b']}"}
+        for row, o in self.row_options().items():
+            fusion = {"fusion": o.fusion, "rrf_k": 60} if o.fusion == "rrf" else \
+                {"fusion": o.fusion, "alpha": o.alpha, "norm": o.norm}
+            out[row] = {"kind": "hybrid", **fusion, "depth": o.depth, "dense": dense,
+                        "bm25": f"bm25s {bm25['version']} {bm25['method']} k1={bm25['k1']} b={bm25['b']}"}
         return out
 
 
-System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem
+System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem | RerankSystem
 
 
-def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
-                  doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16,
-                  llm_precision: str = "auto", hybrid_alpha: float = 0.5, hybrid_norm: str = "minmax",
-                  hybrid_depth: int = DEFAULT_DEPTH,
-                  towers_max_lengths: tuple[int | None, int | None] = (None, None)) -> list[System]:
-    """Instantiate parsed specs (cheap: models load on first encode). ``llm_precision`` applies to the decoder
-    LLMs (raw-llm, and towers on an LLM base); ``hybrid_*`` to the hybrid systems' weighted fusion and depth;
-    ``towers_max_lengths`` (query, result) overrides the trained towers' recorded inference lengths."""
+def build_systems(specs: Sequence[SystemSpec], config: BenchConfig, device: str = "cpu") -> list[System]:
+    """Instantiate parsed specs (cheap: models load on first encode) with the bench's settings: ``llm_precision``
+    for the decoder LLMs (raw-llm, and towers on an LLM base); the ``--hybrid-*`` query options for the hybrid
+    systems; ``towers_*_max_length`` overrides the trained towers' recorded inference lengths; ``device``: the
+    resolved ``config.device``."""
+    c = config
+    prompt = None if c.prompt in (None, "none") else c.prompt
+    towers_max_lengths = (c.towers_query_max_length, c.towers_result_max_length)
+    query_max_length, doc_max_length, llm_precision = c.query_max_length, c.doc_max_length, c.llm_precision
     systems: list[System] = []
     for spec in specs:
         if spec.kind == "towers":
             systems.append(TowersSystem(spec, device, llm_precision, towers_max_lengths))
+        elif spec.kind == "towers+rerank":
+            assert spec.reranker is not None, "parse_systems gives towers+rerank its reranker"
+            inner_towers = TowersSystem(SystemSpec("towers", spec.label, spec.value), device, llm_precision,
+                                        towers_max_lengths)
+            systems.append(RerankSystem(spec.label, inner_towers, spec.reranker, spec.rerank, device))
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":
-            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, llm_batch_size,
+            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, c.llm_batch_size,
                                         llm_precision))
         elif spec.kind == "bm25":
             systems.append(BM25System(spec))
@@ -320,7 +342,7 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
                                     spec.label, spec.value)
             inner: TowersSystem | MiniLMSystem = TowersSystem(inner_spec, device, llm_precision, towers_max_lengths) \
                 if spec.value is not None else MiniLMSystem(inner_spec, device, query_max_length, doc_max_length)
-            systems.append(HybridSystem(spec, inner, hybrid_alpha, hybrid_norm, hybrid_depth))
+            systems.append(HybridSystem(spec, inner, c.hybrid_options()))
         else:
             raise AssertionError(f"parse_systems let through unknown kind {spec.kind!r}")
     return systems

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from twotower.retrieval.retriever import Hit, QueryOptions, Retriever, check_k, check_nprobe, check_queries
+from twotower.index.query import QueryOptions
+from twotower.retrieval.retriever import Hit, Retriever, check_queries
 
 
 class Overloaded(RuntimeError):
@@ -28,9 +29,7 @@ class Overloaded(RuntimeError):
 @dataclass
 class _Job:
     queries: list[str]
-    k: int
-    nprobe: int | None
-    opts: QueryOptions
+    opts: QueryOptions  # resolved (Retriever.options): k and nprobe included
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float  # time.monotonic() when queued: the wait for others counts from here
@@ -87,11 +86,12 @@ class MicroBatcher:
         return {"batches": self.batches, "queries": self.queries, "largest_batch": self.largest,
                 "mean_batch": round(self.queries / self.batches, 2) if self.batches else 0.0}
 
-    async def search(self, queries: list[str], k: int, nprobe: int | None = None, **options: Any) -> Any:
+    async def search(self, queries: list[str], k: int | None = None, options: QueryOptions | None = None,
+                     **fields: Any) -> Any:
         """Hits (or ``finish(hits)``) for ``queries``, computed in a merged batch.
 
         Args:
-            options: mode, fusion, alpha, norm, depth, filter (``Retriever.search``; None = the index default).
+            k, options, fields: as ``Retriever.search`` (``index.query.QueryOptions``; None = the index default).
 
         Raises:
             Overloaded: the queue is full.
@@ -101,11 +101,9 @@ class MicroBatcher:
             raise RuntimeError("MicroBatcher.search called before start()")
         # Checked here, not in the worker: one bad request must not fail the batch it would join.
         queries = check_queries(queries)
-        k = check_k(k, self.retriever.max_k)
-        nprobe = check_nprobe(nprobe)
-        opts = self.retriever.options(**options)
+        opts = self.retriever.options(options, k=k, **fields)
         loop = asyncio.get_running_loop()
-        job = _Job(queries, k, nprobe, opts, loop, loop.create_future(), time.monotonic())
+        job = _Job(queries, opts, loop, loop.create_future(), time.monotonic())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -155,19 +153,18 @@ class MicroBatcher:
             if any(dense):  # (nq, dim): one forward pass for every query that needs a vector
                 xq = np.zeros((len(texts), retriever.dim), np.float32)
                 xq[dense] = retriever.encode([t for t, d in zip(texts, dense) if d])
-            # One search per distinct (k, nprobe, options): the batch usually shares one.
+            # One search per distinct options (k and nprobe included): the batch usually shares one.
             groups: dict[tuple[Any, ...], list[int]] = {}
             for j, job in enumerate(batch):
-                groups.setdefault((job.k, job.nprobe, job.opts.key()), []).append(j)
+                groups.setdefault(job.opts.key(), []).append(j)
             starts = [0]
             for job in batch:
                 starts.append(starts[-1] + len(job.queries))
             results: list[Any] = [None] * len(batch)
-            for (k, nprobe, _), members in groups.items():
+            for members in groups.values():
                 rows = [r for j in members for r in range(starts[j], starts[j + 1])]
-                opts = batch[members[0]].opts
-                hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows], k,
-                                                nprobe, opts)
+                hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows],
+                                                batch[members[0]].opts)
                 pos = 0
                 for j in members:
                     n = len(batch[j].queries)

@@ -22,7 +22,9 @@ SELECT_CHOICES = ("best", "last")
 # scoring above 95% of the positive's score (NV-Retriever's TopK-PercPos).
 MINE_RANGE_MAX, MINE_RELATIVE_MARGIN = 50, 0.05
 DEV_AUTO, DEV_NONE = "auto", "none"
+RECIPE_FIELDS = ("lr", "query_prompt")  # None = the base's recipe (towers.recipe fills them in)
 AUTO = "auto"  # a max length measured on the pairs (towers.lengths)
+TOWER_KINDS = ("transformer", "static")  # towers.static.TOWER_KINDS (not imported: keeps --help free of torch)
 
 
 def parse_length(text: str) -> int | str:
@@ -70,13 +72,25 @@ class TrainConfig:
     negatives_per_query: int = field(1, "hard negatives used per query per step (cycled through each row's list "
                                         "epoch by epoch); 0 ignores the column")
     # Model
+    query_tower: str = field("transformer", "kind of query tower: transformer (the base, fine-tuned) or static (a "
+                                            "token table + mean pooling distilled from the base's query tower with "
+                                            "model2vec, then trained against the result tower: near-free query "
+                                            "encoding on CPU; see docs/static.md)", choices=TOWER_KINDS)
+    result_tower_from: str | None = field(None, "with --query-tower static: take the result tower from this "
+                                                "TOWERS dir, frozen (its index stays valid), and distil the static "
+                                                "tower from its query tower; unset = both trained jointly from "
+                                                "--base")
+    static_lr: float = field(2e-3, "AdamW learning rate of a static query tower's table (a lookup table needs a "
+                                   "far larger step than a transformer's 2e-5; no weight decay on it)")
     shared: bool = field(False, "tie the query and result towers (one set of weights)")
     pooling: str | None = field(None, "pooling: mean, cls, last or max; unset = last for decoder LLMs, mean otherwise",
                                 choices=("mean", "cls", "last", "max"))
     proj_dim: int | None = field(None, "add a trained linear projection to this many dims; unset = none")
-    query_prompt: str = field("", "instruction prepended to every query, e5-style, e.g. 'Instruct: Given a "
-                                  "docstring, retrieve the Python function\\nQuery: ' (kept in the TOWERS dir and "
-                                  "applied wherever the towers encode; counts into --query-max-length)")
+    query_prompt: str | None = field(None, "instruction prepended to every query, e5-style, e.g. 'Instruct: Given a "
+                                           "docstring, retrieve the Python function\\nQuery: ' (kept in the TOWERS dir "
+                                           "and applied wherever the towers encode; counts into --query-max-length); "
+                                           "unset = the base's recipe: a generic instruction for a decoder LLM, none "
+                                           "for an encoder; '' = none")
     result_prompt: str = field("", "prompt prepended to every result text (as --query-prompt, for results)")
     append_eos: bool | None = field(None, "end every input with the tokenizer's EOS token (kept in the saved "
                                           "tokenizer); unset = on with last pooling, the decoder-LLM default")
@@ -102,13 +116,19 @@ class TrainConfig:
                                    "5%% of the positive's score); they replace the pairs' negatives; 0 = off")
     hard_negatives_rounds: int = field(1, "with --hard-negatives: mining rounds of --max-steps (or --epochs) "
                                           "each; 2 re-mines with the first round's towers and trains on")
+    teacher: str = field("", "RERANKER dir (twotower train-reranker) to distil from: adds a margin-MSE term "
+                             "(Hofstatter et al. 2020) matching (q.p - q.n) / temperature to the reranker's "
+                             "logit margin over each hard negative; needs --hard-negatives N or a negatives "
+                             "column; empty = off")
+    teacher_weight: float = field(1.0, "weight of the --teacher margin-MSE term next to InfoNCE")
     # Optimisation
     max_steps: int = field(0, "optimizer steps; 0 = --epochs passes over the pairs")
     epochs: int = field(1, "passes over the pairs when --max-steps is 0")
     batch_size: int = field(32, "pairs per step over all processes (each of N encodes batch-size / N); every "
                                 "other pair's positive is an in-batch negative, so bigger batches give a harder "
                                 "task")
-    lr: float = field(2e-5, "peak AdamW learning rate (2e-5 is the sentence-transformers fine-tuning default)")
+    lr: float | None = field(None, "peak AdamW learning rate; unset = the base's recipe: 1e-4 for a decoder LLM (the "
+                                   "demo's SmolLM2 towers), 2e-5 for an encoder (sentence-transformers' default)")
     warmup_ratio: float = field(0.1, "fraction of steps with linear LR warm-up (then linear decay to 0)")
     weight_decay: float = field(0.01, "AdamW weight decay (not applied to biases, norms or the temperature)")
     max_grad_norm: float = field(1.0, "clip the gradient norm to this (0 = no clipping)")
@@ -126,7 +146,8 @@ class TrainConfig:
     seed: int = field(42, "seed of the data order, dropout and initialisation")
     # Machine
     device: str = field("auto", "auto (cuda when available), cpu, cuda or cuda:N", resume_ok=True)
-    amp: str = field("auto", "mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, none",
+    amp: str = field("auto", "mixed precision: auto (bf16 or fp16 on CUDA; on a CPU bf16 for a decoder LLM where "
+                             "the CPU has it natively, else none: the rule index/bench/demo follow), bf16, fp16, none",
                      choices=AMP_CHOICES)
     gradient_checkpointing: bool = field(False, "recompute activations in backward: less memory, ~30%% slower",
                                          resume_ok=True)
@@ -162,8 +183,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        positive = ("batch_size", "lr", "temperature", "log_every", "eval_batch_size", "temperature_lr",
-                    "hard_negatives_rounds")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        positive = ("batch_size", "temperature", "log_every", "eval_batch_size", "temperature_lr",
+                    "hard_negatives_rounds", "teacher_weight")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -221,6 +244,22 @@ class TrainConfig:
             raise ValueError(f"--matryoshka-weights must be finite and >= 0, got {self.matryoshka_weights}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
+        self._check_query_tower()
+
+    def _check_query_tower(self) -> None:
+        """A static query tower's incompatible options, refused before anything loads."""
+        if self.query_tower not in TOWER_KINDS:
+            raise ValueError(f"unknown query tower '{self.query_tower}': choose {', '.join(TOWER_KINDS)}")
+        if not self.static_lr > 0:
+            raise ValueError(f"--static-lr must be > 0, got {self.static_lr}")
+        if self.query_tower != "static":
+            if self.result_tower_from:
+                raise ValueError("--result-tower-from needs --query-tower static")
+            return
+        for flag, on in (("--shared", self.shared), ("--lora-r", self.lora_r), ("--proj-dim", self.proj_dim)):
+            if on:
+                raise ValueError(f"--query-tower static cannot be combined with {flag}: a static tower is one "
+                                 "token table with no encoder, no adapters and no projection")
 
     def matryoshka(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         """(dims, weights) of the Matryoshka loss, or None when it is off."""
@@ -241,6 +280,8 @@ class TrainConfig:
         out = []
         for f in dataclasses.fields(self):
             if f.metadata.get("resume_ok") or f.name not in saved:
+                continue
+            if getattr(self, f.name) is None and f.name in RECIPE_FIELDS:  # unset: the same base gives the same value
                 continue
             if saved[f.name] != getattr(self, f.name):
                 out.append(f"{f.name}: checkpoint has {saved[f.name]!r}, this run has {getattr(self, f.name)!r}")

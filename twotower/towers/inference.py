@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from twotower.common.device import autocast_dtype, resolve_device
+from twotower.towers.llm import is_decoder_config
 from twotower.towers.model import Tower, TwoTower
 
 SIDES = ("query", "result")
@@ -30,8 +31,8 @@ class TowerEncoder:
     Args:
         tower: the :class:`~towers.model.Tower` (moved to ``device``; put in eval mode).
         device: auto, cpu, cuda or cuda:N (:func:`common.device.resolve_device`).
-        precision: auto (bf16/fp16 autocast on a GPU, float32 on the CPU), fp32, bf16 or fp16
-            (:func:`common.device.autocast_dtype`).
+        precision: auto (bf16/fp16 autocast on a GPU; on the CPU bf16 for a decoder-LLM tower where native, else
+            float32), fp32, bf16 or fp16 (:func:`common.device.autocast_dtype`, the rule training follows).
         max_length: token cap per text (default: the tower's own).
         fingerprint: the vector space this encoder produces (default: the tower's weights hash).
         prompt: prepended to every text (default: the tower's own; a shared tower's result side passes its own).
@@ -42,7 +43,9 @@ class TowerEncoder:
         self.device = resolve_device(device)
         self.tower = tower.to(self.device).eval()
         self.precision = precision
-        self.amp_dtype = autocast_dtype(precision, self.device)
+        encoder = getattr(tower, "encoder", None)  # a static tower has none (and nothing to autocast)
+        decoder = encoder is not None and is_decoder_config(encoder.config.to_dict())
+        self.amp_dtype = autocast_dtype(precision, self.device, decoder=decoder)
         self.max_length = max_length
         self.prompt = prompt
         self.dim = int(tower.dim)

@@ -64,6 +64,6 @@ def apply_lora(model: TwoTower, r: int, alpha: float, targets: str, dropout: flo
 def merge_lora(model: TwoTower) -> None:
     """Merge every tower's adapters into its weights, in place (after training: the towers are plain again)."""
     for tower in {id(t): t for t in (model.query_tower, model.result_tower)}.values():
-        if is_lora(tower.encoder):
+        if is_lora(getattr(tower, "encoder", None)):  # a static tower has no encoder (and no adapters)
             tower.encoder = tower.encoder.merge_and_unload()
 

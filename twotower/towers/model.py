@@ -7,7 +7,6 @@ carries sentence-transformers module files, so ``AutoModel.from_pretrained`` and
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,16 @@ from twotower.towers.feed import BatchFeed
 from twotower.towers.llm import append_eos, appends_eos, default_pooling, left_padded, position_ids
 from twotower.towers.lora import plain_encoder
 from twotower.towers.pooling import check_pooling, pool
-from twotower.towers.st_format import ST_SIDE_NAMES, read_st_files, write_json, write_router_files, write_st_files
+from twotower.towers.st_format import (
+    ST_SIDE_NAMES,
+    read_st_files,
+    weights_fingerprint,
+    write_json,
+    write_router_files,
+    write_st_files,
+)
+from twotower.towers.static import KIND as STATIC_KIND
+from twotower.towers.static import StaticTower
 
 TOWERS_FORMAT_VERSION = 1
 
@@ -226,13 +234,7 @@ class Tower(nn.Module):
     def fingerprint(self) -> str:
         """sha256 over this tower's weights (sorted names, raw bytes): identifies the vector space. An
         ``onnx_copy`` (same float32 vectors, weights inside ONNX Runtime) reports its source's."""
-        if self.source_fingerprint:
-            return self.source_fingerprint
-        h = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return self.source_fingerprint or weights_fingerprint(self)
 
 
 class TwoTower(nn.Module):
@@ -246,16 +248,34 @@ class TwoTower(nn.Module):
     tower's sentence-transformers ``max_seq_length`` says); unset, inference uses the training lengths.
     """
 
-    def __init__(self, query_tower: Tower, result_tower: Tower | None = None, base: str = "",
+    def __init__(self, query_tower: Tower | StaticTower, result_tower: Tower | None = None, base: str = "",
                  train_config: dict[str, Any] | None = None, result_prompt: str | None = None,
-                 inference_max_lengths: dict[str, int] | None = None) -> None:
+                 inference_max_lengths: dict[str, int] | None = None, freeze_result: bool = False) -> None:
         super().__init__()
         self.query_tower = query_tower
         self.result_tower = result_tower if result_tower is not None else query_tower
+        if self.query_tower.dim != self.result_tower.dim:
+            raise ValueError(f"query tower has {self.query_tower.dim} dims but the result tower has "
+                             f"{self.result_tower.dim}: their scores would be undefined")
         self.base = base
         self.train_config = train_config or {}
         self._result_prompt = result_prompt
         self.inference_max_lengths: dict[str, int] = dict(inference_max_lengths or {})  # side -> tokens
+        self.freeze_result = freeze_result
+        if freeze_result:
+            self.result_tower.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TwoTower:
+        """As ``nn.Module.train``, except that a frozen result tower stays in eval mode (no dropout noise)."""
+        super().train(mode)
+        if self.freeze_result:
+            self.result_tower.eval()
+        return self
+
+    def tower_kinds(self) -> dict[str, str]:
+        """Which kind each tower is (``transformer`` or ``static``), by side; recorded in twotower.json."""
+        return {side: getattr(tower, "kind", "transformer")
+                for side, tower in (("query", self.query_tower), ("result", self.result_tower))}
 
     @property
     def shared(self) -> bool:
@@ -342,6 +362,7 @@ class TwoTower(nn.Module):
             "query_prompt": self.query_prompt,
             "result_prompt": self.result_prompt,
             "append_eos": appends_eos(self.result_tower.tokenizer),
+            "tower_kinds": self.tower_kinds(),
             "train_config": self.train_config,
             # the verdict of training (towers.train): did the towers beat the untrained base on dev?
             **{k: self.train_config[k] for k in ("improved", "verdict", "dev_metrics") if k in self.train_config},
@@ -372,7 +393,7 @@ class TwoTower(nn.Module):
         another run)."""
         path = Path(path)
         meta = read_towers_meta(path)
-        query = Tower.load(path / "query_tower")
+        query = load_tower(path / "query_tower", tower_kind(meta, "query"))
         check_query_tower(path, meta, query, allow_mixed_towers)
         result = None if meta.get("shared") else Tower.load(path / "result_tower")
         train_config = dict(meta.get("train_config") or {})
@@ -380,14 +401,28 @@ class TwoTower(nn.Module):
         train_config.setdefault("query_max_length", meta.get("query_max_length", query.max_length))
         inference = {side: meta[f"inference_{side}_max_length"] for side in ("query", "result")
                      if meta.get(f"inference_{side}_max_length")}  # absent before issue 15: the training lengths
-        model = cls(query, result, base=meta.get("base", ""), train_config=train_config,
-                    result_prompt=meta.get("result_prompt") if meta.get("shared") else None,
-                    inference_max_lengths=inference)
+        try:
+            model = cls(query, result, base=meta.get("base", ""), train_config=train_config,
+                        result_prompt=meta.get("result_prompt") if meta.get("shared") else None,
+                        inference_max_lengths=inference)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         expected = meta.get("fingerprint")
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{path}: result tower weights do not match the fingerprint in twotower.json "
                              f"({model.fingerprint()} != {expected}); the towers dir is corrupt or was edited")
         return model
+
+
+def tower_kind(meta: dict[str, Any], side: str) -> str:
+    """``transformer`` or ``static``: the kind of ``side``'s tower by a twotower.json (``meta``); towers saved
+    before issue 25 record none and are two transformers."""
+    return (meta.get("tower_kinds") or {}).get(side, "transformer")
+
+
+def load_tower(path: str | Path, kind: str = "transformer") -> Tower | StaticTower:
+    """One tower dir of either kind (:func:`tower_kind`)."""
+    return StaticTower.load(path) if kind == STATIC_KIND else Tower.load(path)
 
 
 def read_towers_meta(path: str | Path) -> dict[str, Any]:
@@ -403,7 +438,8 @@ def read_towers_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def check_query_tower(path: str | Path, meta: dict[str, Any], tower: Tower, allow_mixed_towers: bool = False) -> None:
+def check_query_tower(path: str | Path, meta: dict[str, Any], tower: Tower | StaticTower,
+                      allow_mixed_towers: bool = False) -> None:
     """Refuse a query tower whose weights are not the ones ``twotower.json`` recorded for this run (a tower of
     another run with the same dims, copied in); ``allow_mixed_towers`` accepts it. TOWERS dirs saved before the
     query fingerprint was recorded are not checked."""

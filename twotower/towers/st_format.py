@@ -13,6 +13,7 @@ place from ``query_tower/`` and ``result_tower/`` (no copy of the weights).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ ST_SIDE_NAMES = {"query": "query", "result": "document"}
 # Router needs >= 5).
 _ST = "sentence_transformers.models."
 ST_MODULE_TYPES = {"transformer": _ST + "Transformer", "pooling": _ST + "Pooling", "dense": _ST + "Dense",
-                   "normalize": _ST + "Normalize", "router": _ST + "Router"}
+                   "normalize": _ST + "Normalize", "router": _ST + "Router", "static": _ST + "StaticEmbedding"}
 
 
 @dataclass
@@ -143,8 +144,22 @@ def read_st_files(path: Path) -> STConfig:
     if "2_Dense" in paths:
         dense = load_file(path / "2_Dense" / "model.safetensors")
         proj = {"weight": dense["linear.weight"], "bias": dense["linear.bias"]}
-    prompt = ""
-    if (path / ST_CONFIG).exists():  # towers saved before prompts existed have none
-        cfg = json.loads((path / ST_CONFIG).read_text())
-        prompt = (cfg.get("prompts") or {}).get(cfg.get("default_prompt_name") or "", "") or ""
-    return STConfig(pooling, max_length, "3_Normalize" in paths, proj, prompt)
+    return STConfig(pooling, max_length, "3_Normalize" in paths, proj, read_default_prompt(path))
+
+
+def read_default_prompt(path: Path) -> str:
+    """The tower's own prompt (its ``default_prompt_name`` among the exported prompts); towers saved before
+    prompts existed have none."""
+    if not (path / ST_CONFIG).exists():
+        return ""
+    cfg = json.loads((path / ST_CONFIG).read_text())
+    return (cfg.get("prompts") or {}).get(cfg.get("default_prompt_name") or "", "") or ""
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's weights (sorted names, raw bytes), 16 hex digits: identifies a vector space."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -38,6 +38,7 @@ from twotower.towers.checkpoint import CKPT_DIR, LOG_NAME, TrainLog, dry_save, p
 from twotower.towers.config import TrainConfig
 from twotower.towers.data import DEV_MIN, count_overlap, load_pairs, pairs_fingerprint, split_dev
 from twotower.towers.dev import DevState, dev_metrics, load_best, no_gain_reasons, read_best, save_best, verdict
+from twotower.towers.distill import Scores, batch_margins, margin_mse, teacher_scores
 from twotower.towers.distributed import (
     DistEnv,
     all_gather_object,
@@ -57,7 +58,11 @@ from twotower.towers.loss import Temperature, contrastive_loss, matryoshka_loss
 from twotower.towers.model import Tower, TwoTower
 from twotower.towers.negatives import load_mined, mine_for_training, mined_path, mined_stats, save_mined
 from twotower.towers.pooling import check_pooling
+from twotower.towers.recipe import DECODER, describe_recipe, resolve_recipe
+from twotower.towers.reranker import Reranker, check_reranker_dir
 from twotower.towers.sampler import NoDuplicatesBatchSampler, conflict_keys
+from twotower.towers.static import StaticTower
+from twotower.towers.static_pair import build_static_pair, check_static_options
 
 __all__ = ["TrainConfig", "train", "LOG_NAME", "CKPT_DIR", "Batch", "collate", "features", "TowerForward", "embed",
            "forward_backward", "optimizer_step", "dev_recall"]
@@ -68,26 +73,34 @@ class Batch:
     queries: list[str]
     positives: list[str]
     negatives: list[str]  # flattened hard negatives of the whole batch (scored by every query)
+    owners: list[int] = field(default_factory=list)  # the row each negative was drawn for
+    margins: list[float] = field(default_factory=list)  # --teacher: its margin s(q, p) - s(q, n) per negative
 
 
 def collate(rows: np.ndarray, queries: list[str], positives: list[str], negatives: list[list[str]] | None,
-            epoch: int, per_query: int, exclude: Collection[str] | None = None) -> Batch:
+            epoch: int, per_query: int, exclude: Collection[str] | None = None,
+            teacher: Scores | None = None) -> Batch:
     """Texts of ``rows``. Hard negatives cycle through each row's list epoch by epoch; one that equals a
     positive in the batch is dropped (it would be a false negative for that positive's query).
 
     Args:
         exclude: texts never used as hard negatives; default the positives of ``rows``. A data-parallel rank
             passes the positives of the whole *global* batch, since every rank's positives are candidates.
+        teacher: ``--teacher``'s scores (``towers.distill``): each negative's teacher margin goes with the batch.
     """
     qs, ps = [queries[i] for i in rows], [positives[i] for i in rows]
     negs: list[str] = []
+    owners: list[int] = []
     if negatives is not None and per_query > 0:
         in_batch = set(ps) if exclude is None else set(exclude)
-        for i in rows:
+        for b, i in enumerate(rows):
             row = negatives[i]
             take = [row[(epoch * per_query + j) % len(row)] for j in range(min(per_query, len(row)))]
-            negs += [n for n in take if n not in in_batch]
-    return Batch(qs, ps, negs)
+            kept = [n for n in take if n not in in_batch]
+            negs += kept
+            owners += [b] * len(kept)
+    margins = batch_margins(qs, ps, negs, owners, teacher) if teacher is not None else []
+    return Batch(qs, ps, negs, owners, margins)
 
 
 def _features(tower: Tower, texts: list[str], max_length: int, device: torch.device,
@@ -146,8 +159,8 @@ def embed(model: TwoTower, batch: Batch, device: torch.device, amp_dtype: torch.
 
 def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: torch.device, temp: Temperature,
                      symmetric: bool = False, scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                     cache_chunk_size: int = 0, matryoshka: tuple[tuple[int, ...], tuple[float, ...]] | None = None
-                     ) -> torch.Tensor:
+                     cache_chunk_size: int = 0, matryoshka: tuple[tuple[int, ...], tuple[float, ...]] | None = None,
+                     teacher_weight: float = 0.0) -> torch.Tensor:
     """One step's loss on this process's rows, with its gradients accumulated into ``.grad``.
 
     Args:
@@ -157,6 +170,7 @@ def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: 
         cache_chunk_size: > 0 runs GradCache (``towers.gradcache``) with chunks of that many rows per tower:
             same gradients, memory of one chunk.
         matryoshka: (dims, weights) of the Matryoshka loss (``towers.loss.matryoshka_loss``); None: InfoNCE.
+        teacher_weight: weight of the margin-MSE term (``towers.distill``) over ``batch.margins``, when it has any.
 
     Returns:
         This rank's loss, detached (its mean over ranks is the loss of the whole batch).
@@ -166,8 +180,12 @@ def forward_backward(forward: nn.Module, model: TwoTower, batch: Batch, device: 
 
     def loss_of(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # q (B, d), r (B + M, d)
         if matryoshka is not None:
-            return matryoshka_loss(q, r[:n], r[n:], *matryoshka, temp(), symmetric)
-        return contrastive_loss(q, r[:n], r[n:], temp(), symmetric)
+            loss = matryoshka_loss(q, r[:n], r[n:], *matryoshka, temp(), symmetric)
+        else:
+            loss = contrastive_loss(q, r[:n], r[n:], temp(), symmetric)
+        if teacher_weight and batch.margins:
+            loss = loss + teacher_weight * margin_mse(q, r[:n], r[n:], batch.owners, batch.margins, temp())
+        return loss
 
     if cache_chunk_size:
         loss = cached_backward(forward, q_features, r_features, loss_of, cache_chunk_size, scale)
@@ -214,8 +232,11 @@ def _seed_all(seed: int) -> None:
 def _param_groups(model: TwoTower, temp: Temperature, config: TrainConfig) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not biases / norms), temperature in its own group."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() de-duplicates shared towers
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    static = {id(p) for p in model.query_tower.parameters()} if isinstance(model.query_tower, StaticTower) else set()
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.ndim < 2 and id(p) not in static], "weight_decay": 0.0}]
+    if static:  # a token table: its own (much larger) step, no decay pulling rare tokens to zero
+        groups.append({"params": [p for p in params if id(p) in static], "weight_decay": 0.0, "lr": config.static_lr})
     if config.learn_temperature:
         groups.append({"params": [temp.log_t], "weight_decay": 0.0, "lr": config.temperature_lr})
     return groups
@@ -234,7 +255,8 @@ def _check_resumable(config: TrainConfig, state: dict[str, Any], fingerprint: st
 def check_train_out(config: TrainConfig) -> None:
     """Refuse an ``--out`` that is not (or not yet) a TOWERS dir or training run of ours (``common.outputs``)."""
     check_out_dir(config.out, ("towers", "run"), verb="train",
-                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base})
+                  inputs={"--pairs": config.pairs, "--dev": config.dev_file, "--base": config.base,
+                          "--result-tower-from": config.result_tower_from, "--teacher": config.teacher})
 
 
 def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
@@ -254,6 +276,9 @@ def warn_dev_overlap(config: TrainConfig, pairs: Any, dev: Any) -> None:
 def _check_model_options(config: TrainConfig) -> None:
     """An unknown base or pooling fails here, naming the choices (resolving a base is cached, so not wasted)."""
     base = resolve_base(config.base)
+    check_static_options(config)
+    if config.teacher:
+        check_reranker_dir(config.teacher)  # a teacher that does not fit is refused before anything loads
     if config.pooling is not None:
         check_pooling(config.pooling)
     if config.matryoshka_dims:
@@ -376,7 +401,11 @@ class RunState:
     evaluated_step: int = -1
     current_round: int = 0
     mined: list[dict[str, Any]] = field(default_factory=list)
+    teacher: Reranker | None = None  # --teacher, loaded before the first step
+    teacher_scores: Scores | None = None  # its scores of the current negatives ...
+    teacher_negatives: list[list[str]] | None = None  # ... which are these
     stopped: str = ""  # why the run stopped early, or ""
+    recipe: dict[str, Any] = field(default_factory=dict)  # the recipe in force (towers.recipe), for twotower.json
     log: TrainLog = field(init=False)  # opened by _setup at the step the run continues from
 
 
@@ -397,12 +426,15 @@ def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: P
                  ) -> tuple[TwoTower, Temperature]:
     """The towers (LoRA, checkpointing) and the temperature, on ``device``, seeded alike on every rank."""
     _seed_all(config.seed)  # same initialisation on every rank (DDP also broadcasts rank 0's weights)
-    model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
-                               config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
-                               result_prompt=config.result_prompt, eos=config.append_eos)
+    if config.query_tower == "static":  # distilled static query tower (towers.static_pair)
+        model = build_static_pair(config, str(device))
+    else:
+        model = TwoTower.from_base(config.base, config.shared, config.pooling, config.query_max_length,
+                                   config.result_max_length, config.proj_dim, query_prompt=config.query_prompt,
+                                   result_prompt=config.result_prompt, eos=config.append_eos)
+        model.inference_max_lengths = {"query": config.inference_query_max_length,
+                                       "result": config.inference_result_max_length}
     model.train_config = config.to_dict()  # also tells a shared tower its result max length
-    model.inference_max_lengths = {"query": config.inference_query_max_length,
-                                   "result": config.inference_result_max_length}
     if config.lora_r:
         apply_lora(model, config.lora_r, config.lora_alpha or 2.0 * config.lora_r, config.lora_targets)
     run_collectively(lambda: dry_save(model, out, config.base), main_only=True)  # unsaveable: fail before step 1
@@ -413,7 +445,8 @@ def _build_model(config: TrainConfig, env: DistEnv, device: torch.device, out: P
         torch.manual_seed(_rank_seed(config.seed, env.rank))  # independent dropout per rank
     if config.gradient_checkpointing:
         for tower in {model.query_tower, model.result_tower}:
-            _enable_checkpointing(tower.encoder)
+            if isinstance(tower, Tower) and any(p.requires_grad for p in tower.parameters()):  # not static/frozen
+                _enable_checkpointing(tower.encoder)
     return model, temp
 
 
@@ -440,18 +473,24 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     """Read and check the data, build the model and optimizer, restore ``--resume``'s checkpoint: the run's
     state before its first step. Every check runs before the model loads."""
     cols = (config.query_column, config.positive_column, config.negatives_column)
-    amp_dtype = autocast_dtype(config.amp, device)
     pairs = load_pairs(config.pairs, *cols)  # every rank reads and validates: same data, same errors
     pairs, dev = _split(config, pairs, env)
     queries, positives = list(pairs["query"]), list(pairs["positive"])
     negatives = [list(n) for n in pairs["negatives"]] if "negatives" in pairs.column_names else None
     fingerprint = pairs_fingerprint(pairs)  # of the training rows: a resume with another split is refused
+    if config.teacher and (config.negatives_per_query == 0 or (negatives is None and not config.hard_negatives)):
+        raise ValueError("--teacher distils over hard negatives: give --hard-negatives N (mined) or pairs with a "
+                         "negatives column, and --negatives-per-query >= 1")
     sampler = _sampler(config, env, queries, positives)
     rounds = config.hard_negatives_rounds if config.hard_negatives else 1
     per_round = config.max_steps or config.epochs * len(sampler)
     total = per_round * rounds
     out = Path(config.out)
     _check_model_options(config)  # before --out is created: a typo must not leave an empty run dir behind
+    config, recipe = resolve_recipe(config, resolve_base(config.base), device)  # unset options: the base's recipe
+    amp_dtype = autocast_dtype(config.amp, device, decoder=recipe["recipe"] == DECODER.name)
+    if env.is_main:
+        print(f"twotower train: {describe_recipe(config.base, recipe)}", file=sys.stderr)
     config, measured = resolve_lengths(config, queries, positives)  # the resolved lengths are the run's
     if env.is_main:
         for side in ("query", "result"):
@@ -470,7 +509,7 @@ def _setup(config: TrainConfig, env: DistEnv, device: torch.device) -> RunState:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     forward: nn.Module = TowerForward(model, amp_dtype)
     run = RunState(config, env, device, amp_dtype, out, queries, positives, negatives, dev, fingerprint, measured,
-                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward)
+                   sampler, per_round, total, model, temp, optimizer, scheduler, scaler, params, forward, recipe=recipe)
     if resume_from is not None:
         _resume(run, resume_from)
     if env.enabled:  # BERT's pooler is computed but unused: DDP must then look for unused parameters
@@ -542,10 +581,19 @@ def _hard_negatives(run: RunState, round_: int) -> list[list[str]]:
     return negs
 
 
+def _teacher_scores(run: RunState) -> Scores:
+    """``--teacher``'s logits of every (query, positive) and (query, negative) pair of the current negatives."""
+    assert run.teacher is not None and run.negatives is not None, "only with --teacher and hard negatives"
+    tqdm.write(f"--teacher: scoring {len(run.queries)} pairs and their hard negatives with {run.config.teacher}")
+    return teacher_scores(run.teacher, run.queries, run.positives, run.negatives, run.config.eval_batch_size)
+
+
 def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     """The training loop, top to bottom: batch -> loss and backward -> optimizer step -> log, dev, checkpoint."""
     run = _setup(config, env, device)
     config, sampler = run.config, run.sampler
+    if config.teacher:
+        run.teacher = Reranker.load(config.teacher, str(device), precision_of(run.amp_dtype))
     if run.dev is not None and run.step == 0:
         _evaluate(run)
     bar = tqdm(total=run.total, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
@@ -555,13 +603,18 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
         if config.hard_negatives and run.step // run.per_round + 1 != run.current_round:
             run.current_round = run.step // run.per_round + 1
             run.negatives = _hard_negatives(run, run.current_round)
+        if run.teacher is not None and run.teacher_negatives is not run.negatives:
+            run.teacher_scores, run.teacher_negatives = _teacher_scores(run), run.negatives
         global_rows = sampler.next_global_batch()
         batch = collate(sampler.shard(global_rows), run.queries, run.positives, run.negatives, sampler.epoch,
-                        config.negatives_per_query, exclude={run.positives[i] for i in global_rows})
+                        config.negatives_per_query, exclude={run.positives[i] for i in global_rows},
+                        teacher=run.teacher_scores)
         loss = global_mean(forward_backward(run.forward, run.model, batch, device, run.temp, config.symmetric,
-                                            run.scaler.scale, config.cache_chunk_size, config.matryoshka()))
+                                            run.scaler.scale, config.cache_chunk_size, config.matryoshka(),
+                                            config.teacher_weight if config.teacher else 0.0))
         if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {run.step + 1}; lower --lr or use --amp bf16/none")
+            bar.close()  # the bar's last redraw comes before the error line, not after it
+            raise ValueError(diverged(run, loss))
         optimizer_step(run.params, run.optimizer, run.scheduler, run.scaler, config.max_grad_norm)
         run.step += 1
         run.losses.append(loss)
@@ -588,6 +641,15 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     if config.checkpoint_every and run.saved_step != run.step:
         _save_checkpoint(run)  # a --resume of a finished run then has nothing left to redo
     return _finish(run)
+
+
+def diverged(run: RunState, loss: float) -> str:
+    """The one line for a loss that is NaN/inf: the step, the options to change, and what is kept on disk (the
+    check runs before the optimizer step, so no checkpoint ever holds the diverged weights)."""
+    kept = (f"the last good checkpoint (step {run.saved_step}) is kept in --out" if run.saved_step > 0
+            else "no checkpoint was due yet, none was written")
+    return (f"training diverged: loss is {loss} at step {run.step + 1} (--lr {run.config.lr:g}); lower --lr or "
+            f"use --amp bf16/none; {kept}")
 
 
 def _dev_summary(run: RunState) -> dict[str, Any]:
@@ -621,7 +683,7 @@ def _finish(run: RunState) -> TwoTower:
     model.train_config = {**config.to_dict(), "steps": run.step, "final_temperature": float(run.temp().detach()),
                           "data_fingerprint": run.fingerprint, "dev_recall@10": recall,
                           "world_size": run.env.world_size, "lengths_measured": run.measured,
-                          "hard_negatives_mined": mined, **summary}
+                          "hard_negatives_mined": mined, "recipe": run.recipe, **summary}
     merge_lora(model)  # the TOWERS dir and the returned model hold plain (merged) weights
     model.eval()
     run_collectively(lambda: publish_towers(model, run.out), main_only=True)
