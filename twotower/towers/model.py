@@ -394,7 +394,6 @@ class TwoTower(nn.Module):
         path = Path(path)
         meta = read_towers_meta(path)
         query = load_tower(path / "query_tower", tower_kind(meta, "query"))
-        check_query_tower(path, meta, query, allow_mixed_towers)
         result = None if meta.get("shared") else Tower.load(path / "result_tower")
         train_config = dict(meta.get("train_config") or {})
         train_config.setdefault("result_max_length", meta.get("result_max_length", query.max_length))
@@ -411,6 +410,7 @@ class TwoTower(nn.Module):
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{path}: result tower weights do not match the fingerprint in twotower.json "
                              f"({model.fingerprint()} != {expected}); the towers dir is corrupt or was edited")
+        check_query_tower(path, meta, query, allow_mixed_towers)  # after the dims: a width mismatch says so
         return model
 
 
