@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,10 @@ def _check_fault(verb: str, n: int, err_no: int, built, tmp_path: Path, monkeypa
         rc, err = _run(argv, capsys)
     where = f"{verb}: fault {os.strerror(err_no)} at call {n} ({site[0]} {site[1]})"
     assert rc == 2, f"{where}: exit {rc}\n{err}"
-    line = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and line.startswith(f"twotower {argv[0]}: error: "), f"{where}: {err}"
+    # the one error line (progress bars on the same stream are drawn with CR; a bar may be redrawn after it)
+    errors = [s for s in re.split(r"[\r\n]", err) if s.startswith(f"twotower {argv[0]}: error: ")]
+    assert "Traceback" not in err and len(errors) == 1, f"{where}: {err}"
+    line = errors[0]
     assert os.strerror(err_no) in line and "'/" in line, f"{where}: the line names no path and error: {line}"
     assert not leftovers(work), f"{where}: temp files left: {leftovers(work)}"
     if verb == "train":
