@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from twotower.common.cliargs import check_required, field
+from twotower.common.cliargs import check_range, check_required, field
 from twotower.common.device import check_device
 from twotower.index.query import QueryOptions, check_config_options, options_of, query_fields
+from twotower.towers.config import MAX_TOKENS
 
 LLM_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -56,6 +57,9 @@ class BenchConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
                                  f"{getattr(self, name)}")
+        for name in ("query_max_length", "doc_max_length", "towers_query_max_length", "towers_result_max_length"):
+            if getattr(self, name) is not None:  # the tokenizer keeps a length in a usize: 2^64 overflows there
+                check_range(self, name, 1, MAX_TOKENS)
         if self.llm_precision not in LLM_PRECISIONS:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
 
@@ -111,9 +115,12 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
+    # Two suites (`--suite all`) in 20 min / 8 GB on 2 cores (docs/bench.md): 400 test queries per suite (enough for
+    # the CIs), 1,000 docs; SmolLM2 towers at 16 pairs a step (half the activations of 32: the 2026-12-07 peak RSS of
+    # 9.8 GiB was its training step) for 40 steps (about the time of 20 steps of 32); MiniLM towers 80 steps.
+    "cpu-small": Profile(max_queries=400, max_corpus=1000, dev_size=200, max_steps=80, batch_size=32, lr=1e-4,
                          temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
-                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48,
+                         llm_max_steps=40, llm_lr=1e-4, llm_batch_size=16, llm_query_max_length=48,
                          rerank_steps=80, rerank_pairs=800, rerank_batch_size=8, rerank_lr=1e-4, rerank_negatives=3),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
                     temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,

@@ -182,7 +182,8 @@ class LoadedIndex:
         nprobe = faiss_utils.widened(nprobe, ivf.nlist if ivf is not None else 0, fraction)
         ef_search = faiss_utils.widened(ef_search, max(self.ntotal, ef_search or 0), fraction)
         sel = faiss_utils.allow_selector(allowed)
-        inner = faiss.downcast_index(self.cpu_index)
+        # a binary index is no faiss.Index (downcast_index raises TypeError): it goes to the post-filter below
+        inner = None if isinstance(self.cpu_index, BinarySignIndex) else faiss.downcast_index(self.cpu_index)
         if isinstance(inner, faiss.IndexHNSW) and n_ok < (ef_search or 0) * inner.hnsw.nb_neighbors(1):
             # A graph walk visits about efSearch * M nodes, allowed or not; a scan of the allowed rows in the
             # HNSW's own storage (flat or SQ codes) costs n_ok distances and is exact: cheaper below that.
