@@ -33,6 +33,8 @@ class SearchConfig:
     batch_size: int = field(64, "queries encoded per forward pass")
     query_max_length: int | None = field(None, "tokens per query (default: the inference length recorded in the "
                                                "TOWERS dir)")
+    allow_mixed_towers: bool = field(False, "accept a query tower whose weights are not the ones twotower.json "
+                                            "records for its run (a tower swapped in from another run)")
 
     def __post_init__(self) -> None:
         check_range(self, "batch_size", 1, MAX_LIMIT)  # the query options: index.query, at run time (k's cap first)
@@ -46,6 +48,8 @@ class ServeConfig:
 
     index: str = field("", "INDEX dir (output of `twotower index build`)")
     towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
+    allow_mixed_towers: bool = field(False, "accept a query tower whose weights are not the ones twotower.json "
+                                            "records for its run (a tower swapped in from another run)")
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
     port: int = field(8000, "TCP port")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")

@@ -170,7 +170,8 @@ class Router:
 
         torch.set_num_threads(threads)
         meta = read_towers_meta(towers_dir)
-        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length)
+        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length,
+                                 config.allow_mixed_towers)
         meta = {**meta, "path": str(towers_dir)}
         calls = [lambda xq, k, nprobe, h=h: h.search.remote(xq, k, nprobe) for h in shard_handles]
         self.config = dataclasses.replace(config, reload_interval=0)  # shards are fixed: no INDEX dir to watch

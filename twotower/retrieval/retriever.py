@@ -25,7 +25,7 @@ from twotower.index.store import read_manifest, recorded_towers_dir
 from twotower.retrieval.config import DEFAULT_MAX_K
 from twotower.retrieval.doctable import DocTable
 from twotower.towers.inference import TowerEncoder
-from twotower.towers.model import Tower, load_tower, read_towers_meta, tower_kind
+from twotower.towers.model import Tower, check_query_tower, load_tower, read_towers_meta, tower_kind
 from twotower.towers.onnx import onnx_copy
 from twotower.towers.static import StaticTower
 
@@ -104,11 +104,12 @@ def is_encodable(text: str) -> bool:
 
 
 def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, precision: str,
-                     query_max_length: int | None = None) -> Any:
+                     query_max_length: int | None = None, allow_mixed_towers: bool = False) -> Any:
     """The query tower of ``towers_dir`` (``meta``: its twotower.json) for query-time encoding: on ``device``,
     at the inference query length (``query_max_length``, else twotower.json's ``inference_query_max_length``),
     as an ONNX Runtime copy for ``precision`` onnx. The one place ``Retriever.load`` and the Ray router load it.
-    Only the query tower: the result tower is what built the index and is not needed here."""
+    Only the query tower: the result tower is what built the index and is not needed here. Its weights must be
+    the ones twotower.json records for the run (``towers.model.check_query_tower``) unless ``allow_mixed_towers``."""
     check_retrieval_precision(precision)
     check_device(device)
     tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
@@ -116,7 +117,9 @@ def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, 
     if precision == "onnx" and kind != "transformer":
         raise ValueError(f"precision 'onnx' speeds up a transformer; the query tower of {towers_dir} is {kind} "
                          "(a table lookup): use fp32")
-    tower = load_tower(Path(towers_dir) / "query_tower", kind).to(tower_device)
+    tower = load_tower(Path(towers_dir) / "query_tower", kind)
+    check_query_tower(towers_dir, meta, tower, allow_mixed_towers)
+    tower = tower.to(tower_device)
     tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
     if precision == "onnx":
         if tower_device != "cpu":
@@ -169,8 +172,9 @@ class Retriever:
     @classmethod
     def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
              max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32",
-             query_max_length: int | None = None) -> Retriever:
-        """Load an INDEX dir and the query tower of its TOWERS dir.
+             query_max_length: int | None = None, allow_mixed_towers: bool = False) -> Retriever:
+        """Load an INDEX dir and the query tower of its TOWERS dir (``allow_mixed_towers``: accept a query tower
+        whose weights are not the ones recorded for the run).
 
         Args:
             index_dir: output of ``twotower index build``.
@@ -204,7 +208,7 @@ class Retriever:
         index.check_fingerprint(fingerprint)
         if meta.get("dim"):
             query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
-        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length)
+        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length, allow_mixed_towers)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size, precision=precision)
 

@@ -163,7 +163,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         r = retriever or Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                                         precision=config.precision, query_max_length=config.query_max_length)
+                                         precision=config.precision, query_max_length=config.query_max_length,
+                                         allow_mixed_towers=config.allow_mixed_towers)
         r.max_k = config.max_k
         batcher = MicroBatcher(r, config.max_batch, config.max_wait_ms, config.max_queue, finish=_hits_json)
         app.state.retriever, app.state.batcher = r, batcher.start()
