@@ -264,9 +264,9 @@ def test_encoder_without_fingerprint_never_resumes(tmp_path, capsys):
             return clustered_vectors(len(texts), 8)
 
     work = tmp_path / "work"
-    encode_corpus(Plain(), rows(30), work, chunk_size=10, show_progress=False)
+    encode_corpus(Plain(), rows(30), work, EncodeConfig(chunk_size=10, progress=False))
     again = Plain()
-    enc = encode_corpus(again, rows(30), work, chunk_size=10, show_progress=False)
+    enc = encode_corpus(again, rows(30), work, EncodeConfig(chunk_size=10, progress=False))
     assert again.calls == 30 and enc.n == 30 and "has no fingerprint() to tell its vectors apart" in capsys.readouterr().err
 
 

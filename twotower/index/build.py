@@ -98,8 +98,7 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
         auto_factory(total, dim, budget)  # a budget even IVF-PQ cannot meet fails before encoding too
     work = Path(encode.work_dir) if encode.work_dir else default_work_dir(out)
     t0 = time.time()
-    enc = encode_corpus(encoder, corpus, work, encode.chunk_size, encode.batch_size, encode.dtype,
-                        encode.corpus_split, total, encode.progress)
+    enc = encode_corpus(encoder, corpus, work, encode, total)
     t_encode = time.time() - t0
     if config.factory == "auto":
         choice = auto_factory(enc.n, dim, budget)

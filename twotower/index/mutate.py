@@ -93,8 +93,7 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
     index = read_index(path / INDEX_FILE)
     check_counts(path, manifest, index.d, index.ntotal, len(docs))
     old_vectors = open_vectors(path / VECTORS_FILE, index.ntotal, manifest["dim"]) if manifest.get("vectors") else None
-    enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
-                        config.corpus_split, len(new_ids), config.progress)
+    enc = encode_corpus(encoder, corpus, work, config, len(new_ids))
     add_chunks(index, enc, config.progress)
     manifest["ntotal"] = int(index.ntotal)
     manifest["generation"] = int(manifest.get("generation", 1)) + 1
