@@ -77,6 +77,13 @@ def test_one_check_per_option_same_words_everywhere(field, value, message) -> No
             assert str(flagged.value) == str(exc.value).replace(field, f"--{prefix.replace('_', '-')}{field}", 1)
 
 
+def test_every_field_has_its_check_and_a_surface() -> None:
+    from twotower.index.query import CHECKS
+
+    assert set(CHECKS) == {f.name for f in dataclasses.fields(QueryOptions)}
+    assert all(f.metadata["surfaces"] and f.metadata["help"] for f in dataclasses.fields(QueryOptions))
+
+
 def test_resolve_fills_defaults_and_keys_group_equal_requests() -> None:
     given = QueryOptions(k=5, alpha=0.9, filter='{"package": "numpy"}')
     assert given.mode is None and given.filter == {"package": "numpy"}  # JSON text is parsed
