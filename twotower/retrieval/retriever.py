@@ -36,6 +36,19 @@ from twotower.towers.static import StaticTower
 PRECISIONS = ("fp32", "bf16", "fp16", "onnx")
 
 
+class ShardsFailed(RuntimeError):
+    """Every shard of a sharded search failed (the message names each and why): 503, not a 500."""
+
+
+class PartialRow(list):
+    """One query's hits when some shards failed: the hits of the shards that answered, and ``failed``, one line
+    per failed shard (the answer names them: ``failed_shards``)."""
+
+    def __init__(self, hits: list[Hit], failed: list[str]) -> None:
+        super().__init__(hits)
+        self.failed = failed
+
+
 @dataclass(slots=True)
 class Hit:
     """One ranked result. ``rank`` starts at 1; ``score`` is the inner product (cosine for unit vectors)."""

@@ -36,7 +36,7 @@ from twotower.retrieval.apidocs import render_docs
 from twotower.retrieval.batcher import MicroBatcher, Overloaded
 from twotower.retrieval.config import ServeConfig
 from twotower.retrieval.reload import IndexWatcher
-from twotower.retrieval.retriever import Hit, Retriever, is_encodable
+from twotower.retrieval.retriever import Hit, Retriever, ShardsFailed, is_encodable
 from twotower.retrieval.timeouts import BodyTimeout, ReadTimeout, TimedH11Protocol, timeout_body
 
 
@@ -81,6 +81,8 @@ class HitModel(BaseModel):
 class SearchResponse(BaseModel):
     results: list[list[HitModel]] = Field(description="one ranked hit list per query, best first")
     took_ms: float = Field(description="server time for this request, queueing included")
+    failed_shards: list[str] | None = Field(None, description="sharded serving: the shards that failed, one line "
+                                                              "each; the results are those of the other shards")
 
 
 def check_limits(req: Any, config: ServeConfig) -> list[dict[str, Any]]:
@@ -153,8 +155,11 @@ def _error_response(status: int, detail: list[dict[str, Any]]) -> JSONResponse:
 
 
 def _hits_json(hits: list[list[Hit]]) -> bytes:
-    """One request's results as JSON bytes (runs in the batcher's worker thread)."""
-    return dumps_strict([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
+    """One request's results as JSON bytes (runs in the batcher's worker thread); when shards failed
+    (``PartialRow``), followed by ``,"failed_shards":[...]`` (the route puts both inside the response object)."""
+    body = dumps_strict([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
+    failed = sorted({line for row in hits for line in getattr(row, "failed", ())})
+    return body + b',"failed_shards":' + dumps_strict(failed).encode() if failed else body
 
 
 def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastAPI:
@@ -212,6 +217,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
             return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
         except FilterError as exc:  # unknown field / bad operator: names the field and the valid operators
             return _error_response(422, [{"loc": ["body", "filter"], "msg": str(exc), "type": "value_error"}])
+        except ShardsFailed as exc:  # every shard failed (one failing is named in a 200's failed_shards)
+            return _error_response(503, [{"loc": [], "msg": str(exc), "type": "shards_failed"}])
         except ValueError as exc:  # anything the retriever still rejects is the client's input
             return _error_response(422, [{"loc": ["body"], "msg": str(exc), "type": "value_error"}])
         took_ms = (time.perf_counter() - t0) * 1000.0
