@@ -70,3 +70,32 @@ def test_search_cli_reranks(tiny, capsys):
     assert len(json.loads(out.strip().splitlines()[0])["hits"]) == 3
     assert twotower_cli.main(argv[:-5] + ["--rerank", "10", "sort a list"]) == 2
     assert "needs a reranker" in capsys.readouterr().err
+
+
+def test_http_rerank_uses_the_manifest_reranker(tiny_bert_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import make_corpus
+    from twotower.index.build import build_index
+    from twotower.index.config import IndexBuildConfig
+    from twotower.retrieval.config import ServeConfig
+    from twotower.retrieval.retriever import Retriever
+    from twotower.retrieval.server import create_app
+    from twotower.towers.inference import result_encoder
+    from twotower.towers.model import TwoTower
+    from twotower.towers.reranker import Reranker
+
+    towers, reranker = tmp_path / "towers", tmp_path / "reranker"
+    TwoTower.from_base(str(tiny_bert_dir), query_max_length=32, result_max_length=64).save(towers)
+    Reranker.from_base(tiny_bert_dir, 48, device="cpu", seed=2).save(reranker, {"base": "tiny"})
+    index = build_index(result_encoder(TwoTower.load(towers)), make_corpus(40), tmp_path / "index",
+                        IndexBuildConfig(factory="Flat", default_reranker=str(reranker)), towers_dir=towers)
+    r = Retriever.load(index, towers, device="cpu")
+    want = [[h.id for h in hits] for hits in r.search(QUERIES[:2], k=3, rerank=10)]
+    plain = [[h.id for h in hits] for hits in r.search(QUERIES[:2], k=3)]
+    assert want != plain, "the rerank changes the top 3 (else this test could not tell)"
+    with TestClient(create_app(ServeConfig(index="", max_wait_ms=0.0), r)) as c:
+        got = c.post("/search", json={"queries": QUERIES[:2], "k": 3, "rerank": 10}).json()
+        base = c.post("/search", json={"queries": QUERIES[:2], "k": 3}).json()
+    assert [[h["id"] for h in hits] for hits in got["results"]] == want
+    assert [[h["id"] for h in hits] for hits in base["results"]] == plain
