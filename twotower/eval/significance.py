@@ -99,7 +99,8 @@ def verdict(stat: Mapping[str, float]) -> str:
 
 def format_diff(stat: Mapping[str, float]) -> str:
     """``+0.058, 95% CI +0.031..+0.084``."""
-    return f"{stat['diff']:+.3f}, {round(100 * stat.get('level', LEVEL))}% CI {stat['ci_low']:+.3f}..{stat['ci_high']:+.3f}"
+    level = round(100 * stat.get("level", LEVEL))
+    return f"{stat['diff']:+.3f}, {level}% CI {stat['ci_low']:+.3f}..{stat['ci_high']:+.3f}"
 
 
 def format_p(p: float) -> str:

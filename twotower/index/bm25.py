@@ -171,7 +171,8 @@ class BM25Index:
         try:
             params = json.loads((path / "params.json").read_text())
             vocab = json.loads((path / "vocab.json").read_text())
-            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False) for name in _ARRAYS}
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                      for name in _ARRAYS}
         except (OSError, ValueError) as exc:
             raise ValueError(f"BM25 side '{path}' is unreadable ({exc}); rebuild the index") from None
         rows = int(params["rows"])

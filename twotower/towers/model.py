@@ -389,7 +389,8 @@ class TwoTower(nn.Module):
         path = Path(path)
         meta_path = path / "twotower.json"
         if not meta_path.exists():
-            raise FileNotFoundError(f"towers dir '{path}' has no twotower.json (expected the output of `twotower train`)")
+            raise FileNotFoundError(f"towers dir '{path}' has no twotower.json "
+                                    "(expected the output of `twotower train`)")
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version", 0) > TOWERS_FORMAT_VERSION:
             raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this twotower "
