@@ -79,6 +79,11 @@ def test_a_gain_inside_the_noise_is_never_called_a_win() -> None:
     assert "training MiniLM on the pairs (a): no significant difference (recall@10 0.600 -> 0.625, +0.025, 95% CI " \
            "+0.000..+0.075, p 1.000: the CI crosses 0)" in text
     assert "(a) MiniLM towers vs untrained MiniLM: recall@10 gain +0.025" in text
+    # (c) on nq: 20 -> 25 of 40, five queries gained and none lost. The percentile bootstrap's CI excludes 0 here,
+    # but the exact sign-flip count is 2/32 = 0.0625: both must agree before a difference counts.
+    assert "the best towers against BM25 (c): no significant difference (recall@10 0.500 -> 0.625, +0.125, 95% CI " \
+           "+0.025..+0.225, p 0.06" in text  # a Monte Carlo p of 0.0625 (40 queries): 0.062 or 0.063
+    assert ": p >= 0.05)." in text
     assert "no significant difference between the regimes" in text
     assert "helps more where the gap is NL->code" not in text.split("(a) MiniLM towers vs untrained MiniLM:")[-1] \
         .split("\n")[0]

@@ -45,10 +45,11 @@ def test_rerank_rows_reorder_only_the_top_n(tiny_suite, tiny_towers, tiny_rerank
 
 
 def test_a_reranker_that_does_not_fit_is_refused_before_load(tiny_towers, tiny_bert_dir) -> None:  # noqa: F811
+    from twotower.eval.config import BenchConfig
     from twotower.eval.systems import build_systems
 
     with pytest.raises(ValueError, match="not a one-label cross-encoder"):
-        build_systems(parse_systems(f"towers+rerank={tiny_towers}:{tiny_bert_dir}"))
+        build_systems(parse_systems(f"towers+rerank={tiny_towers}:{tiny_bert_dir}"), BenchConfig(suite="s"))
 
 
 def test_demo_reranker_step_is_cached_or_retrained(tiny_towers, tiny_bert_dir, tmp_path, capsys) -> None:  # noqa: F811

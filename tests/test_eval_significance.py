@@ -135,3 +135,20 @@ def test_default_reference_is_the_best_towers_row() -> None:
     assert table["rows"]["bm25"]["recall@10"]["diff"] == pytest.approx(0.2)  # row - reference
     del systems["t1"], systems["t2"]
     assert compare_to_reference(systems, scores, ["recall@10"])["rows"] == {}  # one row: nothing to compare
+
+
+def test_many_pairs_in_one_pass_equal_each_pair_alone() -> None:
+    """paired_many draws the same resampled queries for every column, so each column equals its own paired()."""
+    rng = np.random.default_rng(1)
+    A, B = rng.random((60, 3)), rng.random((60, 3))
+    for j, stat in enumerate(sig.paired_many(A, B)):
+        assert stat == pytest.approx(paired(A[:, j], B[:, j]), rel=1e-12)  # up to BLAS summation order
+
+
+def test_a_difference_counts_only_when_the_ci_and_the_test_agree() -> None:
+    assert sig.verdict({"diff": 0.1, "ci_low": 0.02, "ci_high": 0.2, "p_value": 0.01}) == "better"
+    assert sig.verdict({"diff": -0.1, "ci_low": -0.2, "ci_high": -0.02, "p_value": 0.01}) == "worse"
+    disagree = {"diff": 0.1, "ci_low": 0.02, "ci_high": 0.2, "p_value": 0.06}
+    assert sig.verdict(disagree) == "no significant difference" and sig.why_not(disagree) == "p >= 0.05"
+    crosses = {"diff": 0.01, "ci_low": -0.02, "ci_high": 0.04, "p_value": 0.5}
+    assert sig.verdict(crosses) == "no significant difference" and sig.why_not(crosses) == "the CI crosses 0"

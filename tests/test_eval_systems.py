@@ -56,7 +56,8 @@ def test_errors(spec: str, message: str) -> None:
 
 
 def test_towers_dir_checked_before_models_load(tmp_path) -> None:
+    from twotower.eval.config import BenchConfig
     from twotower.eval.systems import build_systems
 
     with pytest.raises(FileNotFoundError, match="no twotower.json"):
-        build_systems(parse_systems(f"towers={tmp_path}"))
+        build_systems(parse_systems(f"towers={tmp_path}"), BenchConfig(suite=str(tmp_path)))

@@ -287,3 +287,11 @@ def test_manifest_query_defaults_drive_searches_without_options(tmp_path) -> Non
     explicit = r.search(q, k=5, mode="hybrid", fusion="weighted", alpha=0.8, norm="zscore")
     assert [[h.id for h in row] for row in r.search(q, k=5)] == [[h.id for h in row] for row in explicit]
     assert r.options().mode == "hybrid" and r.options(mode="dense").mode == "dense"
+    # the whole value and the keyword shortcuts are the same fields; an explicit field beats the manifest's
+    from twotower.index.query import QueryOptions
+
+    whole = r.search(q, options=QueryOptions(k=5, mode="hybrid", fusion="weighted", alpha=0.8, norm="zscore"))
+    assert [[(h.id, h.score) for h in row] for row in whole] == [[(h.id, h.score) for h in row] for row in explicit]
+    rrf = r.search(q, k=5, options=QueryOptions(fusion="rrf"))
+    assert [[h.id for h in row] for row in rrf] == [[h.id for h in row] for row in r.search(q, k=5, fusion="rrf")]
+    assert r.options(QueryOptions(fusion="rrf"), alpha=0.1).fusion == "rrf" and r.options(alpha=0.1).alpha == 0.1

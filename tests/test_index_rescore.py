@@ -196,7 +196,7 @@ def test_rescore_override_through_retriever_cli_and_http(tiny_bert_dir, tmp_path
         got = client.post("/search", json={"queries": QUERIES, "k": 5, "rescore": 12}).json()["results"]
         assert ids(got) == want
         bad = client.post("/search", json={"queries": QUERIES, "k": 5, "rescore": 1001})
-        assert bad.status_code == 422 and "rescore must be between 0 and 1000" in bad.json()["error"]
+        assert bad.status_code == 422 and "rescore must be an integer between 0 and 1000" in bad.json()["error"]
     capsys.readouterr()
     assert twotower_cli.main(["search", "--index", str(out), QUERIES[0], "-k", "5", "--rescore", "12", "--json",
                               "--device", "cpu"]) == 0

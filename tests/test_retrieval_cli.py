@@ -74,7 +74,9 @@ def test_queries_from_file_and_stdin(built, expected, capsys, tmp_path, monkeypa
     (["q", "--filter", '{"lang": "py"}'], "unknown filter field 'lang': the index has fields source (valid operators"),
     (["q", "--filter", '{"source": {"$regex": "x"}}'], "filter field 'source': unknown operator '$regex'"),
     (["q", "--filter", "{bad"], "--filter: not valid JSON"),
-    (["q", "--alpha", "2"], "--alpha must be between 0 and 1, got 2"),
+    (["q", "--alpha", "2"], "--alpha must be a number between 0 and 1 (the dense side's weight), got 2.0"),
+    (["q", "--depth", "0"], "--depth must be an integer between 1 and 100, got 0"),
+    (["q", "--mode", "bm25", "--rescore", "1001"], "--rescore must be an integer between 0 and 1000 or None, got 1001"),
 ])
 def test_errors_are_one_clean_line(built, capsys, tmp_path, extra, message) -> None:
     _, index_dir = built

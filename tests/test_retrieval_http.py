@@ -130,7 +130,7 @@ BAD_REQUESTS = [
     ({"queries": ["ok"], "k": "10"}, "k", "valid integer"),
     ({"queries": ["ok"], "k": 2.5}, "k", "valid integer"),
     ({"queries": ["ok"], "k": None}, "k", "valid integer"),
-    ({"queries": ["ok"], "nprobe": 0}, "nprobe", "nprobe must be >= 1"),
+    ({"queries": ["ok"], "nprobe": 0}, "nprobe", "nprobe must be a positive integer"),
     ({"queries": "just a string"}, "queries", "valid list"),
     ({"queries": [1, "ok"]}, "queries.0", "valid string"),
     ({"queries": [["nested"]]}, "queries.0", "valid string"),
@@ -149,8 +149,9 @@ BAD_REQUESTS = [
     ({"queries": ["ok"], "filter": ["source"]}, "filter", "valid dictionary"),
     ({"queries": ["ok"], "mode": "sparse"}, "mode", "'dense', 'bm25' or 'hybrid'"),
     ({"queries": ["ok"], "fusion": "max"}, "fusion", "'rrf' or 'weighted'"),
-    ({"queries": ["ok"], "alpha": 1.5}, "body", "alpha must be a number between 0 and 1"),
-    ({"queries": ["ok"], "depth": 0}, "body", "depth must be an integer between 1 and 100"),
+    ({"queries": ["ok"], "alpha": 1.5}, "alpha", "alpha must be a number between 0 and 1"),
+    ({"queries": ["ok"], "depth": 0}, "depth", "depth must be an integer between 1 and 100"),
+    ({"queries": ["ok"], "rescore": 1001}, "rescore", "rescore must be an integer between 0 and 1000"),
 ]
 
 

@@ -174,3 +174,17 @@ def test_result_tower_from_needs_a_static_query_tower(built, tmp_path, capsys):
     rc = twotower_cli.main(["train", "--pairs", str(built["pairs"]), "--out", str(tmp_path / "x"),
                             "--result-tower-from", str(built["joint"])])
     assert rc == 2 and "--result-tower-from needs --query-tower static" in _one_line(capsys)
+
+
+def test_mine_and_bench_take_a_static_query_tower(built, tmp_path, capsys):
+    from twotower.eval.systems import TowersSystem, parse_systems
+
+    out = tmp_path / "mined.jsonl"
+    assert twotower_cli.main(["mine", "--towers", str(built["frozen"]), "--pairs", str(built["pairs"]), "--out",
+                              str(out), "--num-negatives", "2", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(WORDS) and all(r["positive"] not in r["negatives"] for r in rows)
+    system = TowersSystem(parse_systems(f"towers:towers-static-query={built['frozen']}")[0], "cpu")
+    assert system.config()["towers-static-query"]["tower_kinds"] == {"query": "static", "result": "transformer"}
+    model = TwoTower.load(built["frozen"])
+    assert np.allclose(system.encode_queries(["kiwi"], 8, False)["towers-static-query"], model.encode_queries(["kiwi"]))

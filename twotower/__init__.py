@@ -26,7 +26,7 @@ _PUBLIC: dict[str, str] = {
     "IndexBuildConfig": "twotower.index.config",
     "Retriever": "twotower.retrieval.retriever",
     "Hit": "twotower.retrieval.retriever",
-    "QueryOptions": "twotower.retrieval.retriever",
+    "QueryOptions": "twotower.index.query",
     "run_bench": "twotower.eval.bench",
     "BenchConfig": "twotower.eval.config",
 }

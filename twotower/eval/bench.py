@@ -26,7 +26,7 @@ from twotower.eval.significance import CI_METRICS, compare_to_reference
 from twotower.eval.suites.beir import load_beir
 from twotower.eval.systems import SystemSpec, build_systems, parse_systems
 from twotower.index.faiss_utils import build_faiss, search
-from twotower.index.hybrid import fuse
+from twotower.index.hybrid import candidates_per_side, hybrid_rank
 
 
 def similarity_samples(xq: np.ndarray, xb: np.ndarray, relevant: Sequence[dict[int, int]],
@@ -70,66 +70,85 @@ def check_relevance(suite: Any, where: str) -> list[str]:
     return empty
 
 
-def _run_hybrid(system: Any, docs: list[str], queries: list[str], relevant: Sequence[dict[int, int]], k_max: int,
-                batch_size: int, encoded: dict[Any, Any], bm25_runs: dict[int, Any],
-                show_progress: bool) -> dict[str, dict[str, Any]]:
-    """Rows of one hybrid system: exact dense top ``k_max * depth`` + BM25 top ``k_max * depth``, fused."""
-    depth_k = min(k_max * system.depth, len(docs))
-    if system.dense_key in encoded:
-        xb, xq, t_docs, t_queries = encoded[system.dense_key]
-    else:
-        t0 = time.perf_counter()
-        xb = system.encode_docs(docs, batch_size, show_progress)[system.label]
-        t_docs = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        xq = system.encode_queries(queries, batch_size, show_progress)[system.label]
-        t_queries = time.perf_counter() - t0
+@dataclasses.dataclass
+class _Run:
+    """What every system of one bench run shares: the settings, the suite's texts, and the dense vectors and
+    BM25 rankings a hybrid system reuses."""
+
+    config: BenchConfig
+    docs: list[str]
+    queries: list[str]
+    relevant: Sequence[dict[int, int]]
+    show_progress: bool
+    # dense_key -> (xb, xq, t_docs, t_queries) of the plain systems whose vectors a hybrid system shares
+    encoded: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    # candidates per side -> (D, I, t_index, t_search): one BM25 index per bench
+    bm25_runs: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+
+def _fetched(D: np.ndarray, I: np.ndarray) -> Any:
+    """One side of a hybrid search already run: ``n -> its top n`` (``index.hybrid.hybrid_rank``'s input)."""
+    return lambda n: (D[:, :n], I[:, :n])
+
+
+def _run_hybrid(system: Any, run: _Run) -> dict[str, dict[str, Any]]:
+    """Rows of one hybrid system: exact dense and BM25 candidates, then ``index.hybrid.hybrid_rank`` per fusion
+    (the Retriever's rule); each side is searched once and timed apart from the fusion."""
+    docs, queries, k_max = run.docs, run.queries, run.config.k_max
+    depth_k = candidates_per_side(k_max, system.options.depth, len(docs))
+    xb, xq, t_docs, t_queries = _dense_vectors(system, run)
     t0 = time.perf_counter()
     Dd, Id = search(build_faiss(xb, "Flat"), xq, depth_k)
     t_dense = time.perf_counter() - t0
-    if depth_k not in bm25_runs:
+    if depth_k not in run.bm25_runs:
         t0 = time.perf_counter()
         system.retriever.index(docs)
         t_index = time.perf_counter() - t0
         t0 = time.perf_counter()
-        bm25_runs[depth_k] = (*system.retriever.search(queries, depth_k), t_index, time.perf_counter() - t0)
-    Db, Ib, t_bm25_index, t_bm25 = bm25_runs[depth_k]
+        run.bm25_runs[depth_k] = (*system.retriever.search(queries, depth_k), t_index, time.perf_counter() - t0)
+    Db, Ib, t_bm25_index, t_bm25 = run.bm25_runs[depth_k]
     configs = system.config()
     out = {}
-    for fusion, row in zip(system.fusions, system.rows):
+    for row, opts in system.row_options().items():
         t0 = time.perf_counter()
-        _, I = fuse([(Dd, Id), (Db, Ib)], k_max, fusion, [system.alpha, 1.0 - system.alpha], system.norm)
+        _, I = hybrid_rank(_fetched(Dd, Id), _fetched(Db, Ib), k_max, len(docs), opts)
         t_fuse = time.perf_counter() - t0
         timings = {"encode_docs_s": t_docs, "encode_queries_s": t_queries, "docs_per_s": len(docs) / max(t_docs, 1e-9),
                    "index_s": t_bm25_index, "search_s": t_dense + t_bm25 + t_fuse, "dense_search_s": t_dense,
                    "bm25_search_s": t_bm25, "fuse_s": t_fuse, "candidates_per_side": depth_k}
-        out[row] = {**score_run(I, relevant, k_max), "config": configs[row], "timings": timings}
+        out[row] = {**score_run(I, run.relevant, k_max), "config": configs[row], "timings": timings}
     return out
 
 
-def _run_rerank(system: Any, docs: list[str], queries: list[str], relevant: Sequence[dict[int, int]], k_max: int,
-                batch_size: int, encoded: dict[Any, Any], show_progress: bool) -> dict[str, Any]:
+def _dense_vectors(system: Any, run: _Run) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(doc vectors, query vectors, encode seconds of each) of a hybrid or rerank system's dense side: those a
+    plain system of the same encoder already made, else encoded now."""
+    if system.dense_key in run.encoded:
+        return run.encoded[system.dense_key]
+    batch_size = run.config.batch_size
+    t0 = time.perf_counter()
+    xb = system.encode_docs(run.docs, batch_size, run.show_progress)[system.label]
+    t_docs = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    xq = system.encode_queries(run.queries, batch_size, run.show_progress)[system.label]
+    return xb, xq, t_docs, time.perf_counter() - t0
+
+
+def _run_rerank(system: Any, run: _Run) -> dict[str, Any]:
     """The row of a towers+rerank system: the towers' exact top ``max(k_max, N)``, its first N reranked."""
-    if system.dense_key in encoded:
-        xb, xq, t_docs, t_queries = encoded[system.dense_key]
-    else:
-        t0 = time.perf_counter()
-        xb = system.encode_docs(docs, batch_size, show_progress)[system.label]
-        t_docs = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        xq = system.encode_queries(queries, batch_size, show_progress)[system.label]
-        t_queries = time.perf_counter() - t0
+    docs, queries, k_max, batch_size = run.docs, run.queries, run.config.k_max, run.config.batch_size
+    xb, xq, t_docs, t_queries = _dense_vectors(system, run)
     t0 = time.perf_counter()
     _, I = search(build_faiss(xb, "Flat"), xq, min(max(k_max, system.n), len(docs)))
     t_dense = time.perf_counter() - t0
-    I, t_rerank = system.rerank_ids(queries, docs, I, batch_size, show_progress)
+    I, t_rerank = system.rerank_ids(queries, docs, I, batch_size, run.show_progress)
     I = I[:, :k_max]
     if I.shape[1] < k_max:  # tiny corpora: pad like faiss does
         I = np.pad(I, ((0, 0), (0, k_max - I.shape[1])), constant_values=-1)
     timings = {"encode_docs_s": t_docs, "encode_queries_s": t_queries, "docs_per_s": len(docs) / max(t_docs, 1e-9),
                "index_s": 0.0, "search_s": t_dense + t_rerank, "dense_search_s": t_dense, "rerank_s": t_rerank,
                "rerank_ms_per_query": 1000 * t_rerank / max(len(queries), 1), "reranked_per_query": system.n}
-    return {**score_run(I, relevant, k_max), "config": system.config()[system.label], "timings": timings}
+    return {**score_run(I, run.relevant, k_max), "config": system.config()[system.label], "timings": timings}
 
 
 def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, show_progress: bool = True,
@@ -151,21 +170,17 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
                   inputs={"--suite": c.suite, "--systems": [v for s in specs for v in (s.value, s.reranker)]})
     device = str(resolve_device(c.device))
     k_max, batch_size, max_queries, max_corpus, seed = c.k_max, c.batch_size, c.max_queries, c.max_corpus, c.seed
-    built = build_systems(specs, device, c.query_max_length, c.doc_max_length,
-                          None if c.prompt in (None, "none") else c.prompt, c.llm_batch_size, c.llm_precision,
-                          c.hybrid_alpha, c.hybrid_norm, c.hybrid_depth,
-                          (c.towers_query_max_length, c.towers_result_max_length))
+    built = build_systems(specs, c, device)
     row_names = [r for s in built for r in s.rows]
     if c.reference and c.reference not in row_names:
         raise ValueError(f"--reference '{c.reference}' is not a row of this bench: choose {', '.join(row_names)}")
     # Vectors a hybrid system shares with a plain towers/minilm system are encoded once (kept only when needed).
     wanted = {s.dense_key for s in built if getattr(s, "hybrid", False) or getattr(s, "rerank", False)}
-    encoded: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float, float]] = {}
-    bm25_runs: dict[int, tuple[np.ndarray, float, float]] = {}  # BM25 rankings by depth: one index per bench
     full = load_beir(c.suite)
     suite = full.subsample(max_queries, max_corpus, seed) if (max_queries or max_corpus) else full
     no_relevant = check_relevance(suite, str(suite.path / "qrels" / "test.tsv"))
     docs, queries, relevant = suite.doc_texts(), suite.query_texts, suite.relevant_rows()
+    run = _Run(c, docs, queries, relevant, show_progress)
     rng = np.random.default_rng(seed)
     random_rows = rng.integers(0, len(docs), size=(len(queries), c.n_random))
     rows: dict[str, dict[str, Any]] = {}
@@ -184,12 +199,10 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
                                               "docs_per_s": len(docs) / max(t_index, 1e-9)}}
             continue
         if getattr(system, "rerank", False):
-            rows[system.label] = _run_rerank(system, docs, queries, relevant, k_max, batch_size, encoded,
-                                             show_progress)
+            rows[system.label] = _run_rerank(system, run)
             continue
         if getattr(system, "hybrid", False):
-            rows.update(_run_hybrid(system, docs, queries, relevant, k_max, batch_size, encoded, bm25_runs,
-                                    show_progress))
+            rows.update(_run_hybrid(system, run))
             continue
         t0 = time.perf_counter()
         xb_rows = system.encode_docs(docs, batch_size, show_progress)
@@ -200,7 +213,7 @@ def run_bench(config: BenchConfig, specs: Sequence[SystemSpec] | None = None, sh
         t_queries = time.perf_counter() - t0
         key = getattr(system, "dense_key", None)
         if key is not None and key in wanted:
-            encoded[key] = (xb_rows[system.label], xq_rows[system.label], t_docs, t_queries)
+            run.encoded[key] = (xb_rows[system.label], xq_rows[system.label], t_docs, t_queries)
         for row in system.rows:
             xb, xq = xb_rows.pop(row), xq_rows.pop(row)
             t0 = time.perf_counter()

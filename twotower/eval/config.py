@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from twotower.common.cliargs import check_required, field
+from twotower.common.cliargs import check_range, check_required, field
 from twotower.common.device import check_device
+from twotower.index.query import QueryOptions, check_config_options, options_of, query_fields
+from twotower.towers.config import MAX_TOKENS
 
 LLM_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclasses.dataclass
+@query_fields("bench", prefix="hybrid_")
 class BenchConfig:
-    """Options of ``twotower bench`` (the CLI is generated from these fields)."""
+    """Options of ``twotower bench`` (the CLI is generated from these fields; the hybrid systems' ``--hybrid-*``
+    options from ``index.query.QueryOptions``, see :meth:`hybrid_options`)."""
 
     suite: str = field("", "BEIR suite dir (corpus.jsonl, queries.jsonl, qrels/test.tsv), e.g. "
                            "runs/demo/codesearch-py-cpu-small/codesearch-py (built by `twotower demo`)", required=True)
@@ -36,11 +40,6 @@ class BenchConfig:
     llm_precision: str = field("auto", "precision of the decoder-LLM encoders (raw-llm, and towers on an LLM base): "
                                        "auto (bf16 where the CPU has AVX512-BF16/AMX or on a GPU, else fp32), "
                                        "fp32, bf16", choices=LLM_PRECISIONS)
-    hybrid_alpha: float = field(0.5, "hybrid systems, weighted fusion: weight of the dense side (0..1; choose it on "
-                                     "dev data, not on the test queries)")
-    hybrid_norm: str = field("minmax", "hybrid systems, weighted fusion: per-query score normalisation",
-                             choices=["minmax", "zscore"])
-    hybrid_depth: int = field(10, "hybrid systems: candidates per side = k_max * depth")
     reference: str = field("", "row every other row is compared against (paired difference of recall@10 and "
                                "nDCG@10, 95%% bootstrap CI, randomization-test p); default: the best trained "
                                "towers row, else the best row")
@@ -50,20 +49,23 @@ class BenchConfig:
     def __post_init__(self) -> None:
         check_required(self)
         check_device(self.device)
-        if not 0.0 <= self.hybrid_alpha <= 1.0:
-            raise ValueError(f"--hybrid-alpha must be between 0 and 1, got {self.hybrid_alpha:g}")
-        if self.hybrid_norm not in ("minmax", "zscore"):
-            raise ValueError(f"unknown --hybrid-norm '{self.hybrid_norm}': choose minmax, zscore")
-        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random",
-                     "hybrid_depth"):
+        check_config_options(self, "bench", prefix="hybrid_")
+        for name in ("k_max", "batch_size", "llm_batch_size", "query_max_length", "doc_max_length", "n_random"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queries", "max_corpus", "towers_query_max_length", "towers_result_max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
                                  f"{getattr(self, name)}")
+        for name in ("query_max_length", "doc_max_length", "towers_query_max_length", "towers_result_max_length"):
+            if getattr(self, name) is not None:  # the tokenizer keeps a length in a usize: 2^64 overflows there
+                check_range(self, name, 1, MAX_TOKENS)
         if self.llm_precision not in LLM_PRECISIONS:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
+
+    def hybrid_options(self, fusion: str | None = None) -> QueryOptions:
+        """The hybrid systems' query options: ``--hybrid-*``, k = ``k_max``, and ``fusion`` (each system's rows)."""
+        return options_of(self, "bench", prefix="hybrid_", mode="hybrid", k=self.k_max, fusion=fusion).resolve()
 
 
 SUITE_NAMES = ("codesearch-py", "nq", "wiki")
@@ -113,9 +115,12 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "cpu-small": Profile(max_queries=500, max_corpus=1500, dev_size=300, max_steps=100, batch_size=32, lr=1e-4,
+    # Two suites (`--suite all`) in 20 min / 8 GB on 2 cores (docs/bench.md): 400 test queries per suite (enough for
+    # the CIs), 1,000 docs; SmolLM2 towers at 16 pairs a step (half the activations of 32: the 2026-12-07 peak RSS of
+    # 9.8 GiB was its training step) for 40 steps (about the time of 20 steps of 32); MiniLM towers 80 steps.
+    "cpu-small": Profile(max_queries=400, max_corpus=1000, dev_size=200, max_steps=80, batch_size=32, lr=1e-4,
                          temperature=0.05, query_max_length=32, doc_max_length=64, eval_every=0,
-                         llm_max_steps=48, llm_lr=1e-4, llm_batch_size=32, llm_query_max_length=48,
+                         llm_max_steps=40, llm_lr=1e-4, llm_batch_size=16, llm_query_max_length=48,
                          rerank_steps=80, rerank_pairs=800, rerank_batch_size=8, rerank_lr=1e-4, rerank_negatives=3),
     "full": Profile(max_queries=None, max_corpus=None, dev_size=None, max_steps=0, batch_size=64, lr=5e-5,
                     temperature=0.05, query_max_length=64, doc_max_length=256, eval_every=500,

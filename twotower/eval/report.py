@@ -85,10 +85,11 @@ def format_significance(results: Mapping[str, Any]) -> str:
     if not sig or not sig.get("metrics") or not sig.get("rows"):
         return ""
     ref, metrics = sig["reference"], sig["metrics"]
-    lines = [f"Each row minus **{ref}** on the same {next(iter(next(iter(sig['rows'].values())).values()))['n']} "
-             f"queries: difference with its {round(100 * sig['level'])}% bootstrap CI over queries "
+    n_queries = next(iter(sig["rows"].values()))[metrics[0]]["n"]  # every comparison pairs the same queries
+    lines = [f"Each row minus **{ref}** on the same {n_queries} queries: difference with its "
+             f"{round(100 * sig['level'])}% bootstrap CI over queries "
              f"({sig['n_resamples']:,} resamples, seed {sig['seed']}) and the paired randomization-test p; "
-             "a CI that crosses 0 is no significant difference.", "",
+             "a difference counts only where the CI excludes 0 and p < 0.05.", "",
              "| system | " + " | ".join(f"{m} diff (95% CI) | p" for m in metrics) + " | verdict |",
              "|---|" + "---:|---:|" * len(metrics) + "---|"]
     for name, row in sig["rows"].items():

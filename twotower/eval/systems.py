@@ -29,9 +29,10 @@ import numpy as np
 
 from twotower.common.device import autocast_dtype, precision_of
 from twotower.eval.bm25 import BM25Retriever
+from twotower.eval.config import BenchConfig
 from twotower.eval.raw_llm import LLM_POOLINGS, RawLLMEncoder, check_llm_poolings
 from twotower.eval.rerank import RerankSystem, parse_rerank_value
-from twotower.index.hybrid import DEFAULT_DEPTH, FUSIONS, NORMS, check_alpha, check_choice
+from twotower.index.query import FUSIONS, QueryOptions, check_choice
 from twotower.towers.bases import resolve_base
 from twotower.towers.inference import TowerEncoder, tower_encoder
 from twotower.towers.llm import is_decoder_dir
@@ -269,13 +270,16 @@ class HybridSystem:
     dense = True
     hybrid = True
 
-    def __init__(self, spec: SystemSpec, dense: TowersSystem | MiniLMSystem, alpha: float = 0.5,
-                 norm: str = "minmax", depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, spec: SystemSpec, dense: TowersSystem | MiniLMSystem, options: QueryOptions) -> None:
         self.label = spec.label
         self.inner = dense
         self.fusions = spec.poolings or FUSIONS
-        self.alpha, self.norm, self.depth = check_alpha(alpha), check_choice("norm", norm, NORMS), depth
+        self.options = options  # resolved: alpha, norm, depth, k (= k_max); the fusion is each row's
         self.retriever = BM25Retriever()
+
+    def row_options(self) -> dict[str, QueryOptions]:
+        """Each report row's query options (one row per fusion)."""
+        return {f"{self.label}-{f}": self.options.replace(fusion=f) for f in self.fusions}
 
     @property
     def rows(self) -> list[str]:
@@ -297,24 +301,26 @@ class HybridSystem:
         dense = f"towers {inner['path']} ({inner.get('fingerprint')})" if inner["kind"] == "towers" else inner["base"]
         bm25 = self.retriever.config()
         out = {}
-        for f in self.fusions:
-            fusion = {"fusion": f, "rrf_k": 60} if f == "rrf" else {"fusion": f, "alpha": self.alpha, "norm": self.norm}
-            out[f"{self.label}-{f}"] = {"kind": "hybrid", **fusion, "depth": self.depth, "dense": dense,
-                                        "bm25": f"bm25s {bm25['version']} {bm25['method']} k1={bm25['k1']} b={bm25['b']}"}
+        for row, o in self.row_options().items():
+            fusion = {"fusion": o.fusion, "rrf_k": 60} if o.fusion == "rrf" else \
+                {"fusion": o.fusion, "alpha": o.alpha, "norm": o.norm}
+            out[row] = {"kind": "hybrid", **fusion, "depth": o.depth, "dense": dense,
+                        "bm25": f"bm25s {bm25['version']} {bm25['method']} k1={bm25['k1']} b={bm25['b']}"}
         return out
 
 
 System = TowersSystem | MiniLMSystem | RawLLMSystem | BM25System | HybridSystem | RerankSystem
 
 
-def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_length: int = 64,
-                  doc_max_length: int = 256, prompt: str | None = "promptEOL", llm_batch_size: int = 16,
-                  llm_precision: str = "auto", hybrid_alpha: float = 0.5, hybrid_norm: str = "minmax",
-                  hybrid_depth: int = DEFAULT_DEPTH,
-                  towers_max_lengths: tuple[int | None, int | None] = (None, None)) -> list[System]:
-    """Instantiate parsed specs (cheap: models load on first encode). ``llm_precision`` applies to the decoder
-    LLMs (raw-llm, and towers on an LLM base); ``hybrid_*`` to the hybrid systems' weighted fusion and depth;
-    ``towers_max_lengths`` (query, result) overrides the trained towers' recorded inference lengths."""
+def build_systems(specs: Sequence[SystemSpec], config: BenchConfig, device: str = "cpu") -> list[System]:
+    """Instantiate parsed specs (cheap: models load on first encode) with the bench's settings: ``llm_precision``
+    for the decoder LLMs (raw-llm, and towers on an LLM base); the ``--hybrid-*`` query options for the hybrid
+    systems; ``towers_*_max_length`` overrides the trained towers' recorded inference lengths; ``device``: the
+    resolved ``config.device``."""
+    c = config
+    prompt = None if c.prompt in (None, "none") else c.prompt
+    towers_max_lengths = (c.towers_query_max_length, c.towers_result_max_length)
+    query_max_length, doc_max_length, llm_precision = c.query_max_length, c.doc_max_length, c.llm_precision
     systems: list[System] = []
     for spec in specs:
         if spec.kind == "towers":
@@ -327,7 +333,7 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
         elif spec.kind == "minilm":
             systems.append(MiniLMSystem(spec, device, query_max_length, doc_max_length))
         elif spec.kind == "raw-llm":
-            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, llm_batch_size,
+            systems.append(RawLLMSystem(spec, device, query_max_length, doc_max_length, prompt, c.llm_batch_size,
                                         llm_precision))
         elif spec.kind == "bm25":
             systems.append(BM25System(spec))
@@ -336,7 +342,7 @@ def build_systems(specs: Sequence[SystemSpec], device: str = "cpu", query_max_le
                                     spec.label, spec.value)
             inner: TowersSystem | MiniLMSystem = TowersSystem(inner_spec, device, llm_precision, towers_max_lengths) \
                 if spec.value is not None else MiniLMSystem(inner_spec, device, query_max_length, doc_max_length)
-            systems.append(HybridSystem(spec, inner, hybrid_alpha, hybrid_norm, hybrid_depth))
+            systems.append(HybridSystem(spec, inner, c.hybrid_options()))
         else:
             raise AssertionError(f"parse_systems let through unknown kind {spec.kind!r}")
     return systems

@@ -10,17 +10,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from twotower.common.cliargs import field, flag_of
+from twotower.common.cliargs import check_range, field, flag_of
 from twotower.common.device import check_device
-from twotower.index.hybrid import FUSIONS, MODES, NORMS, QUERY_DEFAULTS
-from twotower.towers.config import MINE_RANGE_MAX, MINE_RELATIVE_MARGIN
+from twotower.index.query import MAX_RESCORE, QUERY_DEFAULTS, check_config_options, query_fields, surface_fields
+from twotower.towers.config import MAX_TOKENS, MINE_RANGE_MAX, MINE_RELATIVE_MARGIN
 
 DTYPES = ("float32", "float16")
 KEEP_VECTORS = ("auto", "none", "float32", "float16")
-MAX_RESCORE = 1000  # candidates = k x rescore; beyond this a re-score reads more than a Flat scan would
 MERGE_METHODS = ("add", "merge_from", "ondisk")
 SAMPLING = ("top", "random")
 MAX_MINE_RANK = 100_000  # candidates searched per query when mining: faiss allocates nq x range_max results
+# faiss keeps nprobe / efSearch in a size_t (nprobe) or int (efSearch): a value stored in the manifest outside
+# 0..2^31-1 would overflow inside faiss at every search, in the CLI and the server alike
+MAX_SEARCH_PARAM = 2**31 - 1
 
 
 @dataclass
@@ -42,8 +44,8 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        if self.result_max_length is not None and self.result_max_length < 1:
-            raise ValueError(f"--result-max-length must be >= 1, got {self.result_max_length}")
+        if self.result_max_length is not None:  # the tokenizer keeps it in a usize: 2^64 overflows there
+            check_range(self, "result_max_length", 1, MAX_TOKENS)
         for name in ("batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -52,6 +54,7 @@ class EncodeConfig:
 
 
 @dataclass
+@query_fields("manifest", prefix="default_")
 class IndexBuildConfig:
     """Which FAISS index to build from encoded vectors (``index build``, ``index merge``)."""
 
@@ -76,24 +79,8 @@ class IndexBuildConfig:
     overwrite: bool = field(False, "replace an existing index dir at --out (atomically)")
     bm25: bool = field(True, "also store a BM25 (bm25s) index of the same docs, for `search --mode bm25|hybrid` "
                              "(seconds per 100k docs; --no-bm25 leaves it out)")
-    default_mode: str = field("dense", "query mode recorded in the manifest, used when a search names none: dense "
-                                       "(towers), bm25, or hybrid (both, fused)", choices=list(MODES))
-    default_fusion: str = field("rrf", "hybrid fusion recorded in the manifest: rrf (reciprocal rank, k=60) or "
-                                       "weighted (alpha * dense + (1 - alpha) * bm25 of normalised scores)",
-                                choices=list(FUSIONS))
-    default_alpha: float = field(0.5, "weight of the dense side in weighted fusion (0..1), recorded in the manifest")
-    default_norm: str = field("minmax", "score normalisation of weighted fusion recorded in the manifest: minmax or "
-                                        "zscore", choices=list(NORMS))
-
     def __post_init__(self) -> None:
-        if self.default_mode not in MODES:
-            raise ValueError(f"unknown --default-mode '{self.default_mode}': choose {', '.join(MODES)}")
-        if self.default_fusion not in FUSIONS:
-            raise ValueError(f"unknown --default-fusion '{self.default_fusion}': choose {', '.join(FUSIONS)}")
-        if self.default_norm not in NORMS:
-            raise ValueError(f"unknown --default-norm '{self.default_norm}': choose {', '.join(NORMS)}")
-        if not 0.0 <= self.default_alpha <= 1.0:
-            raise ValueError(f"--default-alpha must be between 0 and 1, got {self.default_alpha:g}")
+        check_config_options(self, "manifest", prefix="default_")
         if self.default_mode != "dense" and not self.bm25:
             raise ValueError(f"--default-mode {self.default_mode} needs the BM25 side: drop --no-bm25")
         if not -1 <= self.rescore <= MAX_RESCORE:
@@ -104,11 +91,12 @@ class IndexBuildConfig:
             raise ValueError(f"--rescore {self.rescore} needs the float vectors: drop --keep-vectors none")
         if self.dim < 0:
             raise ValueError(f"--dim must be >= 0 (0 = the towers' dim), got {self.dim}")
+        for name in ("nprobe", "ef_search", "train_size"):  # 0 = auto; stored in the manifest, read at every search
+            check_range(self, name, 0, MAX_SEARCH_PARAM)
 
     def query_defaults(self) -> dict[str, object]:
         """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
-        return {**QUERY_DEFAULTS, "mode": self.default_mode, "fusion": self.default_fusion,
-                "alpha": self.default_alpha, "norm": self.default_norm}
+        return {**QUERY_DEFAULTS, **{f.name: getattr(self, "default_" + f.name) for f in surface_fields("manifest")}}
 
     def resolve_rescore(self, auto_rescore: int) -> tuple[int, str | None]:
         """(default re-scoring factor, dtype of vectors.npy or None) given what ``--factory auto`` picked."""

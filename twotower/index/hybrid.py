@@ -8,30 +8,24 @@
   of the query (0 for minmax). ``alpha = 1`` is dense only, ``0`` BM25 only.
 
 Both take each side's top ``k * depth`` candidates (``-1`` = empty slot) and return the top ``k``; ties go to
-the smaller row, so the result is deterministic.
+the smaller row, so the result is deterministic. :func:`hybrid_rank` is that rule, the one the Retriever and
+``twotower bench`` both run.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-MODES = ("dense", "bm25", "hybrid")
-FUSIONS = ("rrf", "weighted")
-NORMS = ("minmax", "zscore")
+from twotower.index.query import FUSIONS, NORMS, check_choice
+
+if TYPE_CHECKING:
+    from twotower.index.query import QueryOptions
+
+Ranking = tuple[np.ndarray, np.ndarray]  # faiss-style (D, I), best first, -1 = empty slot
+
 RRF_K = 60
-DEFAULT_DEPTH = 10  # candidates per side = k * depth
-QUERY_DEFAULTS = {"mode": "dense", "fusion": "rrf", "alpha": 0.5, "norm": "minmax", "depth": DEFAULT_DEPTH}
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: choose {', '.join(choices)}")
-    return value
-
-
-def check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be a number between 0 and 1 (the dense side's weight), got {alpha!r}")
-    return float(alpha)
 
 
 def normalise(D: np.ndarray, I: np.ndarray, norm: str) -> np.ndarray:
@@ -91,3 +85,22 @@ def fuse(lists: list[tuple[np.ndarray, np.ndarray]], k: int, fusion: str = "rrf"
         order = np.lexsort((rows, -total))[:k]
         Do[q, :len(order)], Io[q, :len(order)] = total[order], rows[order]
     return Do, Io
+
+
+def candidates_per_side(k: int, depth: int, ntotal: int) -> int:
+    """How many candidates each side of a hybrid search fetches: ``k * depth``, at most the corpus."""
+    return min(k * depth, max(ntotal, 1))
+
+
+def hybrid_rank(dense: Callable[[int], Ranking], bm25: Callable[[int], Ranking], k: int, ntotal: int,
+                opts: QueryOptions) -> Ranking:
+    """Hybrid ranking: fetch ``k * opts.depth`` candidates per side, then fuse them into the top ``k``.
+
+    Args:
+        dense, bm25: ``n -> (D, I)``, each side's top ``n`` (the index's searches, or the bench's cached runs).
+        ntotal: docs in the corpus (caps the candidates).
+        opts: resolved :class:`~twotower.index.query.QueryOptions` (fusion, alpha, norm, depth).
+    """
+    n = candidates_per_side(k, opts.depth, ntotal)
+    bm25_side = bm25(n)
+    return fuse([dense(n), bm25_side], k, opts.fusion, [opts.alpha, 1.0 - opts.alpha], opts.norm)

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from twotower.retrieval.retriever import Hit, QueryOptions, Retriever, check_k, check_nprobe, check_queries
+from twotower.index.query import QueryOptions
+from twotower.retrieval.retriever import Hit, Retriever, check_queries
 
 
 class Overloaded(RuntimeError):
@@ -28,9 +29,7 @@ class Overloaded(RuntimeError):
 @dataclass
 class _Job:
     queries: list[str]
-    k: int
-    nprobe: int | None
-    opts: QueryOptions
+    opts: QueryOptions  # resolved (Retriever.options): k and nprobe included
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     enqueued: float  # time.monotonic() when queued: the wait for others counts from here
@@ -87,11 +86,12 @@ class MicroBatcher:
         return {"batches": self.batches, "queries": self.queries, "largest_batch": self.largest,
                 "mean_batch": round(self.queries / self.batches, 2) if self.batches else 0.0}
 
-    async def search(self, queries: list[str], k: int, nprobe: int | None = None, **options: Any) -> Any:
+    async def search(self, queries: list[str], k: int | None = None, options: QueryOptions | None = None,
+                     **fields: Any) -> Any:
         """Hits (or ``finish(hits)``) for ``queries``, computed in a merged batch.
 
         Args:
-            options: mode, fusion, alpha, norm, depth, filter (``Retriever.search``; None = the index default).
+            k, options, fields: as ``Retriever.search`` (``index.query.QueryOptions``; None = the index default).
 
         Raises:
             Overloaded: the queue is full.
@@ -101,11 +101,9 @@ class MicroBatcher:
             raise RuntimeError("MicroBatcher.search called before start()")
         # Checked here, not in the worker: one bad request must not fail the batch it would join.
         queries = check_queries(queries)
-        k = check_k(k, self.retriever.max_k)
-        nprobe = check_nprobe(nprobe)
-        opts = self.retriever.options(**options)
+        opts = self.retriever.options(options, k=k, **fields)
         loop = asyncio.get_running_loop()
-        job = _Job(queries, k, nprobe, opts, loop, loop.create_future(), time.monotonic())
+        job = _Job(queries, opts, loop, loop.create_future(), time.monotonic())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -149,42 +147,51 @@ class MicroBatcher:
         # retrieval.reload); this batch finishes on the one it started with, which stays alive until then.
         retriever = self.retriever
         try:
-            texts = [q for job in batch for q in job.queries]
-            dense = [job.opts.mode != "bm25" for job in batch for _ in job.queries]
-            xq = None
-            if any(dense):  # (nq, dim): one forward pass for every query that needs a vector
-                xq = np.zeros((len(texts), retriever.dim), np.float32)
-                xq[dense] = retriever.encode([t for t, d in zip(texts, dense) if d])
-            # One search per distinct (k, nprobe, options): the batch usually shares one.
-            groups: dict[tuple[Any, ...], list[int]] = {}
-            for j, job in enumerate(batch):
-                groups.setdefault((job.k, job.nprobe, job.opts.key()), []).append(j)
-            starts = [0]
-            for job in batch:
-                starts.append(starts[-1] + len(job.queries))
-            results: list[Any] = [None] * len(batch)
-            for (k, nprobe, _), members in groups.items():
-                rows = [r for j in members for r in range(starts[j], starts[j + 1])]
-                opts = batch[members[0]].opts
-                hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows], k,
-                                                nprobe, opts)
-                pos = 0
-                for j in members:
-                    n = len(batch[j].queries)
-                    results[j] = hits[pos:pos + n]
-                    pos += n
-            if self.finish is not None:
-                results = [self.finish(r) for r in results]
-        except Exception as exc:  # delivered to every waiting request; the worker keeps serving
-            for job in batch:
-                job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
-            return
-        n = sum(len(job.queries) for job in batch)
-        self.batches += 1
-        self.queries += n
-        self.largest = max(self.largest, n)
-        for job, result in zip(batch, results):
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, None)
+            outcomes: list[tuple[Any, BaseException | None]] = [(r, None) for r in self._answer(retriever, batch)]
+        except Exception as exc:  # the worker keeps serving; the error goes to the requests that cause it
+            # Isolation: the requests grouped by chance must not share one request's failure, so each is
+            # answered again on its own, and only those that fail alone get the error.
+            outcomes = [(None, exc)] if len(batch) == 1 else [self._alone(retriever, job) for job in batch]
+        n = sum(len(job.queries) for job, (_, exc) in zip(batch, outcomes) if exc is None)
+        if n:
+            self.batches += 1
+            self.queries += n
+            self.largest = max(self.largest, n)
+        for job, (result, exc) in zip(batch, outcomes):
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, exc)
+
+    def _alone(self, retriever: Retriever, job: _Job) -> tuple[Any, BaseException | None]:
+        try:
+            return self._answer(retriever, [job])[0], None
+        except Exception as exc:  # this request's own failure, delivered to it alone
+            return None, exc
+
+    def _answer(self, retriever: Retriever, batch: list[_Job]) -> list[Any]:
+        """The results of ``batch`` (one per job, ``finish``-ed): one encode, one search per distinct options."""
+        texts = [q for job in batch for q in job.queries]
+        dense = [job.opts.mode != "bm25" for job in batch for _ in job.queries]
+        xq = None
+        if any(dense):  # (nq, dim): one forward pass for every query that needs a vector
+            xq = np.zeros((len(texts), retriever.dim), np.float32)
+            xq[dense] = retriever.encode([t for t, d in zip(texts, dense) if d])
+        # One search per distinct options (k and nprobe included): the batch usually shares one.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for j, job in enumerate(batch):
+            groups.setdefault(job.opts.key(), []).append(j)
+        starts = [0]
+        for job in batch:
+            starts.append(starts[-1] + len(job.queries))
+        results: list[Any] = [None] * len(batch)
+        for members in groups.values():
+            rows = [r for j in members for r in range(starts[j], starts[j + 1])]
+            hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows],
+                                            batch[members[0]].opts)
+            pos = 0
+            for j in members:
+                n = len(batch[j].queries)
+                results[j] = hits[pos:pos + n]
+                pos += n
+        return [self.finish(r) for r in results] if self.finish is not None else results
 
 
 def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

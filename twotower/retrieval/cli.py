@@ -13,7 +13,8 @@ from typing import Any, BinaryIO
 from twotower.common.cliargs import add_dataclass_args, dataclass_from_args
 from twotower.common.jsonl import dumps_strict, iter_binary_lines, read_text_lines
 from twotower.common.text import is_blank
-from twotower.retrieval.config import DEFAULT_MAX_K, MAX_RESCORE, RayServeConfig, SearchConfig, ServeConfig
+from twotower.index.query import check_config_options, check_k, options_of
+from twotower.retrieval.config import DEFAULT_MAX_K, RayServeConfig, SearchConfig, ServeConfig
 
 TEXT_WIDTH = 100  # characters of a hit's first text line shown in the readable listing
 
@@ -100,23 +101,17 @@ def run_search(args: argparse.Namespace) -> int:
         queries += read_queries(config.queries_file)
     if not queries:
         raise ValueError("no queries: give them as arguments or with --queries-file FILE|-")
-    from twotower.index.filters import parse_filter
+    check_k(config.k, DEFAULT_MAX_K)  # fail before the (slow) load, naming the cap
+    check_config_options(config, "search")  # every query option, each error naming its --flag
     from twotower.index.load import check_query_sides
-    from twotower.retrieval.retriever import Retriever, check_depth, check_k, check_nprobe
+    from twotower.retrieval.retriever import Retriever
 
-    check_k(config.k, DEFAULT_MAX_K)  # fail before the (slow) load
-    check_nprobe(config.nprobe)
-    if config.depth is not None:
-        check_depth(config.depth)
-    if config.rescore is not None and not 0 <= config.rescore <= MAX_RESCORE:
-        raise ValueError(f"--rescore must be between 0 and {MAX_RESCORE}, got {config.rescore}")
-    flt = parse_filter(config.filter) if config.filter is not None else None
-    check_query_sides(config.index, config.mode, flt)
+    opts = options_of(config, "search")
+    check_query_sides(config.index, opts.mode, opts.filter)
     retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size,
-                               precision=config.precision, query_max_length=config.query_max_length)
-    results = retriever.search(queries, k=config.k, nprobe=config.nprobe, mode=config.mode, fusion=config.fusion,
-                               alpha=config.alpha, norm=config.norm, depth=config.depth, filter=flt,
-                               rescore=config.rescore)
+                               precision=config.precision, query_max_length=config.query_max_length,
+                               allow_mixed_towers=config.allow_mixed_towers)
+    results = retriever.search(queries, options=opts)
     out = sys.stdout
     for i, (query, hits) in enumerate(zip(queries, results)):
         if config.json:
@@ -148,7 +143,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # Loaded here, before uvicorn starts, so a bad index or a fingerprint mismatch is one clean error line.
     retriever = Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                               precision=config.precision, query_max_length=config.query_max_length)
+                               precision=config.precision, query_max_length=config.query_max_length,
+                               allow_mixed_towers=config.allow_mixed_towers)
     print(f"twotower serve: {retriever.ntotal} docs, dim {retriever.dim}, on http://{config.host}:{config.port} "
           f"(docs at /docs)", file=sys.stderr)
     serve(config, retriever)

@@ -1,34 +1,29 @@
 """Config dataclasses of the query-time verbs (light module: imported by the CLI before any heavy package).
 
 The ``twotower search`` / ``twotower serve`` options are generated from these fields
-(``common.cliargs.add_dataclass_args``), so names, defaults and help live in one place.
+(``common.cliargs.add_dataclass_args``), so names, defaults and help live in one place; the query options
+(k, mode, fusion, filter, ...) come from ``index.query.QueryOptions``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from twotower.common.cliargs import check_range, field
+from twotower.index.query import MAX_K_CAP, query_fields
 
 DEFAULT_MAX_K = 1000  # the cap on k: beyond it a request is an export, not a search
-MAX_K_CAP = 100_000  # the highest --max-k: faiss allocates nq x k results per search
 MAX_THREADS = 4096  # torch.set_num_threads overflows on absurd values
 MAX_LIMIT = 2**31 - 1  # the other limits: far above any use, below what queues and faiss take
-# nprobe above the IVF list count is clamped by faiss, so no real request needs more; faiss keeps it in a
-# size_t, and a bigger Python int overflows inside faiss (an internal error instead of a 422).
-MAX_NPROBE = 2**31 - 1
-MAX_RESCORE = 1000  # index.config.MAX_RESCORE: candidates = k x rescore (not imported: keeps --help light)
 
 
 @dataclass
+@query_fields("search")
 class SearchConfig:
-    """``twotower search`` options."""
+    """``twotower search`` options; the query options (-k, --mode, --filter, ...) are generated from
+    ``index.query.QueryOptions``."""
 
     index: str = field("", "INDEX dir (output of `twotower index build`)")
     towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
-    k: int = field(10, "hits per query", flag="-k")
-    nprobe: int | None = field(None, "IVF lists to visit (None: the index's own setting)")
-    rescore: int | None = field(None, "re-score k x N candidates with the exact vectors the index keeps "
-                                      "(vectors.npy); 0 = off; None: the index's default")
     json: bool = field(False, "print one JSON line per query instead of the readable listing")
     queries_file: str | None = field(None, "read queries from FILE, one per line ('-' = stdin)")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
@@ -36,23 +31,13 @@ class SearchConfig:
                                    "units), or onnx (fp32 in ONNX Runtime on the CPU; extra .[onnx])",
                            choices=["fp32", "bf16", "fp16", "onnx"])
     batch_size: int = field(64, "queries encoded per forward pass")
-    mode: str | None = field(None, "dense (towers), bm25 (the index's BM25 side) or hybrid (both, fused) (None: the "
-                                   "index manifest's default)", choices=["dense", "bm25", "hybrid"])
-    fusion: str | None = field(None, "hybrid fusion: rrf (reciprocal rank, k=60) or weighted (alpha * dense + "
-                                     "(1 - alpha) * bm25, per-query normalised) (None: the manifest's)",
-                               choices=["rrf", "weighted"])
-    alpha: float | None = field(None, "weighted fusion: weight of the dense side, 0..1 (None: the manifest's)")
-    norm: str | None = field(None, "weighted fusion: score normalisation (None: minmax)", choices=["minmax", "zscore"])
-    depth: int | None = field(None, "hybrid: candidates per side = k * depth (None: 10)")
-    filter: str | None = field(None, "metadata filter as JSON, e.g. '{\"package\": \"numpy\"}', "
-                                     "'{\"year\": {\"$gte\": 2020}}' (operators $eq $ne $in $nin $gt $gte $lt $lte)")
     query_max_length: int | None = field(None, "tokens per query (default: the inference length recorded in the "
                                                "TOWERS dir)")
+    allow_mixed_towers: bool = field(False, "accept a query tower whose weights are not the ones twotower.json "
+                                            "records for its run (a tower swapped in from another run)")
 
     def __post_init__(self) -> None:
-        check_range(self, "batch_size", 1, MAX_LIMIT)  # k and nprobe: retriever.check_k / check_nprobe, same words
-        if self.alpha is not None:
-            check_range(self, "alpha", 0.0, 1.0)
+        check_range(self, "batch_size", 1, MAX_LIMIT)  # the query options: index.query, at run time (k's cap first)
         if self.query_max_length is not None:
             check_range(self, "query_max_length", 1, MAX_LIMIT)
 
@@ -63,6 +48,8 @@ class ServeConfig:
 
     index: str = field("", "INDEX dir (output of `twotower index build`)")
     towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
+    allow_mixed_towers: bool = field(False, "accept a query tower whose weights are not the ones twotower.json "
+                                            "records for its run (a tower swapped in from another run)")
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
     port: int = field(8000, "TCP port")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")

@@ -23,20 +23,12 @@ from typing import Any
 import numpy as np
 
 from twotower.common.ray_cluster import check_fits, cluster_resources, connect
-from twotower.index.hybrid import FUSIONS, NORMS, QUERY_DEFAULTS, check_alpha, check_choice
 from twotower.index.load import load_shard
 from twotower.index.merge import open_shards
+from twotower.index.query import QueryOptions, check_k
 from twotower.retrieval.config import RayServeConfig, ServeConfig
 from twotower.retrieval.doctable import DocTable
-from twotower.retrieval.retriever import (
-    Hit,
-    QueryOptions,
-    Retriever,
-    check_depth,
-    check_retrieval_precision,
-    hits_from,
-    load_query_tower,
-)
+from twotower.retrieval.retriever import Hit, Retriever, check_retrieval_precision, hits_from, load_query_tower
 from twotower.towers.model import read_towers_meta
 
 APP_NAME = "twotower"
@@ -135,25 +127,25 @@ class ShardedRetriever(Retriever):
                              f"vectors already); use rescore 0 or leave it out")
         return None
 
-    def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
-                norm: str | None = None, depth: int | None = None, filter: dict[str, Any] | None = None,
-                rescore: int | None = None) -> QueryOptions:
+    def options(self, options: QueryOptions | None = None, **fields: Any) -> QueryOptions:
         """Sharded serving answers dense queries without filters (shards hold vectors and docs only, searched
-        exactly): any other mode, a filter or a re-scoring factor is refused with one line (a 422 over HTTP)."""
-        _refuse_beyond_dense(mode, filter)
-        d = QUERY_DEFAULTS  # the hybrid options are still checked, so a bad one gets the same 422 as today's serve
-        return QueryOptions(fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
-                            alpha=check_alpha(d["alpha"] if alpha is None else alpha),
-                            norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
-                            depth=check_depth(d["depth"] if depth is None else depth),
-                            rescore=self.check_rescore(rescore))
+        exactly): any other mode, a filter or a re-scoring factor is refused with one line (a 422 over HTTP).
+        The other options are still checked (QueryOptions), so a bad one gets the same 422 as today's serve."""
+        if fields.get("k") is not None:
+            check_k(fields["k"], self.max_k)
+        given = (options or QueryOptions()).replace(**fields)
+        _refuse_beyond_dense(given.mode, given.filter)
+        self.check_rescore(given.rescore)
+        opts = given.replace(mode="dense").resolve()
+        check_k(opts.k, self.max_k)
+        return opts
 
-    def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
-                       opts: QueryOptions) -> list[list[Hit]]:
-        _refuse_beyond_dense(opts.mode, opts.filter)  # search_vectors(filter=...) comes here without options()
+    def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions) -> list[list[Hit]]:
+        _refuse_beyond_dense(opts.mode, opts.filter)
         assert xq is not None, "sharded search is dense: the router encodes every query"
         xq = np.ascontiguousarray(xq)
-        return merge_topk([part for part in _gather([call(xq, k, nprobe) for call in self.shards])], k)
+        return merge_topk([part for part in _gather([call(xq, opts.k, opts.nprobe) for call in self.shards])],
+                          opts.k)
 
 
 def _refuse_beyond_dense(mode: str | None, filter: dict[str, Any] | None) -> None:
@@ -178,7 +170,8 @@ class Router:
 
         torch.set_num_threads(threads)
         meta = read_towers_meta(towers_dir)
-        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length)
+        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length,
+                                 config.allow_mixed_towers)
         meta = {**meta, "path": str(towers_dir)}
         calls = [lambda xq, k, nprobe, h=h: h.search.remote(xq, k, nprobe) for h in shard_handles]
         self.config = dataclasses.replace(config, reload_interval=0)  # shards are fixed: no INDEX dir to watch

@@ -18,13 +18,14 @@ import numpy as np
 from twotower.common.device import check_device, check_precision, resolve_device
 from twotower.common.encoder import TruncatedEncoder
 from twotower.common.text import is_blank
-from twotower.index.hybrid import FUSIONS, MODES, NORMS, QUERY_DEFAULTS, check_alpha, check_choice, fuse
+from twotower.index.hybrid import hybrid_rank
 from twotower.index.load import load_index
+from twotower.index.query import QueryOptions, check_k
 from twotower.index.store import read_manifest, recorded_towers_dir
-from twotower.retrieval.config import DEFAULT_MAX_K, MAX_NPROBE, MAX_RESCORE
+from twotower.retrieval.config import DEFAULT_MAX_K
 from twotower.retrieval.doctable import DocTable
 from twotower.towers.inference import TowerEncoder
-from twotower.towers.model import Tower, load_tower, read_towers_meta, tower_kind
+from twotower.towers.model import Tower, check_query_tower, load_tower, read_towers_meta, tower_kind
 from twotower.towers.onnx import onnx_copy
 from twotower.towers.static import StaticTower
 
@@ -52,53 +53,6 @@ class Hit:
 def check_retrieval_precision(precision: str) -> str:
     """``precision`` if it is one of :data:`PRECISIONS` (checked before any model loads)."""
     return check_precision(precision, PRECISIONS)
-
-
-def check_k(k: Any, max_k: int) -> int:
-    """``k`` as an int in [1, max_k], else ValueError naming the value and the cap."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer between 1 and {max_k}, got {k!r}")
-    if not 1 <= k <= max_k:
-        raise ValueError(f"k must be between 1 and {max_k} (the cap), got {k}")
-    return int(k)
-
-
-def check_nprobe(nprobe: Any) -> int | None:
-    if nprobe is None:
-        return None
-    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not 1 <= nprobe <= MAX_NPROBE:
-        raise ValueError(f"nprobe must be a positive integer (at most {MAX_NPROBE}) or None, got {nprobe!r}")
-    return int(nprobe)
-
-
-MAX_DEPTH = 100  # candidates per side of a hybrid search = k * depth
-
-
-@dataclass(frozen=True)
-class QueryOptions:
-    """How a search ranks: ``mode`` dense | bm25 | hybrid; for hybrid the ``fusion`` (rrf | weighted), ``alpha``
-    (dense weight of weighted fusion), ``norm`` (minmax | zscore) and ``depth`` (candidates per side = k *
-    depth); ``filter``: a metadata filter (``index.filters``) or None; ``rescore``: re-score ``k * rescore``
-    dense candidates with the exact vectors (None: the index default, 0: off)."""
-
-    mode: str = "dense"
-    fusion: str = "rrf"
-    alpha: float = 0.5
-    norm: str = "minmax"
-    depth: int = QUERY_DEFAULTS["depth"]
-    filter: dict[str, Any] | None = None
-    rescore: int | None = None
-
-    def key(self) -> tuple[Any, ...]:
-        """Hashable identity (the micro-batcher searches requests with equal keys together)."""
-        return (self.mode, self.fusion, self.alpha, self.norm, self.depth,
-                json.dumps(self.filter, sort_keys=True) if self.filter else None, self.rescore)
-
-
-def check_depth(depth: Any) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= MAX_DEPTH:
-        raise ValueError(f"depth must be an integer between 1 and {MAX_DEPTH}, got {depth!r}")
-    return int(depth)
 
 
 def query_dim(index: Any, tower_dim: int) -> int | None:
@@ -150,11 +104,12 @@ def is_encodable(text: str) -> bool:
 
 
 def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, precision: str,
-                     query_max_length: int | None = None) -> Any:
+                     query_max_length: int | None = None, allow_mixed_towers: bool = False) -> Any:
     """The query tower of ``towers_dir`` (``meta``: its twotower.json) for query-time encoding: on ``device``,
     at the inference query length (``query_max_length``, else twotower.json's ``inference_query_max_length``),
     as an ONNX Runtime copy for ``precision`` onnx. The one place ``Retriever.load`` and the Ray router load it.
-    Only the query tower: the result tower is what built the index and is not needed here."""
+    Only the query tower: the result tower is what built the index and is not needed here. Its weights must be
+    the ones twotower.json records for the run (``towers.model.check_query_tower``) unless ``allow_mixed_towers``."""
     check_retrieval_precision(precision)
     check_device(device)
     tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
@@ -162,7 +117,9 @@ def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, 
     if precision == "onnx" and kind != "transformer":
         raise ValueError(f"precision 'onnx' speeds up a transformer; the query tower of {towers_dir} is {kind} "
                          "(a table lookup): use fp32")
-    tower = load_tower(Path(towers_dir) / "query_tower", kind).to(tower_device)
+    tower = load_tower(Path(towers_dir) / "query_tower", kind)
+    check_query_tower(towers_dir, meta, tower, allow_mixed_towers)
+    tower = tower.to(tower_device)
     tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
     if precision == "onnx":
         if tower_device != "cpu":
@@ -215,8 +172,9 @@ class Retriever:
     @classmethod
     def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
              max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32",
-             query_max_length: int | None = None) -> Retriever:
-        """Load an INDEX dir and the query tower of its TOWERS dir.
+             query_max_length: int | None = None, allow_mixed_towers: bool = False) -> Retriever:
+        """Load an INDEX dir and the query tower of its TOWERS dir (``allow_mixed_towers``: accept a query tower
+        whose weights are not the ones recorded for the run).
 
         Args:
             index_dir: output of ``twotower index build``.
@@ -250,7 +208,7 @@ class Retriever:
         index.check_fingerprint(fingerprint)
         if meta.get("dim"):
             query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
-        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length)
+        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length, allow_mixed_towers)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size, precision=precision)
 
@@ -285,98 +243,87 @@ class Retriever:
         """Query vectors: float32 (nq, dim), input order, L2-normalised when the tower normalises."""
         return self.encoder.encode(check_queries(queries), batch_size=self.batch_size)
 
-    def options(self, mode: str | None = None, fusion: str | None = None, alpha: float | None = None,
-                norm: str | None = None, depth: int | None = None, filter: dict[str, Any] | None = None,
-                rescore: int | None = None) -> QueryOptions:
-        """Checked :class:`QueryOptions`; every None comes from the manifest's ``query_defaults``.
+    def options(self, options: QueryOptions | None = None, **fields: Any) -> QueryOptions:
+        """``options`` (default: all None) with ``fields`` (QueryOptions' names, None = not given) applied, every
+        None that has a default taken from the manifest's ``query_defaults`` (``index build --default-*``), and
+        checked against this index.
 
         Raises:
-            ValueError: a bad choice or number; ``index.filters.FilterError`` (a ValueError) for a filter on an
-                unknown field or with a bad operator (naming the field and the valid operators); a mode this
-                index cannot serve (no BM25 side); a rescore factor for an index that keeps no vectors.
+            ValueError: a bad choice or number (``index.query.QueryOptionError``); ``index.filters.FilterError``
+                (a ValueError) for a filter on an unknown field or with a bad operator (naming the field and the
+                valid operators); a mode this index cannot serve (no BM25 side); a rescore factor for an index
+                that keeps no vectors.
         """
-        d = {**QUERY_DEFAULTS, **(self.index.manifest.get("query_defaults") or {})}
-        opts = QueryOptions(mode=check_choice("mode", d["mode"] if mode is None else mode, MODES),
-                            fusion=check_choice("fusion", d["fusion"] if fusion is None else fusion, FUSIONS),
-                            alpha=check_alpha(d["alpha"] if alpha is None else alpha),
-                            norm=check_choice("norm", d["norm"] if norm is None else norm, NORMS),
-                            depth=check_depth(d["depth"] if depth is None else depth), filter=filter or None,
-                            rescore=self.check_rescore(rescore))
+        if fields.get("k") is not None:  # named with this retriever's cap, before QueryOptions' absolute one
+            check_k(fields["k"], self.max_k)
+        opts = (options or QueryOptions()).replace(**fields).resolve(self.index.manifest.get("query_defaults"))
+        check_k(opts.k, self.max_k)
+        self.check_rescore(opts.rescore)
         if opts.mode != "dense":
             _ = self.index.bm25  # raises when the index has no BM25 side
-        self.index.allowed(filter)  # raises on a bad filter
+        self.index.allowed(opts.filter)  # raises on a bad filter
         return opts
 
-    def search(self, queries: str | Sequence[str], k: int = 10, nprobe: int | None = None, mode: str | None = None,
-               fusion: str | None = None, alpha: float | None = None, norm: str | None = None,
-               depth: int | None = None, filter: dict[str, Any] | None = None,
-               rescore: int | None = None) -> list[list[Hit]]:
+    def search(self, queries: str | Sequence[str], k: int | None = None, options: QueryOptions | None = None,
+               **fields: Any) -> list[list[Hit]]:
         """Top-``k`` hits per query (one encode + one faiss search for all of them).
 
         Args:
             queries: one query or a list; a str gives a one-element result list.
-            k: hits per query, 1..``max_k``.
-            nprobe: IVF lists to visit (None: the index default).
-            mode: ``dense`` (the towers), ``bm25`` (the index's BM25 side) or ``hybrid`` (both, fused); None: the
-                manifest's default (``index build --default-mode``, else dense).
-            fusion: hybrid only: ``rrf`` (reciprocal rank fusion, k=60) or ``weighted`` (``alpha * dense + (1 -
-                alpha) * bm25`` of per-query ``norm``-alised scores: ``minmax`` or ``zscore``).
-            depth: hybrid only: each side contributes its top ``k * depth`` candidates.
-            filter: metadata filter, e.g. ``{"package": "numpy"}``, ``{"lang": {"$in": ["py", "java"]}}``,
-                ``{"year": {"$gte": 2020}}`` (see ``index.filters``); both sides search only matching rows.
-            rescore: re-score ``k * rescore`` candidates with the exact vectors kept in the index dir (None:
-                the index default, 0: off).
+            k: hits per query, 1..``max_k`` (None: ``options.k``, 10 by default).
+            options: how to rank (``index.query.QueryOptions``: mode dense | bm25 | hybrid, fusion, alpha, norm,
+                depth, filter, rescore, nprobe); a None field takes the index manifest's default.
+            fields: keyword shortcuts for the same fields, e.g. ``search(qs, k=5, mode="hybrid",
+                filter={"package": "numpy"})`` (see ``index.filters`` for the filter operators).
 
         Returns:
             One list of ``Hit`` per query, best first (fewer than k when fewer docs match). ``score`` is the
             cosine (dense), the BM25 score (bm25) or the fused score (hybrid).
         """
-        k = check_k(k, self.max_k)
-        nprobe = check_nprobe(nprobe)
         queries = check_queries(queries)
-        opts = self.options(mode, fusion, alpha, norm, depth, filter, rescore)
+        opts = self.options(options, k=k, **fields)
         if not queries:
             return []
         xq = self.encode(queries) if opts.mode != "bm25" else None
-        return self.search_encoded(queries, xq, k, nprobe, opts)
+        return self.search_encoded(queries, xq, opts)
 
-    def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
-                       opts: QueryOptions) -> list[list[Hit]]:
-        """Hits for checked ``queries`` whose vectors ``xq`` (nq, dim) are already encoded (None for bm25 mode):
-        the one search path of ``search`` and the micro-batcher."""
-        D, I = self.rank(queries, xq, k, nprobe, opts)
+    def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions) -> list[list[Hit]]:
+        """Hits for checked ``queries`` whose vectors ``xq`` (nq, dim) are already encoded (None for bm25 mode),
+        under resolved ``opts`` (:meth:`options`): the one search path of ``search`` and the micro-batcher."""
+        D, I = self.rank(queries, xq, opts)
         return self.hits_from(D, I)
 
-    def rank(self, queries: Sequence[str], xq: np.ndarray | None, k: int, nprobe: int | None,
-             opts: QueryOptions) -> tuple[np.ndarray, np.ndarray]:
-        """faiss-style ``(D, I)`` (nq, k) of a search under ``opts`` (see :meth:`search`)."""
+    def rank(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss-style ``(D, I)`` (nq, k) of a search under resolved ``opts`` (see :meth:`search`)."""
         allowed = self.index.allowed(opts.filter)
-        if opts.mode == "dense":
-            return self.index.search(np.ascontiguousarray(xq), k, nprobe=nprobe, allowed=allowed,
+
+        def dense(n: int) -> tuple[np.ndarray, np.ndarray]:
+            return self.index.search(np.ascontiguousarray(xq), n, nprobe=opts.nprobe, allowed=allowed,
                                      rescore=opts.rescore)
-        depth_k = min(k * opts.depth, max(self.ntotal, 1))
-        Db, Ib = self.index.bm25.search(queries, k if opts.mode == "bm25" else depth_k, allowed=allowed,
-                                        excluded=self.index.removed)
+
+        def bm25(n: int) -> tuple[np.ndarray, np.ndarray]:
+            return self.index.bm25.search(queries, n, allowed=allowed, excluded=self.index.removed)
+
+        if opts.mode == "dense":
+            return dense(opts.k)
         if opts.mode == "bm25":
-            return Db, Ib
-        Dd, Id = self.index.search(np.ascontiguousarray(xq), depth_k, nprobe=nprobe, allowed=allowed,
-                                   rescore=opts.rescore)
-        return fuse([(Dd, Id), (Db, Ib)], k, opts.fusion, [opts.alpha, 1.0 - opts.alpha], opts.norm)
+            return bm25(opts.k)
+        return hybrid_rank(dense, bm25, opts.k, self.ntotal, opts)
 
-    def check_rescore(self, rescore: Any) -> int | None:
-        """``rescore`` as an int in [0, MAX_RESCORE] or None; > 0 needs an index that keeps its vectors."""
-        if rescore is None:
-            return None
-        if isinstance(rescore, bool) or not isinstance(rescore, (int, np.integer)) or not 0 <= rescore <= MAX_RESCORE:
-            raise ValueError(f"rescore must be an integer between 0 and {MAX_RESCORE} or None, got {rescore!r}")
-        return self.index.check_rescore(int(rescore))
+    def check_rescore(self, rescore: int | None) -> int | None:
+        """``rescore`` (already range-checked by QueryOptions) or None; > 0 needs an index that keeps its
+        vectors."""
+        return None if rescore is None else self.index.check_rescore(int(rescore))
 
-    def search_vectors(self, xq: np.ndarray, k: int = 10, nprobe: int | None = None,
-                       filter: dict[str, Any] | None = None, rescore: int | None = None) -> list[list[Hit]]:
+    def search_vectors(self, xq: np.ndarray, k: int | None = None, options: QueryOptions | None = None,
+                       **fields: Any) -> list[list[Hit]]:
         """Dense hits for query vectors ``xq`` float32 (nq, dim) (or (dim,) for one query; already truncated to
-        the index's dim for a Matryoshka index), optionally filtered and re-scored."""
-        k = check_k(k, self.max_k)
-        nprobe = check_nprobe(nprobe)
+        the index's dim for a Matryoshka index), under ``options`` / ``fields`` as :meth:`search` (the mode is
+        dense: there is no text)."""
+        if k is not None:
+            check_k(k, self.max_k)
+        opts = self.options((options or QueryOptions()).replace(k=k, **fields).replace(mode="dense"))
         xq = np.asarray(xq, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
@@ -384,8 +331,7 @@ class Retriever:
             raise ValueError(f"xq must have shape (nq, {self.dim}), got {tuple(xq.shape)}")
         if xq.shape[0] == 0:
             return []
-        opts = QueryOptions(filter=filter or None, rescore=self.check_rescore(rescore))  # dense: no text needed
-        return self.search_encoded([], np.ascontiguousarray(xq), k, nprobe, opts)
+        return self.search_encoded([], np.ascontiguousarray(xq), opts)
 
     def hits_from(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:
         """Turn faiss output (D float32 (nq, k), I int64 (nq, k), -1 = none) into ``Hit`` lists."""

