@@ -7,6 +7,7 @@ doc rows for all hits come from one batched Arrow take (see ``retrieval.doctable
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 from twotower.common.device import check_device, check_precision, resolve_device
 from twotower.common.encoder import TruncatedEncoder
 from twotower.common.text import is_blank
+from twotower.index.corpus import doc_text
 from twotower.index.hybrid import hybrid_rank
 from twotower.index.load import load_index
 from twotower.index.query import QueryOptions, check_k
@@ -27,10 +29,24 @@ from twotower.retrieval.doctable import DocTable
 from twotower.towers.inference import TowerEncoder
 from twotower.towers.model import Tower, check_query_tower, load_tower, read_towers_meta, tower_kind
 from twotower.towers.onnx import onnx_copy
+from twotower.towers.reranker import Reranker, check_reranker_dir
 from twotower.towers.static import StaticTower
 
 # query encoding: full precision, torch.autocast to bf16/fp16, or the float32 encoder in ONNX Runtime (CPU)
 PRECISIONS = ("fp32", "bf16", "fp16", "onnx")
+
+
+class ShardsFailed(RuntimeError):
+    """Every shard of a sharded search failed (the message names each and why): 503, not a 500."""
+
+
+class PartialRow(list):
+    """One query's hits when some shards failed: the hits of the shards that answered, and ``failed``, one line
+    per failed shard (the answer names them: ``failed_shards``)."""
+
+    def __init__(self, hits: list[Hit], failed: list[str]) -> None:
+        super().__init__(hits)
+        self.failed = failed
 
 
 @dataclass(slots=True)
@@ -161,6 +177,7 @@ class Retriever:
         self.max_k = max_k
         self.batch_size = batch_size
         self.precision = precision
+        self._rerankers: dict[str, Reranker] = {}  # RERANKER dir -> its cross-encoder, loaded on first use
         # A sharded index (retrieval.ray_serve) has no docs here: its shards return their hits themselves.
         self.docs = DocTable(index.docs) if getattr(index, "docs", None) is not None else None
         # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
@@ -262,6 +279,11 @@ class Retriever:
         if opts.mode != "dense":
             _ = self.index.bm25  # raises when the index has no BM25 side
         self.index.allowed(opts.filter)  # raises on a bad filter
+        if opts.rerank and not opts.reranker:
+            raise ValueError(f"rerank {opts.rerank} needs a reranker: give --reranker DIR (or index build "
+                             f"--default-reranker DIR)")
+        if opts.rerank and opts.reranker not in self._rerankers:
+            check_reranker_dir(opts.reranker)  # a dir that does not fit is refused before it loads
         return opts
 
     def search(self, queries: str | Sequence[str], k: int | None = None, options: QueryOptions | None = None,
@@ -290,8 +312,38 @@ class Retriever:
     def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions) -> list[list[Hit]]:
         """Hits for checked ``queries`` whose vectors ``xq`` (nq, dim) are already encoded (None for bm25 mode),
         under resolved ``opts`` (:meth:`options`): the one search path of ``search`` and the micro-batcher."""
-        D, I = self.rank(queries, xq, opts)
-        return self.hits_from(D, I)
+        if not (opts.rerank and opts.reranker and queries):
+            return self.hits_from(*self.rank(queries, xq, opts))
+        D, I = self.rank(queries, xq, dataclasses.replace(opts, k=min(max(opts.k, opts.rerank), self.ntotal)))
+        return self.hits_from(*self.rerank(queries, D, I, opts))
+
+    def reranker(self, path: str) -> Reranker:
+        """The cross-encoder of a RERANKER dir, loaded once (checked first) on the query tower's device."""
+        if path not in self._rerankers:
+            device = str(getattr(self.encoder, "device", "cpu"))
+            self._rerankers[path] = Reranker.load(path, device)
+        return self._rerankers[path]
+
+    def rerank(self, queries: Sequence[str], D: np.ndarray, I: np.ndarray, opts: QueryOptions
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``opts.rerank`` candidates of each row of ``(D, I)`` (nq, m) reordered by ``opts.reranker``
+        (their scores become its logits), cut to ``opts.k``; one batched scoring for all queries."""
+        assert opts.reranker is not None and opts.rerank, "rerank only with a reranker and a count"
+        n = min(opts.rerank, I.shape[1])
+        heads = [[int(j) for j in row[:n] if j >= 0] for row in I]
+        rows = np.array([j for h in heads for j in h], dtype=np.int64)
+        texts = self.docs.take(rows, ("text", "title"))
+        doc_texts = [doc_text(t or "", x or "") for t, x in zip(texts["title"], texts["text"])]  # as indexed
+        at, candidates = 0, []
+        for h in heads:
+            candidates.append(doc_texts[at:at + len(h)])
+            at += len(h)
+        ranked = self.reranker(opts.reranker).rerank(queries, candidates, self.batch_size)
+        D, I = D.copy(), I.copy()
+        for q, (h, (order, scores)) in enumerate(zip(heads, ranked)):
+            I[q, :len(h)] = np.asarray(h, dtype=np.int64)[order]
+            D[q, :len(h)] = scores
+        return D[:, :opts.k], I[:, :opts.k]
 
     def rank(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions
              ) -> tuple[np.ndarray, np.ndarray]:

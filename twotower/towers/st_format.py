@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from twotower.common.atomic import write_bytes_atomic
 from twotower.common.jsonl import dumps_strict
 from twotower.common.schemas import STModule, STPoolingConfig, STTransformerConfig, read_json_file
 
@@ -55,8 +56,8 @@ class STConfig:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps_strict(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as strict JSON at ``path``, through ``common.atomic`` like every write."""
+    write_bytes_atomic(path, (dumps_strict(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def st_config(prompts: dict[str, str], default_prompt_name: str | None, normalize: bool) -> dict[str, Any]:
