@@ -95,8 +95,10 @@ class IndexBuildConfig:
             check_range(self, name, 0, MAX_SEARCH_PARAM)
 
     def query_defaults(self) -> dict[str, object]:
-        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
-        return {**QUERY_DEFAULTS, **{f.name: getattr(self, "default_" + f.name) for f in surface_fields("manifest")}}
+        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses (a default left None,
+        such as no reranker, is not recorded)."""
+        given = {f.name: getattr(self, "default_" + f.name) for f in surface_fields("manifest")}
+        return {**QUERY_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
 
     def resolve_rescore(self, auto_rescore: int) -> tuple[int, str | None]:
         """(default re-scoring factor, dtype of vectors.npy or None) given what ``--factory auto`` picked."""

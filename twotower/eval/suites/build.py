@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from twotower.common.atomic import atomic_dir
+from twotower.common.atomic import atomic_dir, write_bytes_atomic
 from twotower.common.cache import cache_dir
 from twotower.common.jsonl import dumps_strict
 from twotower.common.outputs import check_out_dir
@@ -157,7 +157,7 @@ def build_suite(
             "stats": built.stats, "python": platform.python_version(),
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
-        (tmp / "checksums.json").write_text(dumps_strict(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_bytes_atomic(tmp / "checksums.json", (dumps_strict(record, indent=2, sort_keys=True) + "\n").encode())
     print(f"{name}: built in {record['build_seconds']} s -> {out}: {counts}", file=sys.stderr)
     return out
 
