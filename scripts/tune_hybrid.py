@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,8 @@ def main() -> None:
     from twotower.eval.bm25 import BM25Retriever
     from twotower.eval.systems import SystemSpec, TowersSystem
     from twotower.index.faiss_utils import build_faiss, search
-    from twotower.index.hybrid import fuse
+    from twotower.index.hybrid import candidates_per_side, hybrid_rank
+    from twotower.index.query import QueryOptions
 
     rows = list(iter_json_rows(Path(args.pairs)))
     docs: dict[str, int] = {}
@@ -47,7 +49,7 @@ def main() -> None:
     towers = TowersSystem(SystemSpec("towers", "towers", args.towers), "cpu")
     xb = towers.encode_docs(corpus, args.batch_size, True)["towers"]
     xq = towers.encode_queries(queries, args.batch_size, True)["towers"]
-    depth_k = min(args.k_max * args.depth, len(corpus))
+    depth_k = candidates_per_side(args.k_max, args.depth, len(corpus))
     Dd, Id = search(build_faiss(xb, "Flat"), xq, depth_k)
     bm25 = BM25Retriever()
     bm25.index(corpus)
@@ -61,17 +63,22 @@ def main() -> None:
 
     add("towers", Id)
     add("bm25", Ib)
-    add("hybrid-rrf", fuse([(Dd, Id), (Db, Ib)], args.k_max, "rrf")[1])
+    def fused(**options: Any) -> np.ndarray:  # the Retriever's and bench's hybrid rule, on the runs above
+        opts = QueryOptions(k=args.k_max, mode="hybrid", depth=args.depth, **options).resolve()
+        return hybrid_rank(lambda n: (Dd[:, :n], Id[:, :n]), lambda n: (Db[:, :n], Ib[:, :n]), args.k_max,
+                           len(corpus), opts)[1]
+
+    add("hybrid-rrf", fused(fusion="rrf"))
     for norm in ("minmax", "zscore"):
         for alpha in np.round(np.arange(0.0, 1.01, 0.1), 2):
-            I = fuse([(Dd, Id), (Db, Ib)], args.k_max, "weighted", [float(alpha), 1.0 - float(alpha)], norm)[1]
-            add(f"weighted {norm} alpha={alpha:.1f}", I)
+            add(f"weighted {norm} alpha={alpha:.1f}", fused(fusion="weighted", alpha=float(alpha), norm=norm))
     print(f"dev pairs {args.pairs}: {len(queries)} queries, {len(corpus)} docs; load {os.getloadavg()[0]:.2f}",
           file=sys.stderr)
     for name, m in table:
         print(f"{name:<32} {recall} {m[recall]:.3f}  {ndcg} {m[ndcg]:.3f}", file=sys.stderr)
     weighted = [(n, m) for n, m in table if n.startswith("weighted")]
-    best = {metric: max(weighted, key=lambda t: (t[1][metric], t[1][recall] + t[1][ndcg]))[0] for metric in (recall, ndcg)}
+    best = {metric: max(weighted, key=lambda t: (t[1][metric], t[1][recall] + t[1][ndcg]))[0]
+            for metric in (recall, ndcg)}
     print(json.dumps({"pairs": args.pairs, "queries": len(queries), "docs": len(corpus), "towers": args.towers,
                       "results": dict(table), "best_weighted": best}))
 

@@ -21,14 +21,16 @@ def test_every_surface_is_generated_from_query_options() -> None:
     from twotower.retrieval.server import SearchRequest
 
     every = [f.name for f in dataclasses.fields(QueryOptions)]
-    assert _names("search") == _names("http") == every  # search and HTTP carry every option
+    assert _names("search") == every  # search carries every option, HTTP every one but the reranker's dir
+    assert _names("http") == [n for n in every if n != "reranker"]  # a client never names a dir to load
     config_fields = {cls: [f.name for f in dataclasses.fields(cls)] for cls in (SearchConfig, BenchConfig,
                                                                                 IndexBuildConfig)}
     assert set(_names("search")) <= set(config_fields[SearchConfig])
     assert [n for n in config_fields[BenchConfig] if n.startswith("hybrid_")] == _names("bench", "hybrid_") == \
         ["hybrid_alpha", "hybrid_norm", "hybrid_depth"]
     assert [n for n in config_fields[IndexBuildConfig] if n.startswith("default_")] == \
-        _names("manifest", "default_") == ["default_mode", "default_fusion", "default_alpha", "default_norm"]
+        _names("manifest", "default_") == ["default_mode", "default_fusion", "default_alpha", "default_norm",
+                                           "default_reranker", "default_rerank"]
     assert list(SearchRequest.model_fields) == ["queries", *_names("http")]
     # the --flags, their help and choices come from the same fields
     parser = argparse.ArgumentParser()
@@ -73,6 +75,13 @@ def test_one_check_per_option_same_words_everywhere(field, value, message) -> No
             with pytest.raises(ValueError) as flagged:
                 cls(**({"suite": "s"} if cls is BenchConfig else {}), **{prefix + field: value})
             assert str(flagged.value) == str(exc.value).replace(field, f"--{prefix.replace('_', '-')}{field}", 1)
+
+
+def test_every_field_has_its_check_and_a_surface() -> None:
+    from twotower.index.query import CHECKS
+
+    assert set(CHECKS) == {f.name for f in dataclasses.fields(QueryOptions)}
+    assert all(f.metadata["surfaces"] and f.metadata["help"] for f in dataclasses.fields(QueryOptions))
 
 
 def test_resolve_fills_defaults_and_keys_group_equal_requests() -> None:

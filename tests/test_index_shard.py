@@ -144,7 +144,7 @@ def test_missing_duplicate_and_foreign_shards_are_named(tmp_path, shards):
         merge_shards([tmp_path], tmp_path / "m", cfg)
     towers = tmp_path / "towers"  # --towers of another pair (only its twotower.json is read)
     towers.mkdir()
-    (towers / "twotower.json").write_text(json.dumps({"fingerprint": "0123abcd"}))
+    (towers / "twotower.json").write_text(json.dumps({"format_version": 1, "dim": 32, "fingerprint": "0123abcd"}))
     with pytest.raises(ValueError, match="has result tower fingerprint 0123abcd but the shards were encoded with"):
         merge_shards(s, tmp_path / "m", cfg, towers_dir=towers)
     assert not (tmp_path / "m").exists()

@@ -81,6 +81,36 @@ def test_failed_batch_reaches_every_request_and_worker_survives(retriever, monke
     assert _ids(asyncio.run(scenario())) == _ids(retriever.search(QUERIES[:2], k=3))
 
 
+def test_one_request_failing_never_fails_the_others_grouped_with_it(retriever, monkeypatch) -> None:
+    """Isolation (issue 24): a request whose encode fails (fault injected for its text only) gets the error;
+    the requests the batcher grouped with it in the same batch still get their own answers."""
+    from twotower.retrieval.batcher import MicroBatcher
+
+    real_encode = retriever.encode
+
+    def poisoned(queries):
+        if any("poison" in q for q in queries):
+            raise RuntimeError("encoder exploded on this request's text")
+        return real_encode(queries)
+
+    async def scenario() -> tuple[list, dict]:
+        batcher = MicroBatcher(retriever, max_batch=64, max_wait_ms=200).start()
+        try:
+            monkeypatch.setattr(retriever, "encode", poisoned)
+            texts = [*QUERIES[:2], "poison pill", *QUERIES[2:]]
+            got = await asyncio.gather(*(batcher.search([q], 3) for q in texts), return_exceptions=True)
+            return got, batcher.stats()
+        finally:
+            batcher.close()
+
+    got, stats = asyncio.run(scenario())
+    monkeypatch.undo()
+    assert stats["batches"] == 1 and stats["largest_batch"] == len(QUERIES), stats  # grouped into one batch
+    assert isinstance(got[2], RuntimeError) and "this request's text" in str(got[2])
+    good = got[:2] + got[3:]
+    assert [_ids(g)[0] for g in good] == _ids(retriever.search(QUERIES, k=3))
+
+
 def test_close_finishes_queued_work(retriever) -> None:
     from twotower.retrieval.batcher import MicroBatcher
 

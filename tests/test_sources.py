@@ -77,7 +77,8 @@ def test_cached_wheel_counts_only_with_the_pinned_sha256(tmp_path: Path) -> None
     wheel = tmp_path / "tt_fake-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("tt_fake/data.json", "{}")
-    good = Source("suite wheel", "tests", file_sha256(wheel), (Origin("tt-fake", "1.0", "", "", file_sha256(wheel)),), "x")
+    digest = file_sha256(wheel)
+    good = Source("suite wheel", "tests", digest, (Origin("tt-fake", "1.0", "", "", digest),), "x")
     assert availability(good, tmp_path, check_registry=False)["status"] == "cached"
     bad = Source("suite wheel", "tests", "1" * 64, (Origin("tt-fake", "1.0", "", "", "1" * 64),), "x")
     assert availability(bad, tmp_path, check_registry=False)["status"] == "missing"

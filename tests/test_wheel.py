@@ -8,10 +8,10 @@ not inherited); the ``slow`` variant resolves the dependencies for real, reusing
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -25,7 +25,8 @@ PUBLIC = "from twotower import TwoTower, Retriever, build_index, run_bench; prin
 def _build_wheel(tmp: Path) -> Path:
     """Build from a copy of the tracked tree, so the checkout gets no build/ or egg-info and parallel runs don't
     collide."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout
     src = tmp / "src"
     for rel in filter(None, files.decode().split("\0")):
         if (ROOT / rel).is_file():  # tracked but deleted in the work tree: skip
@@ -63,17 +64,25 @@ def _fresh_venv(tmp: Path) -> tuple[Path, Path]:
     return env_dir / "bin" / "python", env_dir
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment without what would point Python at the checkout (another test may have set
+    PYTHONPATH for its subprocesses)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+
+
 def _check_installed(py: Path, env_dir: Path, cwd: Path) -> None:
+    env = _clean_env()
     help_run = subprocess.run([str(env_dir / "bin" / "twotower"), "--help"], capture_output=True, text=True,
-                              cwd=cwd, timeout=120)
+                              cwd=cwd, timeout=120, env=env)
     assert help_run.returncode == 0 and "usage: twotower" in help_run.stdout, help_run.stderr[-2000:]
     api = subprocess.run([str(py), "-c", PUBLIC + "; import twotower; print(twotower.__file__)"],
-                         capture_output=True, text=True, cwd=cwd, timeout=300)
+                         capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
     assert api.returncode == 0, api.stderr[-2000:]
     module, where = api.stdout.split()
     assert module == "twotower.retrieval.retriever" and Path(where).is_relative_to(env_dir), api.stdout
     for generic in ("common", "towers", "index", "retrieval", "eval"):
-        probe = subprocess.run([str(py), "-c", f"import {generic}"], capture_output=True, text=True, cwd=cwd)
+        probe = subprocess.run([str(py), "-c", f"import {generic}"], capture_output=True, text=True, cwd=cwd,
+                               env=env)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, (generic, probe.stdout)
 
 
@@ -85,7 +94,9 @@ def test_wheel_installs_into_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     # this venv's dependencies (torch, faiss, ...), after the fresh venv's own site-packages in sys.path
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # (every site dir this interpreter sees: a venv that borrows its packages through a .pth path line too)
+    lent = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "deps.pth").write_text("\n".join(lent) + "\n")
     _check_installed(py, env_dir, tmp_path)
 
 

@@ -47,13 +47,34 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         apply_umask(tmp)
         fsync_tree(tmp)
         _publish(tmp, publish_at)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        os_error = os_error_of(exc, publish_at)
+        if os_error is not None:
+            raise os_error from exc
         raise
     if link is not None and publish_at != target:
         swap_link(link, publish_at)
         print(f"'{link}' now points to '{publish_at}'; the previous version '{target}' is kept (delete it when "
               f"nothing reads it any more)", file=sys.stderr)
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors (Rust std::io::Error)
+# Errors of the machine that writers written in C/C++/Rust (faiss, safetensors, Arrow) report only as text.
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES)
+
+
+def os_error_of(exc: BaseException, path: Path) -> OSError | None:
+    """The OSError (errno, its text, ``path``) behind a library's write error that is not one (safetensors'
+    ``SafetensorError: ... (os error 28)``, faiss' ``RuntimeError: ... write error in ... (No space left on
+    device)``), so a full disk is one line naming the path like any OSError; None for anything else (an
+    OSError stays as it is, a bug keeps its traceback)."""
+    if isinstance(exc, OSError) or not isinstance(exc, Exception):
+        return None
+    text = str(exc)
+    found = _RUST_OS_ERROR.search(text)
+    code = int(found.group(1)) if found else next((e for e in MACHINE_ERRNOS if f"({os.strerror(e)})" in text), None)
+    return None if code is None else OSError(code, os.strerror(code), str(path))
 
 
 def _refuse_unreplaceable(dest: Path, target: Path) -> None:

@@ -47,8 +47,13 @@ def check_range(config: Any, name: str, low: float, high: float | None = None) -
     """Raise ``ValueError("--NAME must be ...")`` when field ``name`` of ``config`` is outside [low, high]."""
     value = getattr(config, name)
     if value < low or (high is not None and value > high):
-        bound = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
-        raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value:g}")
+        bound = f"between {_num(low)} and {_num(high)}" if high is not None else f">= {_num(low)}"
+        raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {_num(value)}")
+
+
+def _num(value: float) -> str:
+    """An int in full (2147483647, not 2.14748e+09), a float short (%g)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

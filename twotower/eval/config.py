@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from twotower.common.cliargs import check_required, field
+from twotower.common.cliargs import check_range, check_required, field
 from twotower.common.device import check_device
 from twotower.index.query import QueryOptions, check_config_options, options_of, query_fields
+from twotower.towers.config import MAX_TOKENS
 
 LLM_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -56,6 +57,9 @@ class BenchConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (or left unset for all), got "
                                  f"{getattr(self, name)}")
+        for name in ("query_max_length", "doc_max_length", "towers_query_max_length", "towers_result_max_length"):
+            if getattr(self, name) is not None:  # the tokenizer keeps a length in a usize: 2^64 overflows there
+                check_range(self, name, 1, MAX_TOKENS)
         if self.llm_precision not in LLM_PRECISIONS:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
 

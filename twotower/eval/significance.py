@@ -12,6 +12,9 @@ reform in information retrieval", SIGIR Forum 2014: report effect sizes with CIs
   ``|mean|`` reaches the observed one. With ``2**n <= n_resamples`` every assignment is enumerated (exact
   p); otherwise ``n_resamples`` random ones, counting the observed one too: ``(hits + 1) / (n + 1)``.
 
+A difference counts (:func:`verdict`) only where the CI excludes 0 and p < 0.05: with few queries that differ,
+the percentile bootstrap alone can exclude 0 where the exact test cannot.
+
 Both are seeded and vectorised numpy: the query draws of a chunk of resamples become a (resamples, queries)
 count matrix, and one matrix product gives every compared pair's resampled means at once; chunks keep memory
 ~50 MB whatever the query count.

@@ -18,14 +18,15 @@ recomputed from the stored tokens (document frequencies and the average length c
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twotower.common.atomic import write_json_atomic
+from twotower.common.atomic import write_bytes_atomic, write_json_atomic
+from twotower.common.jsonl import dumps_strict
+from twotower.common.schemas import BM25Params, read_json_file
 
 BM25_DIR = "bm25"
 _ARRAYS = ("tokens", "token_offsets", "data", "indices", "indptr")
@@ -160,7 +161,7 @@ class BM25Index:
                   "indices": np.asarray(s["indices"], np.int32), "indptr": np.asarray(s["indptr"], np.int64)}
         for name, array in arrays.items():
             _npy_save(out / f"{name}.npy", array)
-        (out / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False))
+        write_bytes_atomic(out / "vocab.json", dumps_strict(self.vocab, ensure_ascii=False).encode())
         write_json_atomic(out / "params.json", self.config())
 
     @classmethod
@@ -168,10 +169,14 @@ class BM25Index:
         """Read a saved BM25 side (``np.load(allow_pickle=False)``; ``mmap``: memory-mapped, read on demand); a
         missing or inconsistent file names itself."""
         path = Path(in_dir)
+        params = read_json_file(path / "params.json", BM25Params)
+        vocab = read_json_file(path / "vocab.json", list[str])
+        if len(vocab) != params["vocab"]:
+            raise ValueError(f"{path / 'vocab.json'}: {len(vocab)} tokens but params.json says vocab "
+                             f"{params['vocab']}; rebuild the index")
         try:
-            params = json.loads((path / "params.json").read_text())
-            vocab = json.loads((path / "vocab.json").read_text())
-            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False) for name in _ARRAYS}
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                      for name in _ARRAYS}
         except (OSError, ValueError) as exc:
             raise ValueError(f"BM25 side '{path}' is unreadable ({exc}); rebuild the index") from None
         rows = int(params["rows"])

@@ -26,7 +26,7 @@ from twotower.index.config import EncodeConfig, IndexBuildConfig
 from twotower.index.corpus import Corpus, count_rows, describe, doc_text
 from twotower.index.encode import EncodedCorpus, default_work_dir, encode_corpus, encoder_fingerprint, encoder_name
 from twotower.index.factory import auto_factory, parse_memory
-from twotower.index.faiss_utils import make_index, nlist_of, search_defaults, train_index, write_index
+from twotower.index.faiss_utils import check_trainable, make_index, nlist_of, search_defaults, train_index, write_index
 from twotower.index.filters import FILTERS_FILE, build_filter_table, describe_fields, save_filter_table
 from twotower.index.query import QUERY_DEFAULTS
 from twotower.index.store import (
@@ -89,15 +89,16 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
     full_dim = int(encoder.dim)
     encoder = truncating(encoder, config.dim)  # a --dim above the towers' fails here, before any encoding
     dim = int(encoder.dim)
-    if config.factory != "auto":
-        make_index(config.factory, dim)  # a bad factory string fails now, not after hours of encoding
     total = count_rows(corpus, encode.corpus_split)
+    if config.factory != "auto":  # a bad factory string, or one the corpus is too small to train, fails now,
+        probe = make_index(config.factory, dim)  # not after hours of encoding
+        if total and not probe.is_trained:
+            check_trainable(probe, min(total, config.train_size or total), config.factory)
     if config.factory == "auto" and total:
         auto_factory(total, dim, budget)  # a budget even IVF-PQ cannot meet fails before encoding too
     work = Path(encode.work_dir) if encode.work_dir else default_work_dir(out)
     t0 = time.time()
-    enc = encode_corpus(encoder, corpus, work, encode.chunk_size, encode.batch_size, encode.dtype,
-                        encode.corpus_split, total, encode.progress)
+    enc = encode_corpus(encoder, corpus, work, encode, total)
     t_encode = time.time() - t0
     if config.factory == "auto":
         choice = auto_factory(enc.n, dim, budget)
@@ -110,8 +111,8 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
         dim=dim, factory=factory, ntotal=int(index.ntotal), search_defaults=defaults,
         fingerprint=encoder_fingerprint(encoder), encoder=encoder_name(encoder), towers_dir=towers_dir,
         corpus=describe(corpus), normalized=enc.normalized,
-        build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason, "memory_budget_bytes": budget,
-               "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
+        build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason,
+               "memory_budget_bytes": budget, "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
     set_memory_fields(manifest, rescore, vectors, dim, full_dim)
     manifest["generation"] = next_generation(out)
     manifest["query_defaults"] = config.query_defaults()
@@ -136,6 +137,7 @@ def train_empty(enc: EncodedCorpus, factory: str, config: IndexBuildConfig) -> A
     if not index.is_trained:
         nlist = nlist_of(index) or 0
         nt = config.train_size or auto_train_size(enc.n, nlist, enc.dim, parse_memory(config.memory_budget))
+        check_trainable(index, min(nt, enc.n), factory)
         train_index(index, enc.sample(min(nt, enc.n), config.seed))
     return index
 
@@ -231,7 +233,8 @@ def write_index_dir(out: Path, index: Any, doc_parts: list[Any], manifest: dict[
     with atomic_dir(out) as tmp:
         write_index(index, tmp / INDEX_FILE)
         if vectors is not None:
-            write_vectors(tmp / VECTORS_FILE, vectors, int(manifest["ntotal"]), int(manifest["dim"]), manifest["vectors"])
+            write_vectors(tmp / VECTORS_FILE, vectors, int(manifest["ntotal"]), int(manifest["dim"]),
+                          manifest["vectors"])
         save_docs(doc_parts, tmp / DOCS_DIR)
         write_query_sides(tmp, load_docs(tmp), manifest, bm25, previous)
         for name, src in (extra_files or {}).items():

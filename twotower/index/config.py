@@ -10,16 +10,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from twotower.common.cliargs import field, flag_of
+from twotower.common.cliargs import check_range, field, flag_of
 from twotower.common.device import check_device
 from twotower.index.query import MAX_RESCORE, QUERY_DEFAULTS, check_config_options, query_fields, surface_fields
-from twotower.towers.config import MINE_RANGE_MAX, MINE_RELATIVE_MARGIN
+from twotower.towers.config import MAX_TOKENS, MINE_RANGE_MAX, MINE_RELATIVE_MARGIN
 
 DTYPES = ("float32", "float16")
 KEEP_VECTORS = ("auto", "none", "float32", "float16")
 MERGE_METHODS = ("add", "merge_from", "ondisk")
 SAMPLING = ("top", "random")
 MAX_MINE_RANK = 100_000  # candidates searched per query when mining: faiss allocates nq x range_max results
+# faiss keeps nprobe / efSearch in a size_t (nprobe) or int (efSearch): a value stored in the manifest outside
+# 0..2^31-1 would overflow inside faiss at every search, in the CLI and the server alike
+MAX_SEARCH_PARAM = 2**31 - 1
 
 
 @dataclass
@@ -41,8 +44,8 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        if self.result_max_length is not None and self.result_max_length < 1:
-            raise ValueError(f"--result-max-length must be >= 1, got {self.result_max_length}")
+        if self.result_max_length is not None:  # the tokenizer keeps it in a usize: 2^64 overflows there
+            check_range(self, "result_max_length", 1, MAX_TOKENS)
         for name in ("batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -88,10 +91,14 @@ class IndexBuildConfig:
             raise ValueError(f"--rescore {self.rescore} needs the float vectors: drop --keep-vectors none")
         if self.dim < 0:
             raise ValueError(f"--dim must be >= 0 (0 = the towers' dim), got {self.dim}")
+        for name in ("nprobe", "ef_search", "train_size"):  # 0 = auto; stored in the manifest, read at every search
+            check_range(self, name, 0, MAX_SEARCH_PARAM)
 
     def query_defaults(self) -> dict[str, object]:
-        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses."""
-        return {**QUERY_DEFAULTS, **{f.name: getattr(self, "default_" + f.name) for f in surface_fields("manifest")}}
+        """The manifest's ``query_defaults``: what a search without mode/fusion/alpha uses (a default left None,
+        such as no reranker, is not recorded)."""
+        given = {f.name: getattr(self, "default_" + f.name) for f in surface_fields("manifest")}
+        return {**QUERY_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
 
     def resolve_rescore(self, auto_rescore: int) -> tuple[int, str | None]:
         """(default re-scoring factor, dtype of vectors.npy or None) given what ``--factory auto`` picked."""

@@ -36,7 +36,7 @@ from twotower.common.atomic import write_json_atomic
 from twotower.common.encoder import Encoder
 from twotower.common.hashing import file_sha256
 from twotower.common.outputs import check_work_dir, mark_work_dir
-from twotower.index.config import DTYPES
+from twotower.index.config import EncodeConfig
 from twotower.index.corpus import Corpus, Doc, hash_doc, iter_docs
 from twotower.index.store import write_docs_chunk, write_npy_atomic
 
@@ -100,22 +100,15 @@ def encoder_name(encoder: Encoder) -> str:
     return f"{type(encoder).__module__}.{type(encoder).__qualname__}"
 
 
-def encode_corpus(
-    encoder: Encoder,
-    corpus: Corpus,
-    work_dir: str | Path,
-    chunk_size: int = 16384,
-    batch_size: int = 64,
-    dtype: str = "float32",
-    split: str = "train",
-    total: int | None = None,
-    show_progress: bool = True,
-    docs: Iterable[Doc] | None = None,
-    state_extra: dict[str, Any] | None = None,
-) -> EncodedCorpus:
+def encode_corpus(encoder: Encoder, corpus: Corpus, work_dir: str | Path, config: EncodeConfig | None = None,
+                  total: int | None = None, docs: Iterable[Doc] | None = None,
+                  state_extra: dict[str, Any] | None = None) -> EncodedCorpus:
     """Encode every doc of ``corpus`` into chunk files under ``work_dir``, resuming finished chunks.
 
     Args:
+        config: chunk_size, batch_size, dtype, corpus_split (a hub dataset's split) and progress (default:
+            ``EncodeConfig()``; its work_dir, keep_work and device are the caller's).
+        total: rows expected, for the progress bar (None: unknown).
         docs: the validated docs to encode instead of all of ``iter_docs(corpus)`` (a shard's slice, see
             ``index.shard``); ``corpus`` then only names the source in messages.
         state_extra: more keys pinned in ``state.json`` (a shard's row range): a work dir written under other
@@ -124,10 +117,8 @@ def encode_corpus(
     Raises:
         ValueError: bad corpus row (named by line/row), empty corpus, or encoder output of the wrong shape.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown embedding dtype '{dtype}': choose {', '.join(DTYPES)}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    config = config or EncodeConfig()  # its __post_init__ checked dtype, chunk_size and batch_size
+    chunk_size, batch_size, dtype = config.chunk_size, config.batch_size, config.dtype
     work = Path(work_dir)
     dim = int(encoder.dim)
     fingerprint = encoder_fingerprint(encoder)
@@ -138,7 +129,7 @@ def encode_corpus(
                       resumable=fingerprint is not None)
     n, n_chunks, resumed, norms_ok = 0, 0, 0, True
     buf: list[Doc] = []
-    with tqdm(total=total, desc="encode", unit="doc", disable=not show_progress, smoothing=0.05) as bar:
+    with tqdm(total=total, desc="encode", unit="doc", disable=not config.progress, smoothing=0.05) as bar:
         def flush() -> None:
             nonlocal n, n_chunks, resumed, norms_ok
             done, ok = _finish_chunk(encoder, buf, work, n_chunks, dim, batch_size, dtype)
@@ -150,7 +141,7 @@ def encode_corpus(
             bar.set_postfix(chunks=n_chunks, resumed=resumed, refresh=False)
             buf.clear()
 
-        for doc in iter_docs(corpus, split) if docs is None else docs:
+        for doc in iter_docs(corpus, config.corpus_split) if docs is None else docs:
             buf.append(doc)
             if len(buf) == chunk_size:
                 flush()

@@ -62,6 +62,46 @@ def as_matrix(x: np.ndarray, d: int | None, name: str = "xq") -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def min_train_points(index: Any) -> tuple[int, str]:
+    """The fewest training vectors faiss's k-means accepts for ``index``, and why: one per IVF list, and
+    ``2^nbits`` per PQ sub-quantizer (an OPQ rotation trains a PQ too). (1, "") for indexes with no k-means."""
+    need, why = 1, ""
+    nlist = nlist_of(index)
+    if nlist:
+        need, why = nlist, "one per IVF list"
+    if isinstance(index, BinarySignIndex):
+        return need, why
+    parts = [faiss.downcast_index(index)]
+    while parts:
+        part = parts.pop()
+        if isinstance(part, faiss.IndexPreTransform):
+            parts.append(faiss.downcast_index(part.index))
+            for i in range(part.chain.size()):
+                vt = faiss.downcast_VectorTransform(part.chain.at(i))
+                ksub = int(vt.pq.ksub) if isinstance(vt, faiss.OPQMatrix) and vt.pq else 256  # faiss's default
+                if isinstance(vt, faiss.OPQMatrix) and ksub > need:
+                    need, why = ksub, f"{ksub} per OPQ sub-quantizer"
+        elif isinstance(part, faiss.IndexHNSW):
+            parts.append(faiss.downcast_index(part.storage))
+        pq = getattr(part, "pq", None)
+        if pq is not None and int(pq.ksub) > need:
+            need, why = int(pq.ksub), f"{int(pq.ksub)} per PQ sub-quantizer (2^{int(pq.nbits)} codes)"
+    return need, why
+
+
+def check_trainable(index: Any, n: int, factory: str = "") -> None:
+    """Refuse training ``index`` on ``n`` vectors when faiss's k-means would (a raw faiss RuntimeError).
+
+    Raises:
+        ValueError: naming the factory, the vectors needed and why, and what to use instead.
+    """
+    need, why = min_train_points(index)
+    if n < need:
+        name = f"--factory '{factory}'" if factory else "the index"
+        raise ValueError(f"{name} needs at least {need} training vectors ({why}) but has {n}: use fewer IVF lists "
+                         f"or fewer PQ bits (e.g. IVF{max(1, n // 39)},Flat), Flat, or more docs")
+
+
 def train_index(index: faiss.Index, xt: np.ndarray) -> None:
     """Train (k-means for IVF, codebooks for PQ/SQ, rotation for OPQ) on a sample ``xt`` (nt, d).
 
@@ -71,6 +111,7 @@ def train_index(index: faiss.Index, xt: np.ndarray) -> None:
     if index.is_trained:
         return
     xt = as_matrix(xt, index.d, "xt")
+    check_trainable(index, len(xt))
     if isinstance(index, BinarySignIndex):
         index.train(xt)
         return

@@ -30,7 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from twotower.common.schemas import check_arrow_schema
+
 FILTERS_FILE = "filters.arrow"
+KINDS = ("bool", "num", "str")  # the kinds of metadata value _flatten records
 OPERATORS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte")
 _RANGE = ("$gt", "$gte", "$lt", "$lte")
 _SCHEMA = pa.schema([("field", pa.string()), ("kind", pa.string()), ("text", pa.string()),
@@ -125,8 +128,9 @@ class FilterMap:
         self._rows = rows.values.to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = rows.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
         if len(self._rows) and (self._rows.min() < 0 or self._rows.max() >= self.ntotal):
-            raise ValueError(f"filter map holds row {int(self._rows.max())} but the index has {self.ntotal} rows; "
-                             f"rebuild the index")
+            bad = int(self._rows.min()) if self._rows.min() < 0 else int(self._rows.max())
+            raise ValueError(f"filter map holds row {bad} but the index has rows 0..{self.ntotal - 1}; rebuild the "
+                             f"index")
         fields = table.column("field").to_pylist()
         kinds = table.column("kind").to_pylist()
         texts = table.column("text").to_pylist()
@@ -150,7 +154,15 @@ class FilterMap:
                 table = pa.ipc.open_file(source).read_all()
         except (OSError, pa.ArrowInvalid) as exc:
             raise ValueError(f"filter map '{path}' is unreadable ({exc}); rebuild the index") from None
-        return cls(table, ntotal)
+        check_arrow_schema(path, table.schema, _SCHEMA)
+        kinds = set(table.column("kind").to_pylist()) - set(KINDS)
+        if kinds:
+            raise ValueError(f"{path}: column 'kind': found {sorted(map(str, kinds))}, expected one of "
+                             f"{', '.join(KINDS)}")
+        try:
+            return cls(table, ntotal)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def allowed(self, filter: Mapping[str, Any] | None) -> np.ndarray | None:
         """The rows matching ``filter`` as bool (ntotal,); None for no filter (``None`` or ``{}``).

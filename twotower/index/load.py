@@ -26,7 +26,15 @@ from twotower.index.faiss_utils import ivf_of, read_index, unwrap
 from twotower.index.filters import FILTERS_FILE, FilterMap
 from twotower.index.rescore import open_vectors
 from twotower.index.rescore import rescore as rescore_candidates
-from twotower.index.store import INDEX_FILE, VECTORS_FILE, live_rows, load_docs, read_manifest, read_removed
+from twotower.index.store import (
+    INDEX_FILE,
+    VECTORS_FILE,
+    check_counts,
+    live_rows,
+    load_docs,
+    read_manifest,
+    read_removed,
+)
 from twotower.index.torch_search import TorchFlatSearcher
 
 LOAD_DEVICES = ("auto", "cpu", "cuda")
@@ -182,7 +190,8 @@ class LoadedIndex:
         nprobe = faiss_utils.widened(nprobe, ivf.nlist if ivf is not None else 0, fraction)
         ef_search = faiss_utils.widened(ef_search, max(self.ntotal, ef_search or 0), fraction)
         sel = faiss_utils.allow_selector(allowed)
-        inner = faiss.downcast_index(self.cpu_index)
+        # a binary index is no faiss.Index (downcast_index raises TypeError): it goes to the post-filter below
+        inner = None if isinstance(self.cpu_index, BinarySignIndex) else faiss.downcast_index(self.cpu_index)
         if isinstance(inner, faiss.IndexHNSW) and n_ok < (ef_search or 0) * inner.hnsw.nb_neighbors(1):
             # A graph walk visits about efSearch * M nodes, allowed or not; a scan of the allowed rows in the
             # HNSW's own storage (flat or SQ codes) costs n_ok distances and is exact: cheaper below that.
@@ -260,18 +269,9 @@ def load_index(index_dir: str | Path, device: str = "auto", float16: bool = Fals
     path = Path(index_dir)
     manifest = read_manifest(path)
     index = read_index(path / INDEX_FILE, ondisk=bool(manifest.get("ivfdata")))
-    if index.d != manifest["dim"]:
-        raise ValueError(f"{path / INDEX_FILE}: dim {index.d} but manifest.json says {manifest['dim']}")
-    if index.ntotal != manifest["ntotal"]:
-        raise ValueError(f"{path / INDEX_FILE}: {index.ntotal} vectors but manifest.json says {manifest['ntotal']}")
     docs = load_docs(path)
-    if len(docs) != index.ntotal:
-        raise ValueError(f"index '{path}': index.faiss holds {index.ntotal} vectors but docs/ has {len(docs)} ids; "
-                         f"the index dir is inconsistent, rebuild it")
-    removed = read_removed(path)
-    if len(removed) != manifest.get("n_removed", 0) or (len(removed) and removed.max() >= index.ntotal):
-        raise ValueError(f"index '{path}': removed.npy ({len(removed)} rows) disagrees with manifest.json "
-                         f"(n_removed={manifest.get('n_removed', 0)}, ntotal={index.ntotal})")
+    check_counts(path, manifest, index.d, index.ntotal, len(docs))
+    removed = read_removed(path, manifest)  # unique rows below ntotal (== index.ntotal, checked above)
     vectors = open_vectors(path / VECTORS_FILE, index.ntotal, index.d) if manifest.get("vectors") else None
     return LoadedIndex(path, index, manifest, docs, removed, index_placement(index, device), float16, vectors)
 

@@ -32,6 +32,7 @@ from twotower.index.store import (
     INDEX_FILE,
     REMOVED_FILE,
     VECTORS_FILE,
+    check_counts,
     link_or_copy,
     live_rows,
     load_docs,
@@ -78,21 +79,21 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
     fp = encoder_fingerprint(encoder)
     encoder = truncating(encoder, int(manifest.get("truncate_dim") or 0))  # a Matryoshka index: cut alike
     if manifest.get("fingerprint") != fp:
-        raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with {manifest.get('fingerprint')}"
-                         f"); add docs with the towers the index was built from")
+        raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with "
+                         f"{manifest.get('fingerprint')}); add docs with the towers the index was built from")
     if int(encoder.dim) != manifest["dim"]:
         raise ValueError(f"encoder dim {encoder.dim} != index '{path}' dim {manifest['dim']}")
     docs = load_docs(path)
-    removed = read_removed(path)
+    removed = read_removed(path, manifest)
     new_ids = [d.id for d in iter_docs(corpus, config.corpus_split)]  # validates every row before any encoding
     clash = _live_subset(docs, removed, new_ids, path)
     if clash:
         raise ValueError(f"{len(clash)} id(s) of '{describe(corpus)}' are already in index '{path}': "
                          f"{', '.join(repr(c) for c in clash[:10])}; remove them first to replace them")
     index = read_index(path / INDEX_FILE)
+    check_counts(path, manifest, index.d, index.ntotal, len(docs))
     old_vectors = open_vectors(path / VECTORS_FILE, index.ntotal, manifest["dim"]) if manifest.get("vectors") else None
-    enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
-                        config.corpus_split, len(new_ids), config.progress)
+    enc = encode_corpus(encoder, corpus, work, config, len(new_ids))
     add_chunks(index, enc, config.progress)
     manifest["ntotal"] = int(index.ntotal)
     manifest["generation"] = int(manifest.get("generation", 1)) + 1
@@ -139,7 +140,7 @@ def remove_docs(index_dir: str | Path, ids: Sequence[str], wait: float = 0.0) ->
 def _remove(path: Path, ids: Sequence[str]) -> int:
     manifest = read_manifest(path)
     docs = load_docs(path)
-    removed = read_removed(path)
+    removed = read_removed(path, manifest)
     rows = live_rows(docs, removed, ids, path)  # KeyError naming unknown / already removed ids
     new_removed = np.union1d(removed, rows).astype(np.int64)
     manifest["n_removed"] = int(len(new_removed))

@@ -31,6 +31,7 @@ MAX_K_CAP = 100_000  # the highest k any server allows (--max-k); faiss allocate
 # size_t, and a bigger Python int overflows inside faiss (an internal error instead of a 422).
 MAX_NPROBE = 2**31 - 1
 MAX_RESCORE = 1000  # candidates = k x rescore; beyond this a re-score reads more than a Flat scan would
+MAX_RERANK = 1000  # cross-encoder pairs per query: beyond this a rerank costs seconds per query on a GPU
 
 # Where a field shows up: search (CLI + Retriever), http (POST /search), manifest (index build --default-*),
 # bench (twotower bench --hybrid-*). Every field is part of the Python API.
@@ -51,7 +52,8 @@ class QueryOptionError(ValueError):
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else ValueError "unknown NAME 'x': choose a, b"."""
     if value not in choices:
-        raise QueryOptionError(name.lstrip("-").replace("-", "_"), f"unknown {name} {value!r}: choose {', '.join(choices)}")
+        raise QueryOptionError(name.lstrip("-").replace("-", "_"),
+                               f"unknown {name} {value!r}: choose {', '.join(choices)}")
     return value
 
 
@@ -59,6 +61,12 @@ def _integer(name: str, value: Any, low: int, high: int, text: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
         raise QueryOptionError(name.lstrip("-").replace("-", "_"), f"{name} must be {text}, got {value!r}")
     return int(value)
+
+
+def _nonempty_str(name: str, value: Any, text: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise QueryOptionError(name.lstrip("-").replace("-", "_"), f"{name} must be {text}, got {value!r}")
+    return value
 
 
 def check_k(k: Any, max_k: int, name: str = "k") -> int:
@@ -104,6 +112,8 @@ CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "depth": lambda v, n: _integer(n, v, 1, MAX_DEPTH, f"an integer between 1 and {MAX_DEPTH}"),
     "filter": check_filter,
     "rescore": lambda v, n: _integer(n, v, 0, MAX_RESCORE, f"an integer between 0 and {MAX_RESCORE} or None"),
+    "reranker": lambda v, n: _nonempty_str(n, v, "a RERANKER dir (twotower train-reranker)"),
+    "rerank": lambda v, n: _integer(n, v, 0, MAX_RERANK, f"an integer between 0 and {MAX_RERANK} or None"),
 }
 
 
@@ -143,6 +153,13 @@ class QueryOptions:
               "$eq $ne $in $nin $gt $gte $lt $lte)", none="no filter", arg_type=str, surfaces=ALL)
     rescore: int | None = field(None, "re-score k x N candidates with the exact vectors the index keeps "
                                       "(vectors.npy); 0 = off", none="the index's default", surfaces=ALL)
+    # Second stage (twotower train-reranker): a client names how many candidates, never which dir to load.
+    reranker: str | None = field(None, "RERANKER dir (twotower train-reranker): reorders the first stage's top "
+                                       "--rerank (dense or hybrid) with this cross-encoder",
+                                 none="the manifest's default", surfaces=("search", "manifest"))
+    rerank: int | None = field(None, f"candidates of the first stage the reranker reorders, 0..{MAX_RERANK} "
+                                     f"(0 = off); hits past them keep the first stage's order and score",
+                               none="the manifest's default, else 0", surfaces=("search", "http", "manifest"))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -129,9 +129,7 @@ def build_shard(encoder: Encoder, corpus: Corpus, out: str | Path, shard: ShardC
     if not overwrite and is_complete(path, expected, identity):
         return path
     t0 = time.time()
-    enc = encode_corpus(encoder, corpus, work, config.chunk_size, config.batch_size, config.dtype,
-                        config.corpus_split, hi - lo, config.progress,
-                        docs=iter_docs(corpus, config.corpus_split, lo, hi),
+    enc = encode_corpus(encoder, corpus, work, config, hi - lo, docs=iter_docs(corpus, config.corpus_split, lo, hi),
                         state_extra={"shard": [shard_id, num_shards], "rows": [lo, hi]})
     if enc.n != hi - lo or (identity["hashed"] == "file bytes"
                             and corpus_identity(corpus, config.corpus_split) != identity):

@@ -17,7 +17,6 @@ Layout::
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import time
@@ -32,6 +31,7 @@ import pyarrow.compute as pc
 from datasets.utils import logging as ds_logging
 
 from twotower.common.atomic import write_bytes_atomic, write_json_atomic
+from twotower.common.schemas import IndexManifest, check_removed, read_json_file
 from twotower.index.corpus import Doc
 
 FORMAT_VERSION = 1
@@ -42,7 +42,6 @@ REMOVED_FILE = "removed.npy"
 IVFDATA_FILE = "index.ivfdata"
 VECTORS_FILE = "vectors.npy"
 DOC_COLUMNS = ("id", "title", "text", "metadata")
-_REQUIRED_KEYS = ("format_version", "dim", "metric", "factory", "ntotal", "search_defaults")
 STALE_AFTER_S = 3600  # a temp dir untouched this long is reported by `index build` as a likely leftover
 
 
@@ -82,20 +81,19 @@ def load_docs(index_dir: str | Path) -> Any:
 
 
 def read_manifest(index_dir: str | Path) -> dict[str, Any]:
-    """``manifest.json`` of an INDEX dir, checked for required keys and a supported format version."""
+    """``manifest.json`` of an INDEX dir, checked against its schema (``common.schemas.IndexManifest``: every
+    field's type and range, one line naming the field) and for a supported format version."""
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"'{index_dir}' is not an index dir: no {MANIFEST} (build one with `twotower index build`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
-    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+        raise FileNotFoundError(f"'{index_dir}' is not an index dir: no {MANIFEST} "
+                                "(build one with `twotower index build`)")
+    manifest = read_json_file(path, IndexManifest)
     if manifest["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this twotower supports "
                          f"({FORMAT_VERSION}); upgrade twotower")
+    if manifest.get("n_removed", 0) > manifest["ntotal"]:
+        raise ValueError(f"{path}: field 'n_removed': found {manifest['n_removed']}, expected at most ntotal "
+                         f"{manifest['ntotal']}")
     return manifest
 
 
@@ -151,12 +149,31 @@ def write_vectors(path: str | Path, chunks: Any, n: int, d: int, dtype: str) -> 
     del out
 
 
-def read_removed(index_dir: str | Path) -> np.ndarray:
-    """Sorted int64 tombstoned rows (empty when nothing was removed)."""
+def check_counts(index_dir: str | Path, manifest: dict[str, Any], dim: int, ntotal: int, n_docs: int) -> None:
+    """The cross-checks between an INDEX dir's files: index.faiss's dim and vector count against
+    manifest.json, and the doc store's rows against both; a disagreement is one line with the two values."""
+    path = Path(index_dir)
+    if dim != manifest["dim"]:
+        raise ValueError(f"{path / INDEX_FILE}: dim {dim} but {MANIFEST} says {manifest['dim']}")
+    if ntotal != manifest["ntotal"]:
+        raise ValueError(f"{path / INDEX_FILE}: {ntotal} vectors but {MANIFEST} says {manifest['ntotal']} (ntotal)")
+    if n_docs != ntotal:
+        raise ValueError(f"index '{path}': {INDEX_FILE} holds {ntotal} vectors but {DOCS_DIR}/ has {n_docs} ids; the "
+                         f"index dir is inconsistent, rebuild it")
+
+
+def read_removed(index_dir: str | Path, manifest: dict[str, Any] | None = None) -> np.ndarray:
+    """Sorted int64 tombstoned rows (empty when nothing was removed), checked against ``manifest`` (read when
+    not given): unique rows below ``ntotal``, ``n_removed`` of them (``common.schemas.check_removed``)."""
+    manifest = manifest if manifest is not None else read_manifest(index_dir)
     path = Path(index_dir) / REMOVED_FILE
+    n_removed = int(manifest.get("n_removed", 0))
     if not path.exists():
+        if n_removed:
+            raise ValueError(f"index '{index_dir}': manifest.json says n_removed {n_removed} but there is no "
+                             f"{REMOVED_FILE}; the index dir is damaged, rebuild it")
         return np.empty(0, np.int64)
-    return np.load(path, allow_pickle=False).astype(np.int64)
+    return check_removed(path, int(manifest["ntotal"]), n_removed)
 
 
 def live_rows(docs: Any, removed: np.ndarray, ids: Sequence[str], where: str | Path) -> np.ndarray:
@@ -176,7 +193,8 @@ def live_rows(docs: Any, removed: np.ndarray, ids: Sequence[str], where: str | P
     out[pos[rows].astype(np.int64)] = rows
     missing = [ids[j] for j in np.flatnonzero(out < 0)]
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        shown = ", ".join(repr(m) for m in missing[:10])
+        shown += f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
         raise KeyError(f"{len(missing)} id(s) not in index '{where}' (unknown or already removed): {shown}")
     return out
 

@@ -147,41 +147,51 @@ class MicroBatcher:
         # retrieval.reload); this batch finishes on the one it started with, which stays alive until then.
         retriever = self.retriever
         try:
-            texts = [q for job in batch for q in job.queries]
-            dense = [job.opts.mode != "bm25" for job in batch for _ in job.queries]
-            xq = None
-            if any(dense):  # (nq, dim): one forward pass for every query that needs a vector
-                xq = np.zeros((len(texts), retriever.dim), np.float32)
-                xq[dense] = retriever.encode([t for t, d in zip(texts, dense) if d])
-            # One search per distinct options (k and nprobe included): the batch usually shares one.
-            groups: dict[tuple[Any, ...], list[int]] = {}
-            for j, job in enumerate(batch):
-                groups.setdefault(job.opts.key(), []).append(j)
-            starts = [0]
-            for job in batch:
-                starts.append(starts[-1] + len(job.queries))
-            results: list[Any] = [None] * len(batch)
-            for members in groups.values():
-                rows = [r for j in members for r in range(starts[j], starts[j + 1])]
-                hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows],
-                                                batch[members[0]].opts)
-                pos = 0
-                for j in members:
-                    n = len(batch[j].queries)
-                    results[j] = hits[pos:pos + n]
-                    pos += n
-            if self.finish is not None:
-                results = [self.finish(r) for r in results]
-        except Exception as exc:  # delivered to every waiting request; the worker keeps serving
-            for job in batch:
-                job.loop.call_soon_threadsafe(_resolve, job.future, None, exc)
-            return
-        n = sum(len(job.queries) for job in batch)
-        self.batches += 1
-        self.queries += n
-        self.largest = max(self.largest, n)
-        for job, result in zip(batch, results):
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, None)
+            outcomes: list[tuple[Any, BaseException | None]] = [(r, None) for r in self._answer(retriever, batch)]
+        except Exception as exc:  # the worker keeps serving; the error goes to the requests that cause it
+            # Isolation: the requests grouped by chance must not share one request's failure, so each is
+            # answered again on its own, and only those that fail alone get the error.
+            outcomes = [(None, exc)] if len(batch) == 1 else [self._alone(retriever, job) for job in batch]
+        n = sum(len(job.queries) for job, (_, exc) in zip(batch, outcomes) if exc is None)
+        if n:
+            self.batches += 1
+            self.queries += n
+            self.largest = max(self.largest, n)
+        for job, (result, exc) in zip(batch, outcomes):
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, exc)
+
+    def _alone(self, retriever: Retriever, job: _Job) -> tuple[Any, BaseException | None]:
+        try:
+            return self._answer(retriever, [job])[0], None
+        except Exception as exc:  # this request's own failure, delivered to it alone
+            return None, exc
+
+    def _answer(self, retriever: Retriever, batch: list[_Job]) -> list[Any]:
+        """The results of ``batch`` (one per job, ``finish``-ed): one encode, one search per distinct options."""
+        texts = [q for job in batch for q in job.queries]
+        dense = [job.opts.mode != "bm25" for job in batch for _ in job.queries]
+        xq = None
+        if any(dense):  # (nq, dim): one forward pass for every query that needs a vector
+            xq = np.zeros((len(texts), retriever.dim), np.float32)
+            xq[dense] = retriever.encode([t for t, d in zip(texts, dense) if d])
+        # One search per distinct options (k and nprobe included): the batch usually shares one.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for j, job in enumerate(batch):
+            groups.setdefault(job.opts.key(), []).append(j)
+        starts = [0]
+        for job in batch:
+            starts.append(starts[-1] + len(job.queries))
+        results: list[Any] = [None] * len(batch)
+        for members in groups.values():
+            rows = [r for j in members for r in range(starts[j], starts[j + 1])]
+            hits = retriever.search_encoded([texts[r] for r in rows], None if xq is None else xq[rows],
+                                            batch[members[0]].opts)
+            pos = 0
+            for j in members:
+                n = len(batch[j].queries)
+                results[j] = hits[pos:pos + n]
+                pos += n
+        return [self.finish(r) for r in results] if self.finish is not None else results
 
 
 def _resolve(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:

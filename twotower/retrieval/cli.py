@@ -109,7 +109,8 @@ def run_search(args: argparse.Namespace) -> int:
     opts = options_of(config, "search")
     check_query_sides(config.index, opts.mode, opts.filter)
     retriever = Retriever.load(config.index, config.towers, config.device, batch_size=config.batch_size,
-                               precision=config.precision, query_max_length=config.query_max_length)
+                               precision=config.precision, query_max_length=config.query_max_length,
+                               allow_mixed_towers=config.allow_mixed_towers)
     results = retriever.search(queries, options=opts)
     out = sys.stdout
     for i, (query, hits) in enumerate(zip(queries, results)):
@@ -142,7 +143,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # Loaded here, before uvicorn starts, so a bad index or a fingerprint mismatch is one clean error line.
     retriever = Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                               precision=config.precision, query_max_length=config.query_max_length)
+                               precision=config.precision, query_max_length=config.query_max_length,
+                               allow_mixed_towers=config.allow_mixed_towers)
     print(f"twotower serve: {retriever.ntotal} docs, dim {retriever.dim}, on http://{config.host}:{config.port} "
           f"(docs at /docs)", file=sys.stderr)
     serve(config, retriever)

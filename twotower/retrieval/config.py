@@ -33,6 +33,8 @@ class SearchConfig:
     batch_size: int = field(64, "queries encoded per forward pass")
     query_max_length: int | None = field(None, "tokens per query (default: the inference length recorded in the "
                                                "TOWERS dir)")
+    allow_mixed_towers: bool = field(False, "accept a query tower whose weights are not the ones twotower.json "
+                                            "records for its run (a tower swapped in from another run)")
 
     def __post_init__(self) -> None:
         check_range(self, "batch_size", 1, MAX_LIMIT)  # the query options: index.query, at run time (k's cap first)
@@ -46,6 +48,8 @@ class ServeConfig:
 
     index: str = field("", "INDEX dir (output of `twotower index build`)")
     towers: str | None = field(None, "TOWERS dir (None: the one recorded in the index manifest)")
+    allow_mixed_towers: bool = field(False, "accept a query tower whose weights are not the ones twotower.json "
+                                            "records for its run (a tower swapped in from another run)")
     host: str = field("127.0.0.1", "address to listen on (0.0.0.0 exposes the service to the network)")
     port: int = field(8000, "TCP port")
     device: str = field("auto", "query tower device: auto, cpu, cuda, cuda:N")
@@ -61,6 +65,12 @@ class ServeConfig:
     max_k: int = field(DEFAULT_MAX_K, "the cap on k")
     max_body_bytes: int = field(0, "largest request body in bytes, beyond it 413 (0 = room for max_queries "
                                    "queries of max_query_chars characters, JSON-escaped)")
+    read_timeout: float = field(10.0, "seconds a client has to send a request's headers, and again its whole body; "
+                                      "beyond it 408 and the connection is closed (a client that promises more "
+                                      "body than it sends cannot hold a connection)")
+    keep_alive: float = field(5.0, "seconds an idle keep-alive connection stays open between requests")
+    max_connections: int = field(1024, "most connections served at once; beyond it new ones get 503 (uvicorn's "
+                                       "limit_concurrency)")
     access_log: bool = field(False, "log every request (costs throughput)")
     log_level: str = field("info", "uvicorn log level", choices=["critical", "error", "warning", "info", "debug"])
     reload_interval: float = field(2.0, "seconds between checks of the INDEX dir for a new version (index add, "
@@ -79,6 +89,9 @@ class ServeConfig:
         check_range(self, "max_body_bytes", 0, MAX_LIMIT)
         check_range(self, "max_wait_ms", 0, 60_000)
         check_range(self, "reload_interval", 0, 86_400)
+        check_range(self, "read_timeout", 0.001, 3600)
+        check_range(self, "keep_alive", 0.001, 3600)
+        check_range(self, "max_connections", 1, MAX_LIMIT)
         if self.query_max_length is not None:
             check_range(self, "query_max_length", 1, MAX_LIMIT)
 

@@ -28,7 +28,15 @@ from twotower.index.merge import open_shards
 from twotower.index.query import QueryOptions, check_k
 from twotower.retrieval.config import RayServeConfig, ServeConfig
 from twotower.retrieval.doctable import DocTable
-from twotower.retrieval.retriever import Hit, Retriever, check_retrieval_precision, hits_from, load_query_tower
+from twotower.retrieval.retriever import (
+    Hit,
+    PartialRow,
+    Retriever,
+    ShardsFailed,
+    check_retrieval_precision,
+    hits_from,
+    load_query_tower,
+)
 from twotower.towers.model import read_towers_meta
 
 APP_NAME = "twotower"
@@ -144,8 +152,31 @@ class ShardedRetriever(Retriever):
         _refuse_beyond_dense(opts.mode, opts.filter)
         assert xq is not None, "sharded search is dense: the router encodes every query"
         xq = np.ascontiguousarray(xq)
-        return merge_topk([part for part in _gather([call(xq, opts.k, opts.nprobe) for call in self.shards])],
-                          opts.k)
+        parts, failed = self._fan_out(xq, opts)
+        if not parts:
+            raise ShardsFailed("every shard failed: " + "; ".join(failed))
+        rows = merge_topk(parts, opts.k)
+        return [PartialRow(row, failed) for row in rows] if failed else rows
+
+    def _fan_out(self, xq: np.ndarray, opts: QueryOptions) -> tuple[list[Any], list[str]]:
+        """Every shard's answer (all calls in flight at once), and one line per shard that failed: one shard's
+        failure is named in the answer, the others still answer (not a 500 for everyone)."""
+        names = [f"shard {s['shard_id']} ({s['dir']})" for s in self.index.manifest.get("shards", [])]
+        names += [f"shard {i}" for i in range(len(names), len(self.shards))]
+        pending: list[tuple[str, Any]] = []
+        failed: list[str] = []
+        for name, call in zip(names, self.shards):
+            try:
+                pending.append((name, call(xq, opts.k, opts.nprobe)))
+            except Exception as exc:  # noqa: BLE001 (any failure of a shard is that shard's, named below)
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        parts = []
+        for name, p in pending:
+            try:
+                parts.append(p.result() if hasattr(p, "result") else p)
+            except Exception as exc:  # noqa: BLE001
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        return parts, failed
 
 
 def _refuse_beyond_dense(mode: str | None, filter: dict[str, Any] | None) -> None:
@@ -154,11 +185,6 @@ def _refuse_beyond_dense(mode: str | None, filter: dict[str, Any] | None) -> Non
     if filter:
         raise ValueError("filter is not served by --engine ray (its shards hold no filter map); serve a merged "
                          "INDEX dir for filtered search")
-
-
-def _gather(pending: list[Any]) -> list[Any]:
-    """Results of calls started together: Ray Serve responses are awaited here (all in flight at once)."""
-    return [p.result() if hasattr(p, "result") else p for p in pending]
 
 
 class Router:
@@ -170,7 +196,8 @@ class Router:
 
         torch.set_num_threads(threads)
         meta = read_towers_meta(towers_dir)
-        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length)
+        tower = load_query_tower(towers_dir, meta, config.device, config.precision, config.query_max_length,
+                                 config.allow_mixed_towers)
         meta = {**meta, "path": str(towers_dir)}
         calls = [lambda xq, k, nprobe, h=h: h.search.remote(xq, k, nprobe) for h in shard_handles]
         self.config = dataclasses.replace(config, reload_interval=0)  # shards are fixed: no INDEX dir to watch

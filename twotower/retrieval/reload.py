@@ -94,7 +94,8 @@ class IndexWatcher:
             return current.with_index(index)
         # Rebuilt with other towers, which it records: load those (the served tower cannot read its vectors).
         return Retriever.load(config.index, None, config.device, max_k=config.max_k, precision=config.precision,
-                              query_max_length=config.query_max_length)
+                              query_max_length=config.query_max_length,
+                              allow_mixed_towers=config.allow_mixed_towers)
 
     async def run(self) -> None:
         """Check every ``reload_interval`` seconds until cancelled (the app's lifespan ends)."""

@@ -7,6 +7,7 @@ doc rows for all hits come from one batched Arrow take (see ``retrieval.doctable
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 from twotower.common.device import check_device, check_precision, resolve_device
 from twotower.common.encoder import TruncatedEncoder
 from twotower.common.text import is_blank
+from twotower.index.corpus import doc_text
 from twotower.index.hybrid import hybrid_rank
 from twotower.index.load import load_index
 from twotower.index.query import QueryOptions, check_k
@@ -25,12 +27,26 @@ from twotower.index.store import read_manifest, recorded_towers_dir
 from twotower.retrieval.config import DEFAULT_MAX_K
 from twotower.retrieval.doctable import DocTable
 from twotower.towers.inference import TowerEncoder
-from twotower.towers.model import Tower, load_tower, read_towers_meta, tower_kind
+from twotower.towers.model import Tower, check_query_tower, load_tower, read_towers_meta, tower_kind
 from twotower.towers.onnx import onnx_copy
+from twotower.towers.reranker import Reranker, check_reranker_dir
 from twotower.towers.static import StaticTower
 
 # query encoding: full precision, torch.autocast to bf16/fp16, or the float32 encoder in ONNX Runtime (CPU)
 PRECISIONS = ("fp32", "bf16", "fp16", "onnx")
+
+
+class ShardsFailed(RuntimeError):
+    """Every shard of a sharded search failed (the message names each and why): 503, not a 500."""
+
+
+class PartialRow(list):
+    """One query's hits when some shards failed: the hits of the shards that answered, and ``failed``, one line
+    per failed shard (the answer names them: ``failed_shards``)."""
+
+    def __init__(self, hits: list[Hit], failed: list[str]) -> None:
+        super().__init__(hits)
+        self.failed = failed
 
 
 @dataclass(slots=True)
@@ -104,11 +120,12 @@ def is_encodable(text: str) -> bool:
 
 
 def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, precision: str,
-                     query_max_length: int | None = None) -> Any:
+                     query_max_length: int | None = None, allow_mixed_towers: bool = False) -> Any:
     """The query tower of ``towers_dir`` (``meta``: its twotower.json) for query-time encoding: on ``device``,
     at the inference query length (``query_max_length``, else twotower.json's ``inference_query_max_length``),
     as an ONNX Runtime copy for ``precision`` onnx. The one place ``Retriever.load`` and the Ray router load it.
-    Only the query tower: the result tower is what built the index and is not needed here."""
+    Only the query tower: the result tower is what built the index and is not needed here. Its weights must be
+    the ones twotower.json records for the run (``towers.model.check_query_tower``) unless ``allow_mixed_towers``."""
     check_retrieval_precision(precision)
     check_device(device)
     tower_device = "cpu" if precision == "onnx" and device == "auto" else str(resolve_device(device))
@@ -116,7 +133,9 @@ def load_query_tower(towers_dir: str | Path, meta: dict[str, Any], device: str, 
     if precision == "onnx" and kind != "transformer":
         raise ValueError(f"precision 'onnx' speeds up a transformer; the query tower of {towers_dir} is {kind} "
                          "(a table lookup): use fp32")
-    tower = load_tower(Path(towers_dir) / "query_tower", kind).to(tower_device)
+    tower = load_tower(Path(towers_dir) / "query_tower", kind)
+    check_query_tower(towers_dir, meta, tower, allow_mixed_towers)
+    tower = tower.to(tower_device)
     tower.max_length = query_max_length or meta.get("inference_query_max_length") or tower.max_length
     if precision == "onnx":
         if tower_device != "cpu":
@@ -158,6 +177,7 @@ class Retriever:
         self.max_k = max_k
         self.batch_size = batch_size
         self.precision = precision
+        self._rerankers: dict[str, Reranker] = {}  # RERANKER dir -> its cross-encoder, loaded on first use
         # A sharded index (retrieval.ray_serve) has no docs here: its shards return their hits themselves.
         self.docs = DocTable(index.docs) if getattr(index, "docs", None) is not None else None
         # No lock on the query path: torch inference and faiss CPU search are re-entrant for reads. The one
@@ -169,8 +189,9 @@ class Retriever:
     @classmethod
     def load(cls, index_dir: str | Path, towers_dir: str | Path | None = None, device: str = "auto",
              max_k: int = DEFAULT_MAX_K, batch_size: int = 64, precision: str = "fp32",
-             query_max_length: int | None = None) -> Retriever:
-        """Load an INDEX dir and the query tower of its TOWERS dir.
+             query_max_length: int | None = None, allow_mixed_towers: bool = False) -> Retriever:
+        """Load an INDEX dir and the query tower of its TOWERS dir (``allow_mixed_towers``: accept a query tower
+        whose weights are not the ones recorded for the run).
 
         Args:
             index_dir: output of ``twotower index build``.
@@ -204,7 +225,7 @@ class Retriever:
         index.check_fingerprint(fingerprint)
         if meta.get("dim"):
             query_dim(index, int(meta["dim"]))  # a dim mismatch is named before the tower loads
-        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length)
+        tower = load_query_tower(towers_dir, meta, device, precision, query_max_length, allow_mixed_towers)
         return cls(index, tower, towers_meta={**meta, "path": str(towers_dir)}, max_k=max_k,
                    batch_size=batch_size, precision=precision)
 
@@ -231,8 +252,8 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         """Index manifest + towers meta (no weights): what ``GET /info`` returns."""
         return {"index": self.index.manifest, "towers": self.towers_meta, "max_k": self.max_k,
-                "device": str(getattr(self.encoder, "device", "cpu")), "precision": self.precision, "ntotal": self.ntotal,
-                "dim": self.dim}
+                "device": str(getattr(self.encoder, "device", "cpu")), "precision": self.precision,
+                "ntotal": self.ntotal, "dim": self.dim}
 
     # ---- query time -------------------------------------------------------------------------------
     def encode(self, queries: str | Sequence[str]) -> np.ndarray:
@@ -258,6 +279,11 @@ class Retriever:
         if opts.mode != "dense":
             _ = self.index.bm25  # raises when the index has no BM25 side
         self.index.allowed(opts.filter)  # raises on a bad filter
+        if opts.rerank and not opts.reranker:
+            raise ValueError(f"rerank {opts.rerank} needs a reranker: give --reranker DIR (or index build "
+                             f"--default-reranker DIR)")
+        if opts.rerank and opts.reranker not in self._rerankers:
+            check_reranker_dir(opts.reranker)  # a dir that does not fit is refused before it loads
         return opts
 
     def search(self, queries: str | Sequence[str], k: int | None = None, options: QueryOptions | None = None,
@@ -286,8 +312,38 @@ class Retriever:
     def search_encoded(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions) -> list[list[Hit]]:
         """Hits for checked ``queries`` whose vectors ``xq`` (nq, dim) are already encoded (None for bm25 mode),
         under resolved ``opts`` (:meth:`options`): the one search path of ``search`` and the micro-batcher."""
-        D, I = self.rank(queries, xq, opts)
-        return self.hits_from(D, I)
+        if not (opts.rerank and opts.reranker and queries):
+            return self.hits_from(*self.rank(queries, xq, opts))
+        D, I = self.rank(queries, xq, dataclasses.replace(opts, k=min(max(opts.k, opts.rerank), self.ntotal)))
+        return self.hits_from(*self.rerank(queries, D, I, opts))
+
+    def reranker(self, path: str) -> Reranker:
+        """The cross-encoder of a RERANKER dir, loaded once (checked first) on the query tower's device."""
+        if path not in self._rerankers:
+            device = str(getattr(self.encoder, "device", "cpu"))
+            self._rerankers[path] = Reranker.load(path, device)
+        return self._rerankers[path]
+
+    def rerank(self, queries: Sequence[str], D: np.ndarray, I: np.ndarray, opts: QueryOptions
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``opts.rerank`` candidates of each row of ``(D, I)`` (nq, m) reordered by ``opts.reranker``
+        (their scores become its logits), cut to ``opts.k``; one batched scoring for all queries."""
+        assert opts.reranker is not None and opts.rerank, "rerank only with a reranker and a count"
+        n = min(opts.rerank, I.shape[1])
+        heads = [[int(j) for j in row[:n] if j >= 0] for row in I]
+        rows = np.array([j for h in heads for j in h], dtype=np.int64)
+        texts = self.docs.take(rows, ("text", "title"))
+        doc_texts = [doc_text(t or "", x or "") for t, x in zip(texts["title"], texts["text"])]  # as indexed
+        at, candidates = 0, []
+        for h in heads:
+            candidates.append(doc_texts[at:at + len(h)])
+            at += len(h)
+        ranked = self.reranker(opts.reranker).rerank(queries, candidates, self.batch_size)
+        D, I = D.copy(), I.copy()
+        for q, (h, (order, scores)) in enumerate(zip(heads, ranked)):
+            I[q, :len(h)] = np.asarray(h, dtype=np.int64)[order]
+            D[q, :len(h)] = scores
+        return D[:, :opts.k], I[:, :opts.k]
 
     def rank(self, queries: Sequence[str], xq: np.ndarray | None, opts: QueryOptions
              ) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,8 @@ The index and query tower are loaded once (before ``uvicorn`` starts, or in the 
 concurrent requests are merged by ``retrieval.batcher.MicroBatcher`` into one encode + search in a worker
 thread, so the event loop never blocks. Every input limit answers 422 with ``detail`` (FastAPI's list of
 ``{loc, msg, type}``) and ``error`` (one readable line naming the field); an oversized body 413, a body of
-unknown length 411, a full queue 503. A new version of the INDEX dir is swapped in between batches
+unknown length 411, a Content-Type other than JSON 415, headers or a body slower than ``--read-timeout`` 408
+(``retrieval.timeouts``), a full queue 503. A new version of the INDEX dir is swapped in between batches
 (``retrieval.reload``). Every body is strict JSON (no NaN/Infinity: ``common.jsonl.dumps_strict``).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sys
 import time
 import types
 import typing
@@ -34,7 +36,8 @@ from twotower.retrieval.apidocs import render_docs
 from twotower.retrieval.batcher import MicroBatcher, Overloaded
 from twotower.retrieval.config import ServeConfig
 from twotower.retrieval.reload import IndexWatcher
-from twotower.retrieval.retriever import Hit, Retriever, is_encodable
+from twotower.retrieval.retriever import Hit, Retriever, ShardsFailed, is_encodable
+from twotower.retrieval.timeouts import BodyTimeout, ReadTimeout, TimedH11Protocol, timeout_body
 
 
 def _request_type(f: dataclasses.Field, hint: Any) -> Any:
@@ -78,6 +81,8 @@ class HitModel(BaseModel):
 class SearchResponse(BaseModel):
     results: list[list[HitModel]] = Field(description="one ranked hit list per query, best first")
     took_ms: float = Field(description="server time for this request, queueing included")
+    failed_shards: list[str] | None = Field(None, description="sharded serving: the shards that failed, one line "
+                                                              "each; the results are those of the other shards")
 
 
 def check_limits(req: Any, config: ServeConfig) -> list[dict[str, Any]]:
@@ -123,8 +128,15 @@ class BodyLimit:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            ctype = next((v for k, v in scope["headers"] if k == b"content-type"), None)
+            media = ctype.split(b";")[0].strip().lower() if ctype is not None else b"application/json"
             response = None
-            if length is None:
+            if media != b"application/json" and not media.endswith(b"+json"):
+                shown = ctype.decode("latin-1") if ctype is not None else ""
+                response = _error_response(415, [{"loc": ["header", "content-type"], "type": "unsupported_media_type",
+                                                  "msg": f"Content-Type '{shown}' is not supported: send the body as "
+                                                         f"application/json"}])
+            elif length is None:
                 response = _error_response(411, [{"loc": ["header", "content-length"], "type": "length_required",
                                                   "msg": "send a Content-Length header (chunked bodies are refused)"}])
             elif not length.isdigit() or int(length) > self.max_bytes:
@@ -143,8 +155,11 @@ def _error_response(status: int, detail: list[dict[str, Any]]) -> JSONResponse:
 
 
 def _hits_json(hits: list[list[Hit]]) -> bytes:
-    """One request's results as JSON bytes (runs in the batcher's worker thread)."""
-    return dumps_strict([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
+    """One request's results as JSON bytes (runs in the batcher's worker thread); when shards failed
+    (``PartialRow``), followed by ``,"failed_shards":[...]`` (the route puts both inside the response object)."""
+    body = dumps_strict([[h.to_dict() for h in row] for row in hits], ensure_ascii=False).encode()
+    failed = sorted({line for row in hits for line in getattr(row, "failed", ())})
+    return body + b',"failed_shards":' + dumps_strict(failed).encode() if failed else body
 
 
 def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastAPI:
@@ -153,7 +168,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         r = retriever or Retriever.load(config.index, config.towers, config.device, max_k=config.max_k,
-                                         precision=config.precision, query_max_length=config.query_max_length)
+                                         precision=config.precision, query_max_length=config.query_max_length,
+                                         allow_mixed_towers=config.allow_mixed_towers)
         r.max_k = config.max_k
         batcher = MicroBatcher(r, config.max_batch, config.max_wait_ms, config.max_queue, finish=_hits_json)
         app.state.retriever, app.state.batcher = r, batcher.start()
@@ -173,6 +189,11 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
                   lifespan=lifespan, docs_url=None, redoc_url=None)
 
     app.add_middleware(BodyLimit, max_bytes=config.body_limit())
+    app.add_middleware(ReadTimeout, timeout=config.read_timeout)  # outermost: times every body chunk
+
+    @app.exception_handler(BodyTimeout)
+    async def body_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
+        return JSONResponse(timeout_body(exc.timeout, "body"), status_code=408, headers={"connection": "close"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -196,6 +217,8 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
             return _error_response(503, [{"loc": [], "msg": str(exc), "type": "overloaded"}])
         except FilterError as exc:  # unknown field / bad operator: names the field and the valid operators
             return _error_response(422, [{"loc": ["body", "filter"], "msg": str(exc), "type": "value_error"}])
+        except ShardsFailed as exc:  # every shard failed (one failing is named in a 200's failed_shards)
+            return _error_response(503, [{"loc": [], "msg": str(exc), "type": "shards_failed"}])
         except ValueError as exc:  # anything the retriever still rejects is the client's input
             return _error_response(422, [{"loc": ["body"], "msg": str(exc), "type": "value_error"}])
         took_ms = (time.perf_counter() - t0) * 1000.0
@@ -223,9 +246,22 @@ def create_app(config: ServeConfig, retriever: Retriever | None = None) -> FastA
     return app
 
 
-def serve(config: ServeConfig, retriever: Retriever | None = None) -> None:
-    """Run the app under uvicorn until interrupted."""
+def uvicorn_config(config: ServeConfig, app: Any) -> Any:
+    """The ``uvicorn.Config`` of ``serve``: the header/body read timeout, keep-alive and connection cap."""
     import uvicorn  # the ASGI server: only needed to listen, not to build the app (tests use TestClient)
 
-    uvicorn.run(create_app(config, retriever), host=config.host, port=config.port, log_level=config.log_level,
-                access_log=config.access_log)
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                          access_log=config.access_log, http=TimedH11Protocol.with_timeout(config.read_timeout),
+                          timeout_keep_alive=config.keep_alive, limit_concurrency=config.max_connections)
+
+
+def serve(config: ServeConfig, retriever: Retriever | None = None) -> None:
+    """Run the app under uvicorn until interrupted."""
+    import uvicorn
+    from uvicorn.main import STARTUP_FAILURE
+
+    server = uvicorn.Server(uvicorn_config(config, create_app(config, retriever)))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn.run's own ending: Ctrl-C is a normal stop
+        server.run()
+    if not server.started:  # e.g. the port is taken: uvicorn has logged why
+        sys.exit(STARTUP_FAILURE)

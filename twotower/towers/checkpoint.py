@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from twotower.common.atomic import atomic_dir, write_bytes_atomic
+from twotower.common.atomic import MACHINE_ERRNOS, atomic_dir, write_bytes_atomic
 from twotower.common.hashing import file_sha256
 from twotower.common.jsonl import dumps_strict
 
@@ -56,9 +56,11 @@ def save_checkpoint(root: str | Path, step: int, weights: dict[str, torch.Tensor
     with atomic_dir(dest) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
         torch.save(trainer, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(dumps_strict({"step": step, **state}, indent=2, sort_keys=True) + "\n")
+        state_text = dumps_strict({"step": step, **state}, indent=2, sort_keys=True) + "\n"
+        write_bytes_atomic(tmp / "state.json", state_text.encode())
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": files}, indent=2, sort_keys=True) + "\n")
+        marker = json.dumps({"step": step, "sha256": files}, indent=2, sort_keys=True) + "\n"
+        write_bytes_atomic(tmp / MARKER, marker.encode())
     return dest
 
 
@@ -241,7 +243,12 @@ def dry_save(model: TwoTower, out: Path, base: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=DRY_SAVE_PREFIX, dir=out))
     try:
         model.save(tmp / "towers")
-    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+    except OSError as exc:
+        if exc.errno in MACHINE_ERRNOS:  # the disk, not the base: one line naming the path and the error
+            raise
+        raise ValueError(f"--base {base}: the towers built on it cannot be saved, so nothing was trained "
+                         f"({type(exc).__name__}: {exc})") from exc
+    except (RuntimeError, ValueError, TypeError) as exc:
         raise ValueError(f"--base {base}: the towers built on it cannot be saved, so nothing was trained "
                          f"({type(exc).__name__}: {exc})") from exc
     finally:

