@@ -48,6 +48,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 _RERANKER_EXAMPLE = """example:
   twotower train-reranker --pairs train.jsonl --towers towers/ --out reranker/ --max-steps 500
+  twotower search --index index/ --reranker reranker/ --rerank 20 "parse a json file"
 
 negatives: --hard-negatives per pair mined with --towers (`twotower mine`'s rules and margins);
 the RERANKER dir loads with sentence_transformers.CrossEncoder(dir)
