@@ -92,7 +92,8 @@ def test_pairs_loader_gives_valid_pairs_or_a_value_error(content: bytes) -> None
             _expect_value_error_naming(path, exc)
             return
     event("valid pairs")
-    expected = [json.loads(line) for line in content.decode().splitlines() if line.strip()]
+    # JSON Lines end at LF only: str.splitlines would also split inside a string at U+0085, U+2028, ...
+    expected = [json.loads(line) for line in content.decode().split("\n") if line.strip()]
     assert len(ds) == len(expected) and {"query", "positive"} <= set(ds.column_names)
     for row, want in zip(ds, expected):
         assert row["query"] == want["query"] and row["positive"] == want["positive"]
