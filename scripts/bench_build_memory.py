@@ -126,7 +126,8 @@ def main() -> None:
     first = rows[1]
     print(f"\n{first['docs']} -> {grown['docs']} docs: float vectors "
           f"{grown['float_vectors_mb'] - first['float_vectors_mb']:+.0f} MiB, peak RSS "
-          f"{grown['peak_rss_mb'] - first['peak_rss_mb']:+.0f} MiB (index {grown['index_mb'] - first['index_mb']:+.1f} MiB)")
+          f"{grown['peak_rss_mb'] - first['peak_rss_mb']:+.0f} MiB "
+          f"(index {grown['index_mb'] - first['index_mb']:+.1f} MiB)")
     emit("build_memory", args, rows, args.device, args.json_out, memory_budget_bytes=budget)
 
 

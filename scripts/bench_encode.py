@@ -54,7 +54,8 @@ def main() -> None:
                     help="texts per turn: the systems take turns chunk by chunk, so load bursts hit all alike")
     ap.add_argument("--variants", default="fp32,bf16,int8",
                     help=f"twotower variants, comma-separated from {', '.join(VARIANTS)}: fp32 (default path), "
-                         "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: towers.inference.cast_copy), "
+                         "bf16/fp16 (autocast), bf16w/fp16w (a copy with weights in that dtype: "
+                         "towers.inference.cast_copy), "
                          "int8 (CPU dynamic quantisation), onnx (towers.onnx.onnx_copy: fp32 in ONNX Runtime, CPU)")
     ap.add_argument("--st-half", action="store_true",
                     help="also time sentence-transformers with fp16 weights (CUDA: what an ST user does on a GPU)")

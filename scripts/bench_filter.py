@@ -126,9 +126,9 @@ def main() -> None:
             allowed = fmap.allowed({"bucket": {"$lt": pct}})
             fetch = int(min(args.n, np.ceil(args.overfetch * args.k / allowed.mean())))
             plain = search_params(index, nprobe, max(ef or 0, fetch) if ef else None)
-            row = {"factory": factory, "selectivity_pct": pct, "allowed": int(allowed.sum()), "build_s": round(t_build, 1),
-                   "nprobe": nprobe, "ef_search": ef, "postfilter_fetch": fetch, **unfiltered,
-                   **compare_filters(index, loaded, xb, xq, allowed, fetch, plain, args)}
+            row = {"factory": factory, "selectivity_pct": pct, "allowed": int(allowed.sum()),
+                   "build_s": round(t_build, 1), "nprobe": nprobe, "ef_search": ef, "postfilter_fetch": fetch,
+                   **unfiltered, **compare_filters(index, loaded, xb, xq, allowed, fetch, plain, args)}
             results.append(row)
             print(f"{factory:<16} {pct:>5g}%  pushdown {row['pushdown_qps']:>9.1f} qps  recall "
                   f"{row[f'pushdown_recall@{args.k}']:.3f} | post-filter(fetch {fetch}) {row['postfilter_qps']:>9.1f} "

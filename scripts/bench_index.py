@@ -156,7 +156,8 @@ def _fmt(r: dict[str, Any]) -> str:
     params = ",".join(f"{k}={v}" for k, v in r["params"].items()) + (" *" if r["default"] and r["params"] else "")
     return (f"{r['index']:<22} {params:<16} {r.get('rescore', 0):>7} {r['train_s']:>8.1f} {r['build_s']:>8.1f} "
             f"{r['index_bytes'] / 2**20:>10.1f} {r['ram_bytes_per_doc']:>7.1f} {r['ram_x_less_than_flat']:>6.1f} "
-            f"{r['rss_delta_bytes'] / 2**20:>9.1f} {r['qps']:>10.1f} {r['recall@10']:>7.4f} {r['speedup_vs_flat']:>7.1f}")
+            f"{r['rss_delta_bytes'] / 2**20:>9.1f} {r['qps']:>10.1f} {r['recall@10']:>7.4f} "
+            f"{r['speedup_vs_flat']:>7.1f}")
 
 
 def suite_vectors(suite: str, towers: str, nq: int, cache_dir: str, batch_size: int = 64
@@ -207,7 +208,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], t
     p.add_argument("--nprobes", default="", help="comma list of nprobe values for IVF kinds (default: a sweep around "
                                                  "the manifest default; real embeddings need more than synthetic)")
     p.add_argument("--rescore", default="0", help="comma list of re-scoring factors N for compact codes (0 = none)")
-    p.add_argument("--suite", default="", help="real embeddings: BEIR suite dir whose corpus is encoded (with --towers)")
+    p.add_argument("--suite", default="",
+                   help="real embeddings: BEIR suite dir whose corpus is encoded (with --towers)")
     p.add_argument("--towers", default="", help="TOWERS dir that encodes --suite")
     p.add_argument("--cache-dir", default="", help="where --suite vectors (and the re-scoring .npy) are kept")
     p.add_argument("--json-out", default="", help="also write the JSON result here")

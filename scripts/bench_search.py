@@ -169,9 +169,9 @@ def bench_end_to_end(args: argparse.Namespace, device: str, batches: list[int], 
                     "ours_ms": 1e3 * ours_s, "x_st": st_s / ours_s,
                     "ours_vs_st_pct": 100 * paired_overhead(times["st+faiss"], times["retriever.search"])})
     print("\nend to end with query encoding (MiniLM, max 64 tokens), IVF index:")
-    print_table(e2e, [("batch", "batch", "d"), ("rounds", "rounds", "d"), ("st_faiss_ms", "ST encode + faiss ms", ".1f"),
-                      ("ours_ms", "Retriever.search ms", ".1f"), ("x_st", "x ST", ".2f"),
-                      ("ours_vs_st_pct", "paired diff %", "+.1f")])
+    print_table(e2e, [("batch", "batch", "d"), ("rounds", "rounds", "d"),
+                      ("st_faiss_ms", "ST encode + faiss ms", ".1f"), ("ours_ms", "Retriever.search ms", ".1f"),
+                      ("x_st", "x ST", ".2f"), ("ours_vs_st_pct", "paired diff %", "+.1f")])
     return e2e
 
 
@@ -218,8 +218,9 @@ def main() -> None:
     print(f"n={args.n} d={args.d}, k={K}; medians of single calls, systems called in turn round by round "
           f"(>= {args.seconds}s, >= {args.min_rounds} rounds); overhead = median paired difference / median raw; "
           f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} OpenMP threads")
-    print_table(rows, [("index", "index", ""), ("where", "ours vs raw", ""), ("nprobe", "nprobe", ""), ("batch", "batch", "d"),
-                       ("rounds", "rounds", "d"), ("raw_ms", "raw ms", ".3f"), ("ours_ms", "ours ms", ".3f"),
+    print_table(rows, [("index", "index", ""), ("where", "ours vs raw", ""), ("nprobe", "nprobe", ""),
+                       ("batch", "batch", "d"), ("rounds", "rounds", "d"), ("raw_ms", "raw ms", ".3f"),
+                       ("ours_ms", "ours ms", ".3f"),
                        ("overhead_pct", "overhead %", "+.1f"), ("extra_us", "extra us", ".0f"),
                        ("index_search_pct", "LoadedIndex.search %", "+.1f"), ("hits_from_us", "hits_from us", ".0f")]
                 + ([("raw_hbm_pct", "raw % HBM peak", ".1f")] if peaks else []))

@@ -198,8 +198,8 @@ def step_ray_gpu_actor(args: argparse.Namespace) -> dict[str, Any]:
         corpus = Path(tmp) / "corpus.jsonl"
         corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(_texts(2000))))
         cmd = [sys.executable, "-m", "twotower.cli", "index", "build", "--towers", str(Path(tmp) / "towers"),
-               "--corpus", str(corpus), "--out", str(Path(tmp) / "idx"), "--engine", "ray", "--gpus-per-encoder", "1" if on_gpu(args) else "0",
-               "--no-progress"]
+               "--corpus", str(corpus), "--out", str(Path(tmp) / "idx"), "--engine", "ray",
+               "--gpus-per-encoder", "1" if on_gpu(args) else "0", "--no-progress"]
         t0 = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.step_timeout, cwd=ROOT)
         if run.returncode != 0:
@@ -247,8 +247,9 @@ def step_train_throughput(args: argparse.Namespace) -> dict[str, Any]:
         pairs = Path(tmp) / "pairs.jsonl"
         qs, ds = _texts(4096, 1), _texts(4096, 2)
         pairs.write_text("".join(json.dumps({"query": q[:120], "positive": d}) + "\n" for q, d in zip(qs, ds)))
-        cmd = [sys.executable, "-m", "scripts.bench_train", "--pairs", str(pairs), "--device", args.device, "--steps", "20",
-               "--batch-size", "64", "--systems", "st-fp32,twotower-fp32,twotower-bf16", "--base", str(base)]
+        cmd = [sys.executable, "-m", "scripts.bench_train", "--pairs", str(pairs), "--device", args.device,
+               "--steps", "20", "--batch-size", "64", "--systems", "st-fp32,twotower-fp32,twotower-bf16",
+               "--base", str(base)]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.step_timeout, cwd=ROOT)
         if run.returncode != 0:
             raise RuntimeError(f"bench_train exited {run.returncode}: {run.stderr[-1500:]}")

@@ -232,7 +232,8 @@ async def soak(port: int, pid: int, requests: list[tuple[Kind, bytes]], concurre
     pct = lambda p: round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1e3, 2) if latencies else None  # noqa: E731
     return {"sent": done + by_class["transport-error"] + by_class["timeout"], "answered": done,
             "seconds": round(wall, 1), "requests_per_s": round(done / wall, 1), "p50_ms": pct(0.5),
-            "p99_ms": pct(0.99), "by_class": dict(by_class), "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+            "p99_ms": pct(0.99), "by_class": dict(by_class),
+            "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
             "rss_mb": [(n, round(b / 2**20, 1) if b else None) for n, b in rss], "failures": failures}
 
 
@@ -344,7 +345,8 @@ def run_soak(args: argparse.Namespace) -> tuple[dict[str, Any], bool, int | None
     try:
         t0 = time.perf_counter()
         towers, index, queries = build(root, args.base, args.docs, args.factory, args.seed)
-        print(f"built towers + {args.docs}-doc {args.factory} index in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(f"built towers + {args.docs}-doc {args.factory} index in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr)
         server_args = argparse.Namespace(device="cpu", max_batch=64, max_wait_ms=2.0, threads=args.threads,
                                          precision="fp32")
         proc, url = start_server(index, towers, server_args)
@@ -410,7 +412,8 @@ def print_report(result: dict[str, Any], checks: dict[str, bool], rss: list[floa
                  args: argparse.Namespace) -> None:
     valid = sum(v for k, c in result["by_kind"].items() for s, v in c.items() if s == "200" and k != "health")
     print(f"\n{result['answered']} requests ({valid} valid searches) from {args.concurrency} clients in "
-          f"{result['seconds']} s: {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+          f"{result['seconds']} s: {result['requests_per_s']} req/s, p50 {result['p50_ms']} ms, "
+          f"p99 {result['p99_ms']} ms")
     print("by status class: " + ", ".join(f"{k} {v}" for k, v in sorted(result["by_class"].items())))
     width = max(map(len, result["by_kind"]))
     for kind, counts in result["by_kind"].items():

@@ -77,7 +77,8 @@ def main() -> None:
     for name, m in table:
         print(f"{name:<32} {recall} {m[recall]:.3f}  {ndcg} {m[ndcg]:.3f}", file=sys.stderr)
     weighted = [(n, m) for n, m in table if n.startswith("weighted")]
-    best = {metric: max(weighted, key=lambda t: (t[1][metric], t[1][recall] + t[1][ndcg]))[0] for metric in (recall, ndcg)}
+    best = {metric: max(weighted, key=lambda t: (t[1][metric], t[1][recall] + t[1][ndcg]))[0]
+            for metric in (recall, ndcg)}
     print(json.dumps({"pairs": args.pairs, "queries": len(queries), "docs": len(corpus), "towers": args.towers,
                       "results": dict(table), "best_weighted": best}))
 

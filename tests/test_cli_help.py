@@ -8,7 +8,8 @@ import sys
 import pytest
 
 VERBS = [["data", "build"], ["data", "info"], ["train"], ["index", "build"], ["index", "add"], ["index", "remove"],
-         ["index", "info"], ["index", "merge"], ["mine"], ["train-reranker"], ["search"], ["serve"], ["bench"], ["demo"]]
+         ["index", "info"], ["index", "merge"], ["mine"], ["train-reranker"], ["search"], ["serve"], ["bench"],
+         ["demo"]]
 HEAVY = ("torch", "faiss", "transformers", "datasets")
 
 

@@ -52,7 +52,8 @@ def test_llm_towers_config_uses_the_same_pairs_with_the_llm_settings(tmp_path, m
 
     prof = PROFILES["cpu-small"]
     for precision, amp in (("fp32", "none"), ("bf16", "bf16")):
-        cfg = _llm_train_config(DemoConfig(suite="codesearch-py", llm_precision=precision), prof, tmp_path / "suite", tmp_path / "out", "cpu")
+        cfg = _llm_train_config(DemoConfig(suite="codesearch-py", llm_precision=precision), prof, tmp_path / "suite",
+                                tmp_path / "out", "cpu")
         assert (cfg.base, cfg.amp, cfg.max_steps, cfg.lr) == ("smollm2", amp, prof.llm_max_steps, prof.llm_lr)
         assert cfg.pairs == str(tmp_path / "suite" / "train.jsonl") and cfg.result_max_length == prof.doc_max_length
         assert cfg.query_prompt == LLM_QUERY_PROMPTS["codesearch-py"] and cfg.query_prompt.endswith("\nQuery: ")

@@ -18,7 +18,8 @@ def tiny_reranker(tiny_bert_dir, tmp_path):
 
 def test_parse_towers_rerank() -> None:
     (a, b) = parse_systems("towers+rerank=runs/t:runs/r,towers+rerank:r100=runs/t:runs/r:100")
-    assert (a.kind, a.label, a.value, a.reranker, a.rerank) == ("towers+rerank", "towers+rerank", "runs/t", "runs/r", 20)
+    assert (a.kind, a.label, a.value, a.reranker, a.rerank) == ("towers+rerank", "towers+rerank", "runs/t",
+                                                                "runs/r", 20)
     assert (b.label, b.rerank) == ("r100", 100)
     for bad in ("towers+rerank=runs/t", "towers+rerank", "towers+rerank=a:b:c:d", "towers+rerank=a:b:0"):
         with pytest.raises(ValueError, match="towers\\+rerank needs TOWERS:RERANKER|must be >= 1"):

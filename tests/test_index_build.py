@@ -33,7 +33,8 @@ def write_jsonl(path: Path, items: list) -> Path:
 
 def test_flat_build_load_search_equals_brute_force(tmp_path):
     xb = clustered_vectors(1000, 16, seed=1)
-    out = build_index(TableEncoder(xb), rows(1000), tmp_path / "idx", IndexBuildConfig(), EncodeConfig(chunk_size=300, progress=False))
+    out = build_index(TableEncoder(xb), rows(1000), tmp_path / "idx", IndexBuildConfig(),
+                      EncodeConfig(chunk_size=300, progress=False))
     index = load_index(out, device="cpu")
     assert index.ntotal == index.n_live == 1000 and index.dim == 16 and index.device == "cpu"
     m = index.manifest
@@ -267,7 +268,8 @@ def test_encoder_without_fingerprint_never_resumes(tmp_path, capsys):
     encode_corpus(Plain(), rows(30), work, EncodeConfig(chunk_size=10, progress=False))
     again = Plain()
     enc = encode_corpus(again, rows(30), work, EncodeConfig(chunk_size=10, progress=False))
-    assert again.calls == 30 and enc.n == 30 and "has no fingerprint() to tell its vectors apart" in capsys.readouterr().err
+    assert again.calls == 30 and enc.n == 30
+    assert "has no fingerprint() to tell its vectors apart" in capsys.readouterr().err
 
 
 def test_concurrent_searches_with_different_params_match_serial(tmp_path):

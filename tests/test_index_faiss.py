@@ -102,7 +102,8 @@ def test_auto_factory_choices():
 
 
 def test_memory_budget_too_small():
-    with pytest.raises(ValueError, match=r"memory budget .* too small for 1000000 vectors of dim 384: even 'IVF4096,PQ4'"):
+    with pytest.raises(ValueError,
+                       match=r"memory budget .* too small for 1000000 vectors of dim 384: even 'IVF4096,PQ4'"):
         auto_factory(1_000_000, 384, parse_memory("5MB"))
     with pytest.raises(ValueError, match="bad memory size '8 parsecs'"):
         parse_memory("8 parsecs")

@@ -170,7 +170,7 @@ def test_filter_operators_match_a_python_reference() -> None:
         x = get(m, f)
         vals = x if isinstance(x, list) else ([] if x is None else [x])
         same = [y for y in vals if type(y) is type(v) or (isinstance(y, (int, float)) and not isinstance(y, bool)
-                                                              and isinstance(v, (int, float)) and not isinstance(v, bool))]
+                                                          and isinstance(v, (int, float)) and not isinstance(v, bool))]
         if op == "$eq":
             return v in same
         if op == "$ne":
@@ -225,8 +225,8 @@ def test_add_and_remove_keep_bm25_and_filter_map_in_step(tmp_path) -> None:
     fresh = BM25Index.build(texts)
     assert index.bm25.ntotal == 500 and index.bm25.vocab == fresh.vocab
     for q in ["zebra numpy", "quokka sort csv", "thread"]:
-        np.testing.assert_allclose(index.bm25.scores(index.bm25.query_ids([q])[0]), fresh.scores(fresh.query_ids([q])[0]),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(index.bm25.scores(index.bm25.query_ids([q])[0]),
+                                   fresh.scores(fresh.query_ids([q])[0]), rtol=1e-6)
     r = Retriever(index, QueryEncoder(xb))
     got = {h.id for h in r.search("zebra quokka", k=300, mode="bm25")[0]}
     assert got == {f"n{i}" for i in range(300, 500)} - {"n310", "n311"}

@@ -73,7 +73,8 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(index, tmp_path, c
             assert twotower_cli.main(argv) == 2
             err = capsys.readouterr().err.strip().splitlines()[-1]
             assert re.fullmatch(rf"twotower index: error: index '{re.escape(str(idx))}' is being written by pid "
-                                rf"{holder.pid}; wait for it to finish, or pass --wait SECONDS to wait for it", err), err
+                                rf"{holder.pid}; wait for it to finish, or pass --wait SECONDS to wait for it",
+                                err), err
         assert live_ids(idx) == before
     finally:
         holder.stdin.close()

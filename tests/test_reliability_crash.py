@@ -329,7 +329,8 @@ with atomic_dir(dest) as tmp:
 
 def test_index_dir_killed_between_the_publishing_renames_keeps_an_index(index_case, tmp_path):
     towers, idx, xq, before = index_case
-    hook = KILL_HOOK.replace("from twotower import cli as twotower_cli\nsys.exit(twotower_cli.main(sys.argv[1:]))", PUBLISH)
+    hook = KILL_HOOK.replace("from twotower import cli as twotower_cli\nsys.exit(twotower_cli.main(sys.argv[1:]))",
+                             PUBLISH)
     with (tmp_path / "kill.log").open("wb") as out:
         proc = subprocess.run([sys.executable, "-c", hook, str(idx), str(idx)], stdout=out, stderr=subprocess.STDOUT,
                               env={**ENV, "KILL_AFTER_RENAME_TO": ".idx.old-"}, cwd=ROOT, timeout=TIMEOUT)

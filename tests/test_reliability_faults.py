@@ -177,7 +177,8 @@ def _check_fault(verb: str, n: int, err_no: int, built, tmp_path: Path, monkeypa
     where = f"{verb}: fault {os.strerror(err_no)} at call {n} ({site[0]} {site[1]})"
     assert rc == 2, f"{where}: exit {rc}\n{err}"
     # the one error line (progress bars on the same stream are drawn with CR; a bar may be redrawn after it)
-    errors = [s for s in re.split(r"[\r\n]", err) if s.startswith(f"twotower {argv[0]}: error: ")]
+    marker = f"twotower {argv[0]}: error: "
+    errors = [s[s.index(marker):] for s in re.split(r"[\r\n]", err) if marker in s]
     assert "Traceback" not in err and len(errors) == 1, f"{where}: {err}"
     line = errors[0]
     assert os.strerror(err_no) in line and "'/" in line, f"{where}: the line names no path and error: {line}"

@@ -110,7 +110,8 @@ def beir_dirs(draw: st.DrawFn) -> tuple[bytes, bytes, bytes]:
     n_docs, n_queries = draw(st.integers(1, 4)), draw(st.integers(1, 3))
     docs = [{"_id": f"d{i}", "title": draw(GOOD_TEXT | st.just("")), "text": draw(GOOD_TEXT)} for i in range(n_docs)]
     queries = [{"_id": f"q{i}", "text": draw(GOOD_TEXT)} for i in range(n_queries)]
-    corpus = draw(jsonl(st.sampled_from(docs), st.fixed_dictionaries({"_id": IDS}, optional={"title": ANY, "text": ANY}),
+    corpus = draw(jsonl(st.sampled_from(docs),
+                        st.fixed_dictionaries({"_id": IDS}, optional={"title": ANY, "text": ANY}),
                         max_rows=0)) if draw(st.booleans()) else b""
     corpus = b"".join(dump(d).encode() + b"\n" for d in docs) + corpus
     query_file = b"".join(dump(q).encode() + b"\n" for q in queries) + draw(
@@ -172,7 +173,8 @@ REQUEST = st.fixed_dictionaries(
 VALID = st.fixed_dictionaries({"queries": st.lists(GOOD_TEXT, min_size=1, max_size=4), "k": st.integers(1, 100)},
                               optional={"nprobe": st.integers(1, 8)})
 ONE_BAD_FIELD = st.tuples(VALID, st.sampled_from(["queries", "k", "nprobe", "extra"]),
-                          st.one_of(INTS, INTS, JSON, STRINGS, st.lists(STRINGS, max_size=3))).map(lambda t: {**t[0], t[1]: t[2]})
+                          st.one_of(INTS, INTS, JSON, STRINGS, st.lists(STRINGS, max_size=3))
+                          ).map(lambda t: {**t[0], t[1]: t[2]})
 EDGE_FIELD = st.tuples(VALID, st.sampled_from(["k", "nprobe"]), EDGE_INTS).map(lambda t: {**t[0], t[1]: t[2]})
 BODIES = st.one_of(
     VALID.map(dump).map(str.encode), ONE_BAD_FIELD.map(dump).map(str.encode), EDGE_FIELD.map(dump).map(str.encode),

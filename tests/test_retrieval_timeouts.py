@@ -28,8 +28,8 @@ def server(_tiny_models, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = ServeConfig(index=str(index_dir), device="cpu", port=port, read_timeout=TIMEOUT, keep_alive=1.0, max_connections=3,
-                         reload_interval=0, log_level="critical")
+    config = ServeConfig(index=str(index_dir), device="cpu", port=port, read_timeout=TIMEOUT, keep_alive=1.0,
+                         max_connections=3, reload_interval=0, log_level="critical")
     srv = uvicorn.Server(uvicorn_config(config, create_app(config, Retriever.load(index_dir, device="cpu"))))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -60,7 +60,8 @@ def exchange(port: int, data: bytes, wait: float = 10.0) -> tuple[bytes, float, 
 def status_and_body(raw: bytes) -> tuple[int, dict]:
     """The first response's status and JSON body (``{"text": ...}`` for uvicorn's own plain-text ones)."""
     head, _, rest = raw.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     body = rest[:length]
     try:
         return int(head.split()[1]), json.loads(body)

@@ -14,7 +14,8 @@ CORPUS = [
     {"_id": "d3", "text": "third doc (no title field)"},
     {"_id": "d4", "title": "Delta", "text": "fourth doc"},
 ]
-QUERIES = [{"_id": "q1", "text": "find first"}, {"_id": "q2", "text": "find 2 and 4"}, {"_id": "q3", "text": "dev only"}]
+QUERIES = [{"_id": "q1", "text": "find first"}, {"_id": "q2", "text": "find 2 and 4"},
+           {"_id": "q3", "text": "dev only"}]
 QRELS = {"q1": {"d1": 1}, "q2": {"d2": 2, "d4": 1, "d3": 0}}
 
 
@@ -49,20 +50,25 @@ def _write(suite_dir: Path, rel: str, text: str) -> None:
 @pytest.mark.parametrize(
     ("rel", "content", "message"),
     [
-        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n', r"corpus.jsonl: line 2: malformed JSON"),
+        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n',
+         r"corpus.jsonl: line 2: malformed JSON"),
         ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n[1, 2]\n', r"corpus.jsonl: line 2: expected a JSON object"),
         ("corpus.jsonl", '{"text": "a"}\n', r"corpus.jsonl: line 1: missing field '_id'"),
-        ("corpus.jsonl", '{"_id": [7], "text": "a"}\n', r"corpus.jsonl: line 1: field '_id' must be a non-empty string or"),
+        ("corpus.jsonl", '{"_id": [7], "text": "a"}\n',
+         r"corpus.jsonl: line 1: field '_id' must be a non-empty string or"),
         ("corpus.jsonl", '{"_id": "d1", "title": 3, "text": "a"}\n', r"field 'title' must be a string"),
         ("corpus.jsonl", '{"_id": "d1", "title": " ", "text": ""}\n', r"corpus.jsonl: line 1: document 'd1' has empty"),
-        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n\n{"_id": "d1", "text": "b"}\n', r"corpus.jsonl: line 3: duplicate id 'd1' \(first at line 1\)"),
+        ("corpus.jsonl", '{"_id": "d1", "text": "a"}\n\n{"_id": "d1", "text": "b"}\n',
+         r"corpus.jsonl: line 3: duplicate id 'd1' \(first at line 1\)"),
         ("corpus.jsonl", "\n", r"empty corpus"),
         ("queries.jsonl", '{"_id": "q1", "text": "  "}\n', r"queries.jsonl:1: field 'text' is empty"),
         ("queries.jsonl", '{"_id": "q1"}\n', r"queries.jsonl:1: missing field 'text'"),
-        ("queries.jsonl", '{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n', r"queries.jsonl:2: duplicate query id"),
+        ("queries.jsonl", '{"_id": "q1", "text": "a"}\n{"_id": "q1", "text": "b"}\n',
+         r"queries.jsonl:2: duplicate query id"),
         ("qrels/test.tsv", "qid\tdid\tscore\n", r"test.tsv:1: header must be"),
         ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\n", r"test.tsv:2: expected 3 tab-separated"),
-        ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test.tsv:2: field 'score' must be an integer"),
+        ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\thigh\n",
+         r"test.tsv:2: field 'score' must be an integer"),
         ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\t2\n", r"test.tsv:3: duplicate qrels row"),
         ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq9\td1\t1\n", r"1 query ids not in queries.jsonl, e.g. 'q9'"),
         ("qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td9\t1\n", r"1 corpus ids not in corpus.jsonl, e.g. 'd9'"),

@@ -93,7 +93,8 @@ def wheels(tmp_path: Path) -> list[Path]:
         "testpkg/core.py": CORE,
         "testpkg/util.py": SHARED_CODE.format(doc="Sort the unique items of a list.") + boilerplate("get_a", 2),
         "testpkg/util2.py": SHARED_CODE.format(doc="Deduplicate and order the items."),  # same code, new doc
-        "testpkg/tests/test_core.py": 'def test_add():\n    """Check that adding numbers works."""\n    assert 1 + 1 == 2\n',
+        "testpkg/tests/test_core.py":
+            'def test_add():\n    """Check that adding numbers works."""\n    assert 1 + 1 == 2\n',
         "testpkg/conftest.py": 'def fixture_x():\n    """Provide the fixture value x."""\n    return 1\n',
         "testpkg/_vendor/six.py": 'def vendored(a):\n    """A vendored helper function here."""\n    return a\n',
     })
@@ -102,10 +103,12 @@ def wheels(tmp_path: Path) -> list[Path]:
         + '\ndef same_query(q):\n    """Sort the unique items of a list."""\n    return list(q)\n'
         + '\ndef train_only(s):\n    """Reverse the characters of a string."""\n    return s[::-1]\n'
         + boilerplate("get_b", 2),
-        "trainpkg/b.py": 'def train_only(s):\n    """Reverse the characters of a string again."""\n    return s[::-1]\n',
+        "trainpkg/b.py":
+            'def train_only(s):\n    """Reverse the characters of a string again."""\n    return s[::-1]\n',
     })
     dev_pkg = make_wheel(tmp_path, "devpkg", {
-        "devpkg/m.py": "".join(f'\ndef dev_{i}(x):\n    """Dev function number {i} here."""\n    return x + {i}\n' for i in range(5)),
+        "devpkg/m.py": "".join(f'\ndef dev_{i}(x):\n    """Dev function number {i} here."""\n    return x + {i}\n'
+                               for i in range(5)),
     })
     return [test_pkg, train_pkg, dev_pkg]
 

@@ -52,7 +52,8 @@ def _spawn(fn, *args, timeout: float = 90.0) -> None:
     """
     import multiprocessing.forkserver
 
-    multiprocessing.forkserver.set_forkserver_preload(["twotower.towers.train", "transformers.models.bert.modeling_bert"])
+    multiprocessing.forkserver.set_forkserver_preload(["twotower.towers.train",
+                                                       "transformers.models.bert.modeling_bert"])
     ctx = mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):

@@ -157,7 +157,8 @@ def test_margin_mse_matches_the_formula_and_batch_margins_follow_owners():
     q, p, negs = torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)
     owners, teacher = [0, 1, 1], [1.0, 0.5, -2.0]
     student = torch.stack([(q[o] @ p[o] - q[o] @ n) / 0.05 for o, n in zip(owners, negs)])
-    assert torch.allclose(margin_mse(q, p, negs, owners, teacher, 0.05), ((student - torch.tensor(teacher)) ** 2).mean())
+    assert torch.allclose(margin_mse(q, p, negs, owners, teacher, 0.05),
+                          ((student - torch.tensor(teacher)) ** 2).mean())
     scores = {("a", "pa"): 3.0, ("a", "n1"): 1.0, ("b", "pb"): 2.0, ("b", "n1"): 2.5}
     assert batch_margins(["a", "b"], ["pa", "pb"], ["n1", "n1"], [0, 1], scores) == [2.0, -0.5]
 

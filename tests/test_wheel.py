@@ -25,7 +25,8 @@ PUBLIC = "from twotower import TwoTower, Retriever, build_index, run_bench; prin
 def _build_wheel(tmp: Path) -> Path:
     """Build from a copy of the tracked tree, so the checkout gets no build/ or egg-info and parallel runs don't
     collide."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout
     src = tmp / "src"
     for rel in filter(None, files.decode().split("\0")):
         if (ROOT / rel).is_file():  # tracked but deleted in the work tree: skip

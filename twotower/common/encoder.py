@@ -25,7 +25,8 @@ class Encoder(Protocol):
         ...
 
 
-def length_sorted_batches(texts: Sequence[object], batch_size: int, lengths: Sequence[int] | None = None) -> list[np.ndarray]:
+def length_sorted_batches(texts: Sequence[object], batch_size: int, lengths: Sequence[int] | None = None
+                          ) -> list[np.ndarray]:
     """Indices of ``texts`` grouped into batches of similar length (longest first).
 
     Sorting by length keeps padding (wasted compute) minimal; callers scatter results back by index,

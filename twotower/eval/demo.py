@@ -123,7 +123,8 @@ def _build_index(towers_dir: Path, corpus: Path, out: Path, batch_size: int, dev
 def _llm_train_config(config: DemoConfig, prof: Profile, suite_dir: Path, out: Path, device: str) -> TrainConfig:
     """SmolLM2 towers on the suite's train pairs: same pairs, temperature and doc length as the MiniLM towers;
     the LLM's own steps, lr and query budget (its instruction prompt comes out of it); bf16 where native."""
-    amp = precision_of(autocast_dtype(config.llm_precision, device, decoder=True)).replace("fp32", "none")  # --amp's names
+    # in --amp's names (none, not fp32)
+    amp = precision_of(autocast_dtype(config.llm_precision, device, decoder=True)).replace("fp32", "none")
     return TrainConfig(
         pairs=str(suite_dir / "train.jsonl"), out=str(out), base=config.raw_llm,
         max_steps=config.llm_max_steps if config.llm_max_steps is not None else prof.llm_max_steps,
@@ -170,8 +171,8 @@ def write_combined_report(per_suite: dict[str, dict[str, Any]], out: Path) -> Pa
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text("\n".join(lines))
         # "suite" and "systems" at the top, as every report's results.json (what marks the dir as a report)
-        combined = {"suite": "+".join(per_suite), "systems": sorted({n for r in per_suite.values() for n in r["systems"]}),
-                    "per_suite": per_suite}
+        combined = {"suite": "+".join(per_suite),
+                    "systems": sorted({n for r in per_suite.values() for n in r["systems"]}), "per_suite": per_suite}
         (tmp / "results.json").write_text(json.dumps(combined, indent=2, default=str) + "\n")
     return out
 

@@ -113,7 +113,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     m = env["machine"]
     sub = ""
     if suite.get("max_queries") or suite.get("max_corpus"):
-        sub = f" (subsample: max_queries={suite['max_queries']}, max_corpus={suite['max_corpus']}, seed={suite['seed']})"
+        sub = (f" (subsample: max_queries={suite['max_queries']}, max_corpus={suite['max_corpus']}, "
+               f"seed={suite['seed']})")
     out = [
         f"# Retrieval benchmark: {suite['name']}",
         "",
@@ -123,7 +124,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         f"- Suite: `{suite['path']}`: {suite['queries']} queries, {suite['corpus']} docs, "
         f"{suite['relevant_per_query']} relevant/query{sub}",
         f"- Suite checksum: `{suite['checksum'][:16]}`"
-        + (f" (before subsampling: `{suite['full_checksum'][:16]}`)" if suite["full_checksum"] != suite["checksum"] else ""),
+        + (f" (before subsampling: `{suite['full_checksum'][:16]}`)"
+           if suite["full_checksum"] != suite["checksum"] else ""),
         f"- Search: {results['bench']['search']}, k = {results['bench']['k_max']}",
         "",
         format_table(results),

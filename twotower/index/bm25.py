@@ -172,10 +172,11 @@ class BM25Index:
         params = read_json_file(path / "params.json", BM25Params)
         vocab = read_json_file(path / "vocab.json", list[str])
         if len(vocab) != params["vocab"]:
-            raise ValueError(f"{path / 'vocab.json'}: {len(vocab)} tokens but params.json says vocab {params['vocab']}; "
-                             f"rebuild the index")
+            raise ValueError(f"{path / 'vocab.json'}: {len(vocab)} tokens but params.json says vocab "
+                             f"{params['vocab']}; rebuild the index")
         try:
-            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False) for name in _ARRAYS}
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                      for name in _ARRAYS}
         except (OSError, ValueError) as exc:
             raise ValueError(f"BM25 side '{path}' is unreadable ({exc}); rebuild the index") from None
         rows = int(params["rows"])

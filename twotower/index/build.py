@@ -111,8 +111,8 @@ def _build(encoder: Encoder, corpus: Corpus, out: Path, config: IndexBuildConfig
         dim=dim, factory=factory, ntotal=int(index.ntotal), search_defaults=defaults,
         fingerprint=encoder_fingerprint(encoder), encoder=encoder_name(encoder), towers_dir=towers_dir,
         corpus=describe(corpus), normalized=enc.normalized,
-        build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason, "memory_budget_bytes": budget,
-               "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
+        build={**dataclasses.asdict(config), **dataclasses.asdict(encode), "factory_reason": reason,
+               "memory_budget_bytes": budget, "encode_seconds": round(t_encode, 1), "index_seconds": round(t_train, 1)})
     set_memory_fields(manifest, rescore, vectors, dim, full_dim)
     manifest["generation"] = next_generation(out)
     manifest["query_defaults"] = config.query_defaults()
@@ -233,7 +233,8 @@ def write_index_dir(out: Path, index: Any, doc_parts: list[Any], manifest: dict[
     with atomic_dir(out) as tmp:
         write_index(index, tmp / INDEX_FILE)
         if vectors is not None:
-            write_vectors(tmp / VECTORS_FILE, vectors, int(manifest["ntotal"]), int(manifest["dim"]), manifest["vectors"])
+            write_vectors(tmp / VECTORS_FILE, vectors, int(manifest["ntotal"]), int(manifest["dim"]),
+                          manifest["vectors"])
         save_docs(doc_parts, tmp / DOCS_DIR)
         write_query_sides(tmp, load_docs(tmp), manifest, bm25, previous)
         for name, src in (extra_files or {}).items():

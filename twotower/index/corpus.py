@@ -185,7 +185,8 @@ def _validate(row: Any, corpus: Corpus, loc: int) -> Doc:
         raise ValueError(f"{_where(corpus, loc)}: field '{key}' {str(doc_id)!r} {problem}")
     text = row.get("text")
     if not isinstance(text, str):
-        problem = "missing field 'text'" if text is None else f"field 'text' must be a string, got {type(text).__name__}"
+        problem = ("missing field 'text'" if text is None
+                   else f"field 'text' must be a string, got {type(text).__name__}")
         raise ValueError(f"{_where(corpus, loc)}: {problem} (id '{doc_id}')")
     title = row.get("title") or ""
     if not isinstance(title, str):

@@ -79,8 +79,8 @@ def _add(path: Path, encoder: Encoder, corpus: Corpus, config: EncodeConfig, wor
     fp = encoder_fingerprint(encoder)
     encoder = truncating(encoder, int(manifest.get("truncate_dim") or 0))  # a Matryoshka index: cut alike
     if manifest.get("fingerprint") != fp:
-        raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with {manifest.get('fingerprint')}"
-                         f"); add docs with the towers the index was built from")
+        raise ValueError(f"encoder fingerprint {fp} differs from index '{path}' (built with "
+                         f"{manifest.get('fingerprint')}); add docs with the towers the index was built from")
     if int(encoder.dim) != manifest["dim"]:
         raise ValueError(f"encoder dim {encoder.dim} != index '{path}' dim {manifest['dim']}")
     docs = load_docs(path)

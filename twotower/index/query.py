@@ -52,7 +52,8 @@ class QueryOptionError(ValueError):
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else ValueError "unknown NAME 'x': choose a, b"."""
     if value not in choices:
-        raise QueryOptionError(name.lstrip("-").replace("-", "_"), f"unknown {name} {value!r}: choose {', '.join(choices)}")
+        raise QueryOptionError(name.lstrip("-").replace("-", "_"),
+                               f"unknown {name} {value!r}: choose {', '.join(choices)}")
     return value
 
 

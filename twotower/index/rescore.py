@@ -63,7 +63,8 @@ def rescore(xq: np.ndarray, I: np.ndarray, vectors: np.ndarray, k: int) -> tuple
         scores = np.matmul(cand, xq[start : start + step, :, None])[..., 0]  # (b, kk, d) @ (b, d, 1) -> (b, kk)
         scores[~valid] = -np.inf
         top = min(k, kk)
-        part = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < kk else np.tile(np.arange(kk), (len(block), 1))
+        part = (np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < kk
+                else np.tile(np.arange(kk), (len(block), 1)))
         part_scores = np.take_along_axis(scores, part, 1)
         order = np.argsort(-part_scores, axis=1, kind="stable")
         best = np.take_along_axis(part, order, 1)  # (b, top)

@@ -85,7 +85,8 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     field's type and range, one line naming the field) and for a supported format version."""
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"'{index_dir}' is not an index dir: no {MANIFEST} (build one with `twotower index build`)")
+        raise FileNotFoundError(f"'{index_dir}' is not an index dir: no {MANIFEST} "
+                                "(build one with `twotower index build`)")
     manifest = read_json_file(path, IndexManifest)
     if manifest["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest['format_version']} is newer than this twotower supports "
@@ -192,7 +193,8 @@ def live_rows(docs: Any, removed: np.ndarray, ids: Sequence[str], where: str | P
     out[pos[rows].astype(np.int64)] = rows
     missing = [ids[j] for j in np.flatnonzero(out < 0)]
     if missing:
-        shown = ", ".join(repr(m) for m in missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        shown = ", ".join(repr(m) for m in missing[:10])
+        shown += f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
         raise KeyError(f"{len(missing)} id(s) not in index '{where}' (unknown or already removed): {shown}")
     return out
 

@@ -43,7 +43,8 @@ def render_docs(openapi: dict[str, Any], base_url: str = "http://127.0.0.1:8000"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title} API</title>",
              f"<style>{_CSS}</style></head><body><h1>{title} API</h1>",
              f"<p>{html.escape(info.get('summary') or info.get('description') or '')}</p>",
-             f"<p>Machine-readable schema: <a href='/openapi.json'><code>/openapi.json</code></a> (OpenAPI {version}).</p>"]
+             "<p>Machine-readable schema: <a href='/openapi.json'><code>/openapi.json</code></a> "
+             f"(OpenAPI {version}).</p>"]
     for path, methods in openapi.get("paths", {}).items():
         for method, op in methods.items():
             parts.append(f"<h2><span class='m {method}'>{method.upper()}</span> <code>{html.escape(path)}</code></h2>")

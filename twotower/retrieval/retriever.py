@@ -252,8 +252,8 @@ class Retriever:
     def info(self) -> dict[str, Any]:
         """Index manifest + towers meta (no weights): what ``GET /info`` returns."""
         return {"index": self.index.manifest, "towers": self.towers_meta, "max_k": self.max_k,
-                "device": str(getattr(self.encoder, "device", "cpu")), "precision": self.precision, "ntotal": self.ntotal,
-                "dim": self.dim}
+                "device": str(getattr(self.encoder, "device", "cpu")), "precision": self.precision,
+                "ntotal": self.ntotal, "dim": self.dim}
 
     # ---- query time -------------------------------------------------------------------------------
     def encode(self, queries: str | Sequence[str]) -> np.ndarray:

@@ -41,7 +41,8 @@ parse_length.__name__ = "length"
 
 
 def split_list(values: Any, flag: str) -> list[str]:
-    """``[384, 256]``, ``["384,256"]`` or ``"384,256"`` -> ``["384", "256"]`` (a number that is no number: ValueError)."""
+    """``[384, 256]``, ``["384,256"]`` or ``"384,256"`` -> ``["384", "256"]`` (a number that is no number:
+    ValueError)."""
     items = [values] if isinstance(values, (str, int, float)) else list(values or [])
     out = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
     for part in out:

@@ -5,8 +5,8 @@ batch and sequence axes) and returns a ``Tower`` whose encoder runs in an ONNX R
 same tokenizer, pooling, projection and L2 norm in torch, so ``encode`` and everything built on it
 (``index build``'s encoder protocol, ``Retriever``) work unchanged. On the 2-core AVX-512 CPU of
 BENCHMARKS.md it encodes MiniLM ~1.5x faster than torch fp32 at the same float32 results (max |cos - 1|
-2.4e-7 vs sentence-transformers); ``towers.cast_copy(inference, tower, torch.bfloat16)`` is faster still where the CPU has
-bf16 instructions, at |cos - 1| ~1e-4. Inference only: the copy has no gradients.
+2.4e-7 vs sentence-transformers); ``towers.cast_copy(inference, tower, torch.bfloat16)`` is faster still where
+the CPU has bf16 instructions, at |cos - 1| ~1e-4. Inference only: the copy has no gradients.
 """
 from __future__ import annotations
 

@@ -233,7 +233,8 @@ def _param_groups(model: TwoTower, temp: Temperature, config: TrainConfig) -> li
     """Weight decay on matrices only (not biases / norms), temperature in its own group."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() de-duplicates shared towers
     static = {id(p) for p in model.query_tower.parameters()} if isinstance(model.query_tower, StaticTower) else set()
-    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static], "weight_decay": config.weight_decay},
+    groups = [{"params": [p for p in params if p.ndim >= 2 and id(p) not in static],
+               "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim < 2 and id(p) not in static], "weight_decay": 0.0}]
     if static:  # a token table: its own (much larger) step, no decay pulling rare tokens to zero
         groups.append({"params": [p for p in params if id(p) in static], "weight_decay": 0.0, "lr": config.static_lr})
