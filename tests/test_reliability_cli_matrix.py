@@ -249,6 +249,8 @@ MUST_REFUSE = [
     ("bench", "--k-max", "0", r"--k-max must be >= 1"),
     ("bench", "--max-queries", "0", r"--max-queries must be >= 1"),
     ("bench", "--n-random", "0", r"--n-random must be >= 1"),
+    ("bench", "--n-random", str(2**31), r"--n-random must be between 1 and 10000"),  # was 24 GB, then OOM-killed
+    ("bench", "--k-max", str(10**9), r"--k-max must be between 1 and 100000"),
     ("bench", "--out", "{file}", r"--out '.*' is a file"),
     ("data build", "--max-queries", "0", r"--max-queries must be >= 1"),
     ("data build", "--out", "{file}", r"--out '.*' is a file"),

@@ -7,9 +7,11 @@ import dataclasses
 from twotower.common.cliargs import check_range, check_required, field
 from twotower.common.device import check_device
 from twotower.index.query import QueryOptions, check_config_options, options_of, query_fields
+from twotower.retrieval.config import MAX_K_CAP
 from twotower.towers.config import MAX_TOKENS
 
 LLM_PRECISIONS = ("auto", "fp32", "bf16")
+MAX_RANDOM = 10_000  # random docs per query for the similarity plot: a plot needs tens
 
 
 @dataclasses.dataclass
@@ -60,6 +62,9 @@ class BenchConfig:
         for name in ("query_max_length", "doc_max_length", "towers_query_max_length", "towers_result_max_length"):
             if getattr(self, name) is not None:  # the tokenizer keeps a length in a usize: 2^64 overflows there
                 check_range(self, name, 1, MAX_TOKENS)
+        # Both size an allocation of (queries, value): 2^31 random rows per query took 24 GB before it was capped
+        check_range(self, "k_max", 1, MAX_K_CAP)
+        check_range(self, "n_random", 1, MAX_RANDOM)
         if self.llm_precision not in LLM_PRECISIONS:
             raise ValueError(f"unknown LLM precision '{self.llm_precision}': choose {', '.join(LLM_PRECISIONS)}")
 
