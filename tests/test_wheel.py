@@ -88,8 +88,9 @@ def _check_installed(py: Path, env_dir: Path, cwd: Path) -> None:
 
 def test_wheel_installs_into_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
     py, env_dir = _fresh_venv(tmp_path)
+    # a clean env: with PYTHONPATH at the checkout, pip would see its twotower.egg-info and skip the install
     run = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=_clean_env())
     assert run.returncode == 0, run.stderr[-3000:]
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
@@ -106,6 +107,6 @@ def test_wheel_installs_with_its_dependencies(wheel: Path, tmp_path: Path) -> No
     py, env_dir = _fresh_venv(tmp_path)
     for args in (["torch==2.13.0"], [str(wheel)]):
         run = subprocess.run([str(py), "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
-                             timeout=1800)
+                             timeout=1800, env=_clean_env())
         assert run.returncode == 0, run.stderr[-3000:]
     _check_installed(py, env_dir, tmp_path)
