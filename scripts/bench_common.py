@@ -10,6 +10,7 @@ ratios are what the scripts report.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -238,6 +239,15 @@ def emit(bench: str, args: Any, results: Any, device: str = "cpu", json_out: str
         with open(json_out, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
     return line
+
+
+def stop_server(proc: Any, grace: float = 15.0) -> None:
+    """SIGTERM a server process, wait up to ``grace`` s for it to exit, then SIGKILL it."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def wait_for_health(proc: Any, url: str, timeout: float, what: str = "server") -> None:

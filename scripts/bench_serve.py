@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.bench_common import command_line, machine, versions, wait_for_health
+from scripts.bench_common import command_line, machine, stop_server, versions, wait_for_health
 from twotower.common.jsonl import iter_json_rows
 from twotower.retrieval.cli import passive_openmp
 
@@ -367,11 +367,7 @@ def main() -> None:
                   f"{row['p99_ms']:>8.2f} {row['mean_batch']:>6.2f} {row['errors']:>6} "
                   f"{row['server_cpu_ms_per_req'] or 0:>14.2f}", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     record["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)  # other work on the machine skews figures
     line = json.dumps(record)
     print(line)

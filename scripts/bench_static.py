@@ -17,12 +17,11 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from scripts.bench_common import cycle_times, emit, median, print_table, take_turns
+from scripts.bench_common import cycle_times, emit, median, print_table, stop_server, take_turns
 from scripts.bench_serve import bench_queries, drive, start_server
 from twotower.common.jsonl import iter_json_rows
 from twotower.retrieval.cli import passive_openmp
@@ -78,11 +77,7 @@ def serving(systems: dict[str, Path], index: Path, queries: list[str], args: arg
             try:
                 row = asyncio.run(drive(url, proc.pid, queries, c, args.requests, args.max_seconds, args.k))
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
             rows.append({"system": name, "loadavg_1min": round(os.getloadavg()[0], 2), **row})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for row in rows:  # QPS ratio against the first system at the same concurrency

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.bench_common import command_line, machine, versions
+from scripts.bench_common import command_line, machine, stop_server, versions
 from scripts.bench_serve import start_server, synthetic_texts, vocabulary  # (also sets OMP passive waits)
 
 HOST = "127.0.0.1"  # loopback only: the soak never exposes a port to the network
@@ -372,11 +372,7 @@ def run_soak(args: argparse.Namespace) -> tuple[dict[str, Any], bool, int | None
         health = asyncio.run(Connection(port).request(get("/health")))[0] if alive else None
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except Exception:  # noqa: BLE001 - any failure to stop politely ends in a kill
-                proc.kill()
+            stop_server(proc)
         if not args.work:
             shutil.rmtree(root, ignore_errors=True)
 
